@@ -1,0 +1,158 @@
+"""A Hugging Face model folder, checked up front and read one tensor at a time.
+
+`Checkpoint.open(dir)` validates everything that can be checked without reading tensor data: config.json, the
+weight files (single file or index + shards), every safetensors header, index/shard agreement, duplicate names.
+`Checkpoint.read(name)` then memory-maps one tensor through `safetensors.safe_open`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .safetensors_io import DTYPES, TensorEntry, read_header, sha256_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+PICKLE_ADVICE = (
+    "qexport never unpickles checkpoints; convert it first with transformers: "
+    "AutoModel.from_pretrained(dir).save_pretrained(dir_out, safe_serialization=True) on a copy you trust"
+)
+
+
+def load_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: {what} is not valid JSON ({e})")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read {what}: {e.strerror or e}")
+
+
+def load_config(folder: Path) -> dict:
+    config = load_json(folder / "config.json", "config.json")
+    if not isinstance(config, dict):
+        raise InputError(f"{folder / 'config.json'}: config.json is not a JSON object")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise InputError(f"{folder / 'config.json'}: no model_type key; transformers cannot tell the architecture")
+    return config
+
+
+def _index_shards(folder: Path) -> list[str]:
+    index_path = folder / INDEX_FILE
+    index = load_json(index_path, INDEX_FILE)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{index_path}: no weight_map object")
+    shards = []
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).is_absolute() or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise InputError(f"{index_path}: tensor {tensor!r} names shard {shard!r}, which is not a file in this folder")
+        if not (folder / shard).is_file():
+            raise InputError(f"{index_path}: tensor {tensor!r} is in shard {shard!r}, which does not exist")
+        if shard not in shards:
+            shards.append(shard)
+    on_disk = {p.name for p in folder.glob("*.safetensors")}
+    for stray in sorted(on_disk - set(shards)):
+        raise InputError(f"{folder / stray}: shard is not listed in {INDEX_FILE}")
+    return sorted(shards)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, in index order; refuses pickles and ambiguous layouts."""
+    if (folder / INDEX_FILE).is_file():
+        return [folder / name for name in _index_shards(folder)]
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    pickles = [p for p in folder.iterdir() if p.name in PICKLE_NAMES or p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickles:
+        raise InputError(f"{pickles[0]}: pickle checkpoint refused; {PICKLE_ADVICE}")
+    others = sorted(folder.glob("*.safetensors"))
+    if len(others) == 1:
+        return others
+    if others:
+        raise InputError(f"{folder}: {len(others)} safetensors files but no {INDEX_FILE} to say how they fit together")
+    raise InputError(f"{folder}: no weights ({SINGLE_FILE} or {INDEX_FILE}) found")
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: dict
+    files: list[Path]
+    entries: dict[str, TensorEntry]
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "Checkpoint":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"{folder}: not a folder")
+        if not any(folder.iterdir()):
+            raise InputError(f"{folder}: folder is empty (expected config.json and model.safetensors)")
+        config = load_config(folder)
+        files = weight_files(folder)
+        entries: dict[str, TensorEntry] = {}
+        index = load_json(folder / INDEX_FILE, INDEX_FILE)["weight_map"] if (folder / INDEX_FILE).is_file() else None
+        for path in files:
+            for name, entry in read_header(path)[0].items():
+                if name in entries:
+                    raise InputError(f"{path}: tensor {name!r} is also in {entries[name].file.name}")
+                if index is not None and index.get(name) != path.name:
+                    raise InputError(
+                        f"{path}: tensor {name!r} is here but {INDEX_FILE} puts it in {index.get(name)!r}"
+                    )
+                entries[name] = entry
+        if index is not None:
+            for name, shard in index.items():
+                if name not in entries:
+                    raise InputError(f"{folder / INDEX_FILE}: tensor {name!r} is not in shard {shard!r}")
+        if not entries:
+            raise InputError(f"{files[0]}: holds no tensors")
+        return cls(folder, config, files, entries)
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in file order, then offset order: the order that reads each file front to back."""
+        return sorted(self.entries, key=lambda n: (self.files.index(self.entries[n].file), self.entries[n].start))
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, memory-mapped from its file (a copy is made only by whatever converts it)."""
+        from safetensors import safe_open
+
+        entry = self.entries[name]
+        handle = self._handles.get(entry.file)
+        if handle is None:
+            try:
+                handle = self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
+            except Exception as e:  # the library raises its own error types; name the file either way
+                raise InputError(f"{entry.file}: safetensors cannot open it ({e})")
+        return handle.get_tensor(name)
+
+    def source_files(self) -> list[dict]:
+        """config.json and the weight files with their sizes and sha256, for the manifest."""
+        paths = [self.folder / "config.json", *self.files]
+        if (self.folder / INDEX_FILE).is_file():
+            paths.append(self.folder / INDEX_FILE)
+        return [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
+
+    def side_files(self) -> list[Path]:
+        """Everything but weights and config: tokenizer, generation config, chat template, READMEs, subfolders."""
+        skip = {"config.json", INDEX_FILE, "qexport.json"}
+        return sorted(
+            p
+            for p in self.folder.iterdir()
+            if p.name not in skip and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES)
+        )
+
+
+def is_float(dtype_name: str) -> bool:
+    return DTYPES[dtype_name].is_floating_point

@@ -1,0 +1,395 @@
+"""The streaming export pipeline: plan every stored tensor from headers, then read, encode and write one at a time.
+
+    plan (headers + meta architecture, no tensor data) ─▶ stream: read ▶ encode ▶ append to shard ─▶ config, side
+    files, manifest ─▶ rename the finished temporary folder into place
+
+Memory follows the largest tensor: shards are written tensor by tensor from a layout fixed in the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import logging
+import os
+import shutil
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from . import __version__
+from .architecture import Architecture, inspect_architecture
+from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from .errors import InputError
+from .formats import Format, get_format
+from .safetensors_io import StreamWriter, file_bytes, nbytes, sha256_file
+
+log = logging.getLogger("qexport")
+
+SHARD_METADATA = {"format": "pt"}
+TMP_MARK = ".qexport-tmp-"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything `qexport export` takes, one field per command-line option."""
+
+    formats: tuple[str, ...] = ("fp16", "int8", "int4")
+    group_size: int = 128
+    max_shard_size: int = 5 * 10**9
+    workers: int = 1
+    overwrite: bool = False
+    allow_nonfinite: bool = False
+    ignore: tuple[str, ...] = ("lm_head",)  # module names (or trailing name parts) that always stay dense
+    progress: bool = True
+
+
+class TensorSource(Protocol):
+    """What the pipeline reads: a checkpoint, or a merge of several presenting the same interface."""
+
+    folder: Path
+    config: dict
+    entries: dict  # name -> TensorEntry-like with .dtype and .shape
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+    def side_files(self) -> list[Path]: ...
+
+    def source_files(self) -> list[dict]: ...
+
+
+@dataclass
+class TensorPlan:
+    source: str  # source tensor name
+    quantize: bool
+    stored: list  # [(name, dtype, shape)] as the format predicts
+    shard: int = 0
+
+
+@dataclass
+class FormatPlan:
+    fmt: Format
+    tensors: list[TensorPlan]
+    shard_names: list[str]
+    ignore: list[str]  # module names the quantization config leaves dense
+    dense_linears: dict[str, str] = field(default_factory=dict)  # Linear weight -> why it stayed dense
+
+    def shard_layout(self, shard: int) -> list:
+        return [s for t in self.tensors if t.shard == shard for s in t.stored]
+
+
+def _module(name: str) -> str:
+    return name.removesuffix(".weight")
+
+
+def _ignored(module: str, ignore: Iterable[str]) -> bool:
+    return any(module == pattern or module.endswith("." + pattern) for pattern in ignore)
+
+
+def check_shapes(source: TensorSource, arch: Architecture) -> None:
+    """Every checkpoint tensor the architecture also has must have the architecture's shape."""
+    for name, entry in source.entries.items():
+        expected = arch.shapes.get(name)
+        if expected is not None and tuple(entry.shape) != expected:
+            raise InputError(
+                f"{getattr(entry, 'file', source.folder)}: tensor {name!r} has shape {list(entry.shape)} but "
+                f"{arch.model_class} expects {list(expected)}"
+            )
+
+
+def nonfinite_tensors(source: TensorSource, names: Iterable[str]) -> set[str]:
+    return {n for n in names if not torch.isfinite(source.read(n)).all()}
+
+
+def plan_format(source: TensorSource, arch: Architecture, fmt: Format, options: ExportOptions,
+                nonfinite: set[str] = frozenset()) -> FormatPlan:
+    plans, ignore, dense_linears = [], list(options.ignore), {}
+    for name in source.names:
+        if name in arch.tied_names:
+            continue  # stored once under the name it is tied to
+        entry = source.entries[name]
+        quantize = False
+        if fmt.quantizes and name in arch.linear_weights and not _ignored(_module(name), options.ignore):
+            why = fmt.why_not_quantizable(name, tuple(entry.shape))
+            if why is None and name in nonfinite:
+                why = "holds NaN or Inf (kept dense because of --allow-nonfinite)"
+            if why is None and not torch.empty((), dtype=_torch_dtype(entry.dtype)).is_floating_point():
+                why = f"dtype {entry.dtype} is not floating point"
+            if why is None:
+                quantize = True
+            else:
+                dense_linears[name] = why
+                ignore.append(_module(name))
+        plans.append(TensorPlan(name, quantize, fmt.stored(name, entry.dtype, tuple(entry.shape), quantize)))
+    shard_names = _assign_shards(plans, options.max_shard_size)
+    return FormatPlan(fmt, plans, shard_names, ignore, dense_linears)
+
+
+def _torch_dtype(name: str):
+    from .safetensors_io import DTYPES
+
+    return DTYPES[name]
+
+
+def _assign_shards(plans: list[TensorPlan], max_shard_size: int) -> list[str]:
+    """Greedy in source order, like transformers: a new shard when the next tensor group would overflow."""
+    shard, used = 0, 0
+    for plan in plans:
+        size = sum(nbytes(d, s) for _, d, s in plan.stored)
+        if used and used + size > max_shard_size:
+            shard, used = shard + 1, 0
+        plan.shard, used = shard, used + size
+    count = shard + 1
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def ordered_map(fn: Callable, items: list, workers: int):
+    """Yield fn(item) in order, computing up to `workers` items ahead (bounded memory)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
+            yield result
+
+
+def output_config(config: dict, fmt: Format, ignore: list[str]) -> dict:
+    out = dict(config)
+    if "torch_dtype" in out:
+        out["torch_dtype"] = "float16"
+    out["dtype"] = "float16"
+    qc = fmt.quantization_config(sorted(set(ignore)))
+    if qc is not None:
+        out["quantization_config"] = qc
+    return out
+
+
+def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: ExportOptions,
+                 source_files: list[dict], nonfinite: set[str]) -> dict:
+    """Write one complete export folder; returns its manifest."""
+    from tqdm import tqdm
+
+    folder.mkdir(parents=True)
+    fmt = plan.fmt
+    tensors_info: dict[str, dict] = {}
+
+    def encode(tp: TensorPlan):
+        w = source.read(tp.source)
+        if w.is_floating_point() and tp.source not in nonfinite and not torch.isfinite(w).all():
+            raise InputError(
+                f"tensor {tp.source!r} {list(w.shape)}: holds NaN or Inf (use --allow-nonfinite to keep it dense)"
+            )
+        return tp, fmt.encode(tp.source, w, tp.quantize)
+
+    files = []
+    writers: dict[int, StreamWriter] = {}
+    bar = tqdm(total=len(plan.tensors), desc=f"export {fmt.name}", unit="tensor",
+               disable=not options.progress or None, file=sys.stderr, leave=False)
+    try:
+        current = -1
+        for tp, encoded in ordered_map(encode, plan.tensors, options.workers):
+            if tp.shard != current:
+                if current >= 0:
+                    files.append(_close(writers.pop(current), plan))
+                current = tp.shard
+                writers[current] = StreamWriter(
+                    folder / plan.shard_names[current], plan.shard_layout(current), SHARD_METADATA
+                )
+            for name, dtype, shape in tp.stored:
+                t = encoded[name]
+                writers[current].add(name, t)
+                tensors_info[name] = {
+                    "dtype": dtype,
+                    "shape": list(shape),
+                    "predicted_bytes": nbytes(dtype, shape),
+                    "stored_bytes": t.numel() * t.element_size(),
+                    "quantized": tp.quantize,
+                    "source": tp.source,
+                    "file": plan.shard_names[tp.shard],
+                }
+            bar.update(1)
+        files.append(_close(writers.pop(current), plan))
+    finally:
+        bar.close()
+        for w in writers.values():
+            w._file.close()
+
+    if len(plan.shard_names) > 1:
+        index = {
+            "metadata": {"total_size": sum(t["stored_bytes"] for t in tensors_info.values())},
+            "weight_map": {name: info["file"] for name, info in tensors_info.items()},
+        }
+        files.append(_write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n"))
+    files.append(_write_text(folder / "config.json",
+                             json.dumps(output_config(source.config, fmt, plan.ignore), indent=2) + "\n"))
+    for side in source.side_files():
+        target = folder / side.name
+        if side.is_dir():
+            shutil.copytree(side, target)
+            files.extend(_file_record(p, folder) for p in sorted(target.rglob("*")) if p.is_file())
+        else:
+            shutil.copyfile(side, target)
+            files.append(_file_record(target, folder))
+
+    manifest = build_manifest(source, plan, options, source_files, files, tensors_info)
+    (folder / "qexport.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _close(writer: StreamWriter, plan: FormatPlan) -> dict:
+    sha = writer.close()
+    layout = plan.shard_layout(plan.shard_names.index(writer.path.name))
+    return {"name": writer.path.name, "bytes": writer.path.stat().st_size, "sha256": sha,
+            "predicted_bytes": file_bytes(layout, SHARD_METADATA)}
+
+
+def _write_text(path: Path, text: str) -> dict:
+    path.write_text(text)
+    return _file_record(path, path.parent)
+
+
+def _file_record(path: Path, root: Path) -> dict:
+    return {"name": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def build_manifest(source, plan: FormatPlan, options, source_files, files, tensors_info) -> dict:
+    quantized_weights = sum(math.prod(source.entries[t.source].shape) for t in plan.tensors if t.quantize)
+    quantized_bytes = sum(t["stored_bytes"] for t in tensors_info.values() if t["quantized"])
+    return {
+        "qexport_version": __version__,
+        "format": plan.fmt.name,
+        "parameters": {**plan.fmt.parameters(), "max_shard_size": options.max_shard_size},
+        "model_type": source.config.get("model_type"),
+        "source": {"files": source_files},
+        "ignore": sorted(set(plan.ignore)),
+        "dense_linears": plan.dense_linears,
+        "files": files,
+        "summary": {
+            "total_bytes": sum(f["bytes"] for f in files),
+            "weight_bytes": sum(f["bytes"] for f in files if f["name"].endswith(".safetensors")),
+            "quantized_weights": quantized_weights,
+            "quantized_bytes": quantized_bytes,
+            "bits_per_quantized_weight": (8 * quantized_bytes / quantized_weights) if quantized_weights else None,
+        },
+        "tensors": tensors_info,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders: check the destination before writing, write to a temporary sibling, rename into place when complete.
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> None:
+    """Remove temporary folders left by an export that was killed (its process no longer exists)."""
+    if not out.is_dir():
+        return
+    for tmp in out.glob(f".*{TMP_MARK}*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_destination(out: Path, formats: Iterable[str], overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    for name in formats:
+        if (out / name).exists() and not overwrite:
+            raise InputError(f"--out {out / name}: already exists (pass --overwrite to replace it)")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {parent} is not writable")
+
+
+def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dict[str, dict]:
+    """Export `source` to OUT/<format>/ for each format; returns the manifests by format name.
+
+    Everything that can be checked is checked before the first byte is written; the formats are written to
+    temporary folders and renamed into place only when all of them are complete.
+    """
+    out = Path(out)
+    formats = [get_format(name, group_size=options.group_size) for name in dict.fromkeys(options.formats)]
+    if options.group_size <= 0 or options.group_size % 8:
+        raise InputError(f"--group-size: {options.group_size} must be a positive multiple of 8")
+    if options.workers < 1:
+        raise InputError(f"--workers: {options.workers} must be at least 1")
+    if "quantization_config" in source.config:
+        raise InputError(f"{source.folder / 'config.json'}: source is already quantized (has quantization_config)")
+    arch = inspect_architecture(source.config, source.folder / "config.json")
+    check_shapes(source, arch)
+    check_destination(out, [f.name for f in formats], options.overwrite)
+    nonfinite = (
+        nonfinite_tensors(source, [n for n in source.names if n in arch.linear_weights])
+        if options.allow_nonfinite
+        else set()
+    )
+    plans = [plan_format(source, arch, fmt, options, nonfinite) for fmt in formats]
+    for plan in plans:
+        for name, why in plan.dense_linears.items():
+            log.warning("%s: %s stays dense: %s", plan.fmt.name, name, why)
+
+    created_out = not out.exists()
+    clean_stale(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source_files = source.source_files()
+    tmp_dirs = {p.fmt.name: out / f".{p.fmt.name}{TMP_MARK}{os.getpid()}" for p in plans}
+    manifests = {}
+    try:
+        for plan in plans:
+            manifests[plan.fmt.name] = write_format(source, plan, tmp_dirs[plan.fmt.name], options, source_files,
+                                                    nonfinite)
+        for name, tmp in tmp_dirs.items():
+            _replace_dir(tmp, out / name)
+    except BaseException:
+        for tmp in tmp_dirs.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created_out and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return manifests
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}{TMP_MARK}old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def export_folder(src: str | Path, out: str | Path, options: ExportOptions) -> dict[str, dict]:
+    return export(Checkpoint.open(src), out, options)

@@ -1,0 +1,77 @@
+"""Symmetric integer quantization primitives, bit-compatible with compressed-tensors.
+
+Pure functions over tensors. The block shape decides the granularity:
+- `group_size=None`: one scale per output channel (row), scale shape [out, 1];
+- `group_size=g`: one scale per `g` consecutive input elements of a row, scale shape [out, in // g].
+
+Arithmetic (matches compressed-tensors 0.20 bit for bit):
+- scale = absmax / ((qmax - qmin) / 2), computed in fp32 and cast to the scale dtype; a zero scale becomes that
+  dtype's eps, so all-zero groups quantize to 0 without dividing by zero;
+- q = round(clamp(w / scale, qmin, qmax)), the division in the scale dtype, rounding half to even;
+- dequantize: q * scale in the scale dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_DTYPE = torch.float16
+
+
+def qrange(num_bits: int) -> tuple[int, int]:
+    """The signed integer range of `num_bits`: (-2^(b-1), 2^(b-1) - 1)."""
+    return -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """View a [out, in] matrix as [out, groups, group_len]."""
+    rows, cols = w.shape
+    if group_size is None:
+        return w.reshape(rows, 1, cols)
+    if cols % group_size:
+        raise ValueError(f"input size {cols} does not divide by group size {group_size}")
+    return w.reshape(rows, cols // group_size, group_size)
+
+
+def compute_scales(w: torch.Tensor, num_bits: int, group_size: int | None, dtype=SCALE_DTYPE) -> torch.Tensor:
+    """Symmetric scales of a 2-D weight: [out, 1] per channel or [out, in // group_size] per group."""
+    qmin, qmax = qrange(num_bits)
+    absmax = _grouped(w, group_size).abs().amax(dim=-1).to(torch.float32)
+    scales = (absmax / ((qmax - qmin) / 2)).to(dtype)
+    return torch.where(scales == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype), scales)
+
+
+def quantize(w: torch.Tensor, scales: torch.Tensor, num_bits: int, group_size: int | None) -> torch.Tensor:
+    """Integer codes (int8 storage) of a 2-D weight for the given scales."""
+    qmin, qmax = qrange(num_bits)
+    grouped = _grouped(w.to(scales.dtype), group_size)
+    scaled = grouped / scales.unsqueeze(-1)
+    q = torch.round(torch.clamp(scaled, qmin, qmax))
+    return q.to(torch.int8).reshape(w.shape)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """Weights in the scale dtype from integer codes and their scales."""
+    grouped = _grouped(q.to(scales.dtype), group_size)
+    return (grouped * scales.unsqueeze(-1)).reshape(q.shape)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 codes [out, in] (int8 storage, values in [-8, 7]) into int32 words [out, in // 8].
+
+    Each code is stored as q + 8; element j of a row sits at bits 4 * (j mod 8) of word j // 8.
+    """
+    rows, cols = q.shape
+    if cols % 8:
+        raise ValueError(f"input size {cols} does not divide by 8, the int4 values per int32 word")
+    nibbles = (q.to(torch.int32) + 8).reshape(rows, cols // 8, 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    # Sum of disjoint bit fields; the top nibble may set the sign bit, which int32 wraps as intended.
+    return (nibbles << shifts).sum(dim=-1, dtype=torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: int32 words [out, ceil(cols / 8)] to int4 codes [out, cols] in int8 storage."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF
+    return (nibbles.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)

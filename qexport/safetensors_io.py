@@ -1,0 +1,186 @@
+"""Safetensors headers read and checked by hand, and a writer that streams one tensor at a time.
+
+The safetensors library reads tensors well, but on a malformed file it panics or returns errors that do not say
+which file is wrong; and it can only write a whole dict of tensors at once. qexport needs both: a header checked
+before any byte is written, and a file written tensor by tensor so that memory follows the largest tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+# safetensors dtype strings and what they hold.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
+def itemsize(dtype_name: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+
+
+def nbytes(dtype_name: str, shape) -> int:
+    return itemsize(dtype_name) * math.prod(shape)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, dtype name, shape and byte range within the data section."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and check a safetensors header: JSON, known dtypes, offsets inside the file, no overlaps.
+
+    Returns the tensors by name and the `__metadata__` dict. Raises InputError naming the file and tensor.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise InputError(
+                    f"{path}: safetensors header length {header_len} is larger than the file ({size} bytes)"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: safetensors header is not JSON ({e})")
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: safetensors __metadata__ is not a JSON object")
+    data_len = size - 8 - header_len
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        entries[name] = _entry(path, name, info, data_len)
+    spans = sorted((e.start, e.end, e.name) for e in entries.values() if e.end > e.start)
+    for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise InputError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the data section")
+    return entries, metadata
+
+
+def _entry(path: Path, name: str, info, data_len: int) -> TensorEntry:
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: tensor {name!r}: header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPES:
+        raise InputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise InputError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise InputError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not a pair of integers")
+    start, end = offsets
+    if not 0 <= start <= end <= data_len:
+        raise InputError(
+            f"{path}: tensor {name!r}: data_offsets [{start}, {end}] out of range (data section is {data_len} bytes)"
+        )
+    if end - start != nbytes(dtype, shape):
+        raise InputError(
+            f"{path}: tensor {name!r}: {end - start} bytes stored but dtype {dtype} shape {shape} needs "
+            f"{nbytes(dtype, shape)}"
+        )
+    return TensorEntry(name, path, dtype, tuple(shape), start, end)
+
+
+def header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the padded JSON header for tensors laid out in the given order."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in layout:
+        size = nbytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the safetensors library does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def file_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> int:
+    """Exact size of the safetensors file `StreamWriter` writes for this layout."""
+    return len(header_bytes(layout, metadata)) + sum(nbytes(d, s) for _, d, s in layout)
+
+
+class StreamWriter:
+    """Writes one safetensors file whose layout is known in advance, one tensor at a time, hashing as it goes."""
+
+    def __init__(self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+        self.path = path
+        self._pending = list(layout)
+        self._sha = hashlib.sha256()
+        self._file = open(path, "wb")
+        self._write(header_bytes(layout, metadata))
+
+    def _write(self, data) -> None:
+        self._sha.update(data)
+        self._file.write(data)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the layout; its name, dtype and shape must be the planned ones."""
+        expected = self._pending.pop(0) if self._pending else None
+        actual = (name, DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape))
+        if expected != actual:
+            raise RuntimeError(f"{self.path}: tensor {actual} written where the plan has {expected}")
+        self._write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+
+    def close(self) -> str:
+        """Finish the file (every planned tensor must be written) and return its sha256."""
+        if self._pending:
+            raise RuntimeError(f"{self.path}: closed with {len(self._pending)} planned tensors unwritten")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._sha.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
