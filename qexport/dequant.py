@@ -1,0 +1,84 @@
+"""Read any compressed-tensors integer layout back to dense weights, independently of transformers.
+
+Handles what transformers loads: naive-quantized and int-quantized (int8 `weight` + `weight_scale`), and
+pack-quantized (`weight_packed` int32 + `weight_scale` + `weight_shape`), 4 or 8 bits, per channel or per group,
+with optional `weight_zero_point`. Dense tensors pass through. Used by verify to build "our own dequantized model".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import quant
+from .checkpoint import Checkpoint
+
+
+def unpack_int32(packed: torch.Tensor, num_bits: int, cols: int) -> torch.Tensor:
+    """Codes of `num_bits` (4 or 8) packed into int32 words along rows, lowest bits first, stored as q + 2^(b-1)."""
+    if num_bits == 4:
+        return quant.unpack_int4(packed, cols)
+    per_word = 32 // num_bits
+    shifts = torch.arange(0, 32, num_bits, dtype=torch.int32)
+    mask = (1 << num_bits) - 1
+    codes = (packed.unsqueeze(-1) >> shifts) & mask
+    return (codes.reshape(packed.shape[0], -1)[:, :cols] - (1 << (num_bits - 1))).to(torch.int8)
+
+
+def dequantize_module(tensors: dict[str, torch.Tensor], num_bits: int, dtype=None) -> torch.Tensor:
+    """Dense weight of one quantized module from its stored tensors (names without the module).
+
+    The product q * scale is computed in `dtype` (default: the stored scale dtype), as transformers does when
+    it loads the model in that dtype, so the two agree exactly.
+    """
+    scale = tensors["weight_scale"] if dtype is None else tensors["weight_scale"].to(dtype)
+    if "weight_packed" in tensors:
+        rows, cols = (int(x) for x in tensors["weight_shape"].tolist())
+        q = unpack_int32(tensors["weight_packed"], num_bits, cols)
+    else:
+        q = tensors["weight"]
+        rows, cols = q.shape
+    if scale.dim() == 1:
+        scale = scale.reshape(-1, 1)
+    if scale.shape[0] == 1 and rows != 1:  # per-tensor scale
+        scale = scale.expand(rows, 1)
+    groups = scale.shape[1]
+    group_size = None if groups == 1 else cols // groups
+    codes = q.to(scale.dtype)
+    if "weight_zero_point" in tensors:
+        zp = tensors["weight_zero_point"].reshape(rows if scale.shape[0] == rows else 1, -1).to(scale.dtype)
+        codes = (quant._grouped(codes, group_size) - zp.unsqueeze(-1)).reshape(rows, cols)
+    return quant.dequantize(codes, scale, group_size)
+
+
+def num_bits_of(config: dict, module: str) -> int:
+    """Weight bit width for `module` from the quantization_config's config groups (first group by default)."""
+    qc = config.get("quantization_config") or {}
+    groups = list((qc.get("config_groups") or {}).values())
+    for group in groups:
+        targets = group.get("targets") or []
+        if any(not t.startswith("re:") and t != "Linear" and module.endswith(t) for t in targets):
+            return int(group["weights"]["num_bits"])
+    return int(groups[0]["weights"]["num_bits"]) if groups else 8
+
+
+QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+
+
+def dequantized_state_dict(folder: str | Path, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor of an export folder as a dense `dtype` tensor under its original (unquantized) name."""
+    ckpt = Checkpoint.open(folder)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for name in ckpt.names:
+        module, _, leaf = name.rpartition(".")
+        if leaf in QUANT_SUFFIXES:
+            modules.setdefault(module, {})[leaf] = ckpt.read(name)
+        else:
+            dense[name] = ckpt.read(name)
+    for module, parts in modules.items():
+        if f"{module}.weight" in dense and dense[f"{module}.weight"].dtype == torch.int8:
+            parts["weight"] = dense.pop(f"{module}.weight")
+        dense[f"{module}.weight"] = dequantize_module(parts, num_bits_of(ckpt.config, module), dtype)
+    return {n: t.to(dtype) if t.is_floating_point() else t for n, t in dense.items()}

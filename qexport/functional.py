@@ -1,0 +1,126 @@
+"""Functional comparison of an export with its source: reload through transformers, run fixed token ids, compare.
+
+Metric definitions (shared by tests, `qexport verify` and reports; see design.md):
+- KLD: KL(P_ref || P_quant) of next-token distributions per position; mean, p99 and max;
+- top-1: share of positions whose argmax agrees with the reference;
+- cosine: cosine similarity of mean-pooled last hidden states (encoders);
+- max abs logit difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .architecture import build_config, model_class
+from .checkpoint import load_config
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence transformers' and compressed-tensors' progress bars and warnings while loading."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    loggers = [logging.getLogger(n) for n in ("compressed_tensors", "accelerate")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        transformers.logging.enable_progress_bar()
+        for lg, lv in zip(loggers, old):
+            lg.setLevel(lv)
+
+
+def load_model(folder: str | Path, dtype=torch.float32):
+    """Load a model folder with plain transformers (compressed-tensors decompresses on load).
+
+    Returns (model, loading_info) where loading_info holds missing / unexpected / mismatched keys.
+    """
+    config = load_config(Path(folder))
+    cls = model_class(build_config(config, Path(folder) / "config.json"))
+    with quiet():
+        model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+    model.eval()
+    return model, {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs"}
+
+
+def model_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], dtype=torch.float32):
+    """The source architecture with the given weights (e.g. our own dequantization), for reference outputs."""
+    hf_config = build_config({k: v for k, v in config.items() if k != "quantization_config"})
+    cls = model_class(hf_config)
+    with quiet():
+        model = cls._from_config(hf_config, dtype=dtype)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def fixed_token_ids(vocab_size: int, batch: int = 4, length: int = 64, seed: int = 1234) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=gen)
+
+
+@torch.no_grad()
+def model_outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] for a causal LM; mean-pooled last hidden state [B, H] for an encoder."""
+    with quiet():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if getattr(out, "logits", None) is not None:
+        return out.logits.float()
+    return out.last_hidden_state.float().mean(dim=1)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    kld_mean: float | None
+    kld_p99: float | None
+    kld_max: float | None
+    top1: float | None
+    cosine: float | None
+    max_abs_diff: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor) -> Agreement:
+    """Metrics of `candidate` outputs against `reference` outputs (logits or pooled embeddings)."""
+    max_abs = (reference - candidate).abs().max().item()
+    if reference.dim() == 3:
+        ref_logp = torch.log_softmax(reference.double(), dim=-1)
+        cand_logp = torch.log_softmax(candidate.double(), dim=-1)
+        kld = (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1).flatten().clamp_min(0)
+        top1 = (reference.argmax(-1) == candidate.argmax(-1)).double().mean().item()
+        cos = torch.nn.functional.cosine_similarity(reference.flatten(0, 1), candidate.flatten(0, 1), dim=-1)
+        return Agreement(kld.mean().item(), torch.quantile(kld, 0.99).item(), kld.max().item(), top1,
+                         cos.mean().item(), max_abs)
+    cos = torch.nn.functional.cosine_similarity(reference, candidate, dim=-1)
+    return Agreement(None, None, None, None, cos.min().item(), max_abs)
+
+
+def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """20 log10(||w|| / ||w - w_hat||); +inf when the reconstruction is exact."""
+    noise = (w.double() - w_hat.double()).norm().item()
+    signal = w.double().norm().item()
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    import math
+
+    return 20 * math.log10(signal / noise)
