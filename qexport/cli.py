@@ -29,7 +29,10 @@ def _add_export(sub):
     p.add_argument("--overwrite", action="store_true", help="replace existing OUT/<format> folders")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep Linear weights holding NaN/Inf dense instead of refusing the export")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", action="store_true", default=None,
+                     help="always show the progress bar (default: only when stderr is a terminal)")
+    bar.add_argument("--quiet", dest="progress", action="store_false", help="never show the progress bar")
     p.set_defaults(run=_run_export)
 
 
@@ -45,7 +48,7 @@ def _run_export(args) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         allow_nonfinite=args.allow_nonfinite,
-        progress=not args.quiet,
+        progress=args.progress,
     )
     manifests = export_folder(args.src, args.out, options)
     print_export_summary(manifests, args.out)

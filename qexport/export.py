@@ -46,7 +46,7 @@ class ExportOptions:
     overwrite: bool = False
     allow_nonfinite: bool = False
     ignore: tuple[str, ...] = ("lm_head",)  # module names (or trailing name parts) that always stay dense
-    progress: bool = True
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
 
 
 class TensorSource(Protocol):
@@ -204,7 +204,7 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
     files = []
     writers: dict[int, StreamWriter] = {}
     bar = tqdm(total=len(plan.tensors), desc=f"export {fmt.name}", unit="tensor",
-               disable=not options.progress or None, file=sys.stderr, leave=False)
+               disable=None if options.progress is None else not options.progress, file=sys.stderr)
     try:
         current = -1
         for tp, encoded in ordered_map(encode, plan.tensors, options.workers):
