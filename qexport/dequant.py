@@ -66,19 +66,40 @@ def num_bits_of(config: dict, module: str) -> int:
 QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
 
-def dequantized_state_dict(folder: str | Path, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Every tensor of an export folder as a dense `dtype` tensor under its original (unquantized) name."""
-    ckpt = Checkpoint.open(folder)
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    dense: dict[str, torch.Tensor] = {}
+def quantized_modules(ckpt: Checkpoint) -> dict[str, dict[str, str]]:
+    """Module name -> {leaf: stored tensor name} for every module stored in a quantized layout.
+
+    A module is quantized when it has a `weight_scale`; its integer `weight` (naive/int-quantized) counts as part.
+    """
+    modules: dict[str, dict[str, str]] = {}
     for name in ckpt.names:
         module, _, leaf = name.rpartition(".")
         if leaf in QUANT_SUFFIXES:
-            modules.setdefault(module, {})[leaf] = ckpt.read(name)
-        else:
-            dense[name] = ckpt.read(name)
+            modules.setdefault(module, {})[leaf] = name
     for module, parts in modules.items():
-        if f"{module}.weight" in dense and dense[f"{module}.weight"].dtype == torch.int8:
-            parts["weight"] = dense.pop(f"{module}.weight")
-        dense[f"{module}.weight"] = dequantize_module(parts, num_bits_of(ckpt.config, module), dtype)
-    return {n: t.to(dtype) if t.is_floating_point() else t for n, t in dense.items()}
+        weight = f"{module}.weight"
+        if weight in ckpt.entries and not ckpt.entries[weight].dtype.startswith(("F", "BF")):
+            parts["weight"] = weight
+    return modules
+
+
+def iter_dequantized(ckpt: Checkpoint, dtype=torch.float32):
+    """Yield (original name, dense `dtype` tensor, quantized?) for every tensor, one module at a time."""
+    modules = quantized_modules(ckpt)
+    parts_of = {stored: module for module, parts in modules.items() for stored in parts.values()}
+    done = set()
+    for name in ckpt.names:
+        module = parts_of.get(name)
+        if module is None:
+            t = ckpt.read(name)
+            yield name, (t.to(dtype) if t.is_floating_point() else t), False
+        elif module not in done:
+            done.add(module)
+            tensors = {leaf: ckpt.read(stored) for leaf, stored in modules[module].items()}
+            yield f"{module}.weight", dequantize_module(tensors, num_bits_of(ckpt.config, module), dtype), True
+
+
+def dequantized_state_dict(folder: str | Path | Checkpoint, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor of an export folder as a dense `dtype` tensor under its original (unquantized) name."""
+    ckpt = folder if isinstance(folder, Checkpoint) else Checkpoint.open(folder)
+    return {name: t for name, t, _ in iter_dequantized(ckpt, dtype)}
