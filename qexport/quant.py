@@ -13,9 +13,12 @@ Arithmetic (matches compressed-tensors 0.20 bit for bit):
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 SCALE_DTYPE = torch.float16
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def qrange(num_bits: int) -> tuple[int, int]:
@@ -64,10 +67,17 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     rows, cols = q.shape
     if cols % 8:
         raise ValueError(f"input size {cols} does not divide by 8, the int4 values per int32 word")
-    nibbles = (q.to(torch.int32) + 8).reshape(rows, cols // 8, 8)
+    # Little-endian: byte k of a word holds elements 2k (low nibble) and 2k + 1 (high nibble) of its eight.
+    nibbles = (q + 8).to(torch.uint8)
+    packed_bytes = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return packed_bytes.contiguous().view(torch.int32) if _LITTLE_ENDIAN else _pack_words(nibbles)
+
+
+def _pack_words(nibbles: torch.Tensor) -> torch.Tensor:
+    """Portable (byte-order independent) packing: sum of disjoint shifted bit fields, wrapping as int32."""
+    rows, cols = nibbles.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    # Sum of disjoint bit fields; the top nibble may set the sign bit, which int32 wraps as intended.
-    return (nibbles << shifts).sum(dim=-1, dtype=torch.int32)
+    return (nibbles.to(torch.int32).reshape(rows, cols // 8, 8) << shifts).sum(dim=-1, dtype=torch.int32)
 
 
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:

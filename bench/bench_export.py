@@ -1,0 +1,279 @@
+"""Benchmark: qexport export vs llm-compressor's data-free model_free_ptq vs a warm `cp -r`, whole processes.
+
+    .venv/bin/python bench/bench_export.py [--sizes 0.1b 1b] [--rounds 3] [--skip-peer]
+
+1. Generates random-init bf16 Qwen3-like checkpoints (~0.1B and ~1B parameters, ~500 MB shards + index) tensor by
+   tensor (never the whole model in memory), cached in bench/cache/.
+2. Times, alternating A B C ... for --rounds rounds: qexport int4 / int8 (--workers 1 and 2), model_free_ptq W4A16 /
+   W8A16 (max_workers 1 and 2; run from its own venv bench/venv-llmc, created on first use because llmcompressor pins
+   older compressed-tensors / transformers than ours), and `cp -r` of the checkpoint (page cache warm) as the I/O floor.
+3. Records wall seconds (median, min-max), input GB/s, peak RSS and peak anonymous RSS of the process tree (polled
+   from /proc every 20 ms), output bytes, and whether the output reloads in transformers with empty loading info.
+4. Prints a markdown table and writes it to bench/RESULTS.md with versions and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = HERE / "cache"
+PEER_VENV = HERE / "venv-llmc"
+PEER_PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1"]
+
+SIZES = {
+    # ~0.1B: the qwen3-100m preset's shapes.
+    "0.1b": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
+                 num_key_value_heads=4, head_dim=64, vocab_size=32768),
+    # ~1B: 18 layers of hidden 2048 / MLP 5632, untied 32k vocabulary.
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=18, num_attention_heads=16,
+               num_key_value_heads=8, head_dim=128, vocab_size=32000),
+}
+SHARD_BYTES = 500 * 10**6
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def make_checkpoint(size: str) -> Path:
+    """A bf16 Qwen3-like checkpoint written tensor by tensor, cached between runs."""
+    folder = CACHE / f"qwen3-{size}"
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoConfig
+
+    from qexport.architecture import inspect_architecture
+    from qexport.safetensors_io import StreamWriter, nbytes
+    from qexport.tiny import build_tokenizer
+
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = AutoConfig.for_model("qwen3", architectures=["Qwen3ForCausalLM"], tie_word_embeddings=False,
+                                  max_position_embeddings=4096, dtype="bfloat16", **SIZES[size])
+    config.save_pretrained(tmp)
+    arch = inspect_architecture(json.loads((tmp / "config.json").read_text()))
+    shards, used = [[]], 0
+    for name, shape in arch.shapes.items():
+        size_b = nbytes("BF16", shape)
+        if used and used + size_b > SHARD_BYTES:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, "BF16", shape))
+        used += size_b
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, layout in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        writer = StreamWriter(tmp / file, layout, {"format": "pt"})
+        for name, _, shape in layout:
+            t = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=gen) * 0.02
+            writer.add(name, t.to(torch.bfloat16))
+            weight_map[name] = file
+        writer.close()
+    total = sum(nbytes("BF16", s) for s in arch.shapes.values())
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    build_tokenizer().save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def params_of(folder: Path) -> int:
+    from qexport.checkpoint import Checkpoint
+
+    import math
+
+    return sum(math.prod(e.shape) for e in Checkpoint.open(folder).entries.values())
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+# --- the peer ----------------------------------------------------------------------------------------------------
+
+
+def ensure_peer() -> Path | None:
+    python = PEER_VENV / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import llmcompressor"], capture_output=True).returncode == 0:
+        return python
+    print("creating bench/venv-llmc for llm-compressor (one time) ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", PEER_VENV], check=True)
+    r = subprocess.run([python, "-m", "pip", "install", "-q", *PEER_PINS], capture_output=True, text=True)
+    if r.returncode:
+        print(f"llm-compressor could not be installed; peer rows skipped:\n{r.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return python
+
+
+PEER_SCRIPT = (
+    "import sys; from llmcompressor import model_free_ptq; "
+    "model_free_ptq(model_stub=sys.argv[1], save_directory=sys.argv[2], scheme=sys.argv[3], ignore=['lm_head'], "
+    "max_workers=int(sys.argv[4]), device='cpu')"
+)
+
+
+# --- measuring ---------------------------------------------------------------------------------------------------
+
+
+def _tree(pid: int) -> list[int]:
+    pids, frontier = [pid], [pid]
+    while frontier:
+        p = frontier.pop()
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        for c in map(int, children):
+            pids.append(c)
+            frontier.append(c)
+    return pids
+
+
+def _rss(pids: list[int]) -> tuple[int, int]:
+    total = anon = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                elif line.startswith("RssAnon:"):
+                    anon += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total, anon
+
+
+def run_measured(cmd: list[str], env=None) -> dict:
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak = peak_anon = 0
+    while proc.poll() is None:
+        rss, anon = _rss(_tree(proc.pid))
+        peak, peak_anon = max(peak, rss), max(peak_anon, anon)
+        time.sleep(0.02)
+    wall = time.perf_counter() - started
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{err[-3000:]}")
+    return {"wall": wall, "rss": peak, "anon": peak_anon}
+
+
+def reloads(folder: Path) -> bool:
+    code = (
+        "import sys, torch; from qexport.functional import load_model; "
+        "_, info = load_model(sys.argv[1], dtype=torch.float16); sys.exit(1 if any(info.values()) else 0)"
+    )
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True).returncode == 0
+
+
+def variants(src: Path, scratch: Path, peer: Path | None) -> dict[str, dict]:
+    qexport = str(ROOT / ".venv" / "bin" / "qexport")
+    out = {}
+    for fmt in ("int4", "int8"):
+        for workers in (1, 2):
+            target = scratch / f"qexport-{fmt}-w{workers}"
+            out[f"qexport {fmt} --workers {workers}"] = dict(
+                cmd=[qexport, "export", str(src), "--out", str(target), "--formats", fmt, "--quiet", "--overwrite",
+                     "--workers", str(workers)],
+                out=target / fmt, clean=target)
+    if peer is not None:
+        for scheme in ("W4A16", "W8A16"):
+            for workers in (1, 2):
+                target = scratch / f"llmc-{scheme}-w{workers}"
+                out[f"model_free_ptq {scheme} max_workers={workers}"] = dict(
+                    cmd=[str(peer), "-c", PEER_SCRIPT, str(src), str(target), scheme, str(workers)],
+                    out=target, clean=target)
+    target = scratch / "copy"
+    out["cp -r (warm, I/O floor)"] = dict(cmd=["cp", "-r", str(src), str(target)], out=target, clean=target)
+    return out
+
+
+def bench_size(size: str, rounds: int, peer: Path | None, scratch: Path) -> list[dict]:
+    src = make_checkpoint(size)
+    in_bytes = folder_bytes(src)
+    runs = variants(src, scratch, peer)
+    subprocess.run(["cat", *map(str, src.glob("*.safetensors"))], stdout=subprocess.DEVNULL)  # warm the page cache
+    samples: dict[str, list[dict]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name, spec in runs.items():
+            shutil.rmtree(spec["clean"], ignore_errors=True)
+            samples[name].append(run_measured(spec["cmd"]))
+            print(f"[{size} round {r + 1}/{rounds}] {name}: {samples[name][-1]['wall']:.2f} s", file=sys.stderr)
+    rows = []
+    for name, spec in runs.items():
+        walls = [s["wall"] for s in samples[name]]
+        median = statistics.median(walls)
+        rows.append({
+            "model": f"{size} ({params_of(src) / 1e9:.2f}B, {in_bytes / 1e9:.2f} GB)",
+            "tool": name,
+            "wall s median": round(median, 2),
+            "min-max": f"{min(walls):.2f}-{max(walls):.2f}",
+            "input GB/s": round(in_bytes / 1e9 / median, 2),
+            "peak RSS GB": round(max(s["rss"] for s in samples[name]) / 1e9, 3),
+            "peak anon GB": round(max(s["anon"] for s in samples[name]) / 1e9, 3),
+            "output GB": round(folder_bytes(spec["out"]) / 1e9, 3),
+            "reloads": "-" if name.startswith("cp") else ("yes" if reloads(spec["out"]) else "NO"),
+        })
+        shutil.rmtree(spec["clean"], ignore_errors=True)
+    return rows
+
+
+def versions(peer: Path | None) -> str:
+    import compressed_tensors
+    import safetensors
+    import torch
+    import transformers
+
+    lines = [f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, {platform.platform()}",
+             f"- qexport side: python {platform.python_version()}, torch {torch.__version__}, transformers "
+             f"{transformers.__version__}, compressed-tensors {compressed_tensors.__version__}, safetensors "
+             f"{safetensors.__version__}"]
+    if peer is not None:
+        code = ("import llmcompressor, compressed_tensors, transformers, torch; print(llmcompressor.__version__, "
+                "compressed_tensors.__version__, transformers.__version__, torch.__version__)")
+        v = subprocess.run([peer, "-c", code], capture_output=True, text=True).stdout.split()
+        if len(v) == 4:
+            lines.append(f"- peer venv: llmcompressor {v[0]}, compressed-tensors {v[1]}, transformers {v[2]}, "
+                         f"torch {v[3]}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["0.1b", "1b"], choices=list(SIZES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-peer", action="store_true", help="do not run llm-compressor")
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from qexport.report import table
+
+    peer = None if args.skip_peer else ensure_peer()
+    scratch = CACHE / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in args.sizes:
+        rows += bench_size(size, args.rounds, peer, scratch)
+    text = (f"# Export benchmark\n\n{versions(peer)}\n- {args.rounds} rounds, alternating tools within each round; "
+            f"whole processes (imports included); wall median and min-max\n\n{table(rows)}\n")
+    print(text)
+    Path(args.results).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
