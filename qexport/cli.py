@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     except VerificationFailed as e:
         print(f"qexport: verification failed: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # disk full, permission, I/O error while reading or writing: the system's words, one line
+        where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        reason = " ".join(str(e.strerror or e).split())
+        print(f"qexport: error: {where or 'I/O error'}: {reason}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("qexport: interrupted", file=sys.stderr)
         return 130

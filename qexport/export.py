@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -95,7 +96,14 @@ def _ignored(module: str, ignore: Iterable[str]) -> bool:
 
 
 def check_shapes(source: TensorSource, arch: Architecture) -> None:
-    """Every checkpoint tensor the architecture also has must have the architecture's shape."""
+    """Every checkpoint tensor the architecture also has must have the architecture's shape, and every nn.Linear
+    weight must be there (an export without it would reload with a freshly initialised layer)."""
+    missing = sorted(arch.linear_weights - arch.tied_names - set(source.entries))
+    if missing:
+        raise InputError(
+            f"{source.folder}: tensor {missing[0]!r} of {arch.model_class} is missing from the checkpoint "
+            f"({len(missing)} Linear weights missing in all)"
+        )
     for name, entry in source.entries.items():
         expected = arch.shapes.get(name)
         if expected is not None and tuple(entry.shape) != expected:
@@ -195,9 +203,11 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
 
     def encode(tp: TensorPlan):
         w = source.read(tp.source)
-        if w.is_floating_point() and tp.source not in nonfinite and not torch.isfinite(w).all():
+        if not options.allow_nonfinite and w.is_floating_point() and not torch.isfinite(w).all():
+            where = getattr(source.entries[tp.source], "file", source.folder)
             raise InputError(
-                f"tensor {tp.source!r} {list(w.shape)}: holds NaN or Inf (use --allow-nonfinite to keep it dense)"
+                f"{where}: tensor {tp.source!r} {list(w.shape)} holds NaN or Inf "
+                f"(use --allow-nonfinite to keep it dense)"
             )
         return tp, fmt.encode(tp.source, w, tp.quantize)
 
@@ -232,7 +242,7 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
     finally:
         bar.close()
         for w in writers.values():
-            w._file.close()
+            w.abort()
 
     if len(plan.shard_names) > 1:
         index = {
@@ -252,7 +262,7 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
             files.append(_file_record(target, folder))
 
     manifest = build_manifest(source, plan, options, source_files, files, tensors_info)
-    (folder / "qexport.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_text(folder / "qexport.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -264,7 +274,10 @@ def _close(writer: StreamWriter, plan: FormatPlan) -> dict:
 
 
 def _write_text(path: Path, text: str) -> dict:
-    path.write_text(text)
+    try:
+        path.write_text(text)
+    except OSError as e:  # a full disk says ENOSPC without the file name
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     return _file_record(path, path.parent)
 
 
@@ -336,8 +349,14 @@ def check_destination(out: Path, formats: Iterable[str], overwrite: bool) -> Non
         if (out / name).exists() and not overwrite:
             raise InputError(f"--out {out / name}: already exists (pass --overwrite to replace it)")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: {parent} is not writable")
+    if not parent.is_dir():
+        raise InputError(f"--out {out}: {parent} is not a folder")
+    # Probe by creating a folder: os.access answers "writable" to root even on a read-only mount or an
+    # immutable (chattr +i) folder.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".qexport-probe-{os.getpid()}-", dir=parent))
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create folders in {parent} ({e.strerror or e})")
 
 
 def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dict[str, dict]:
@@ -367,7 +386,7 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
         for name, why in plan.dense_linears.items():
             log.warning("%s: %s stays dense: %s", plan.fmt.name, name, why)
 
-    created_out = not out.exists()
+    created = [d for d in (out, *out.parents) if not d.exists()]  # folders this export creates, deepest first
     clean_stale(out)
     out.mkdir(parents=True, exist_ok=True)
     source_files = source.source_files()
@@ -382,8 +401,9 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     except BaseException:
         for tmp in tmp_dirs.values():
             shutil.rmtree(tmp, ignore_errors=True)
-        if created_out and out.exists() and not any(out.iterdir()):
-            out.rmdir()
+        for d in created:  # leave no empty folder behind, including parents that --out created
+            if d.exists() and not any(d.iterdir()):
+                d.rmdir()
         raise
     return manifests
 

@@ -7,6 +7,7 @@ before any byte is written, and a file written tensor by tensor so that memory f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -63,7 +64,7 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse and check a safetensors header: JSON, known dtypes, offsets inside the file, no overlaps.
+    """Parse and check a safetensors header: JSON, known dtypes, sizes, and offsets that tile the data section.
 
     Returns the tensors by name and the `__metadata__` dict. Raises InputError naming the file and tensor.
     """
@@ -74,7 +75,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             if len(prefix) < 8:
                 raise InputError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            if header_len > MAX_HEADER_BYTES:
+                raise InputError(f"{path}: safetensors header length {header_len} is above the 100 MiB limit")
+            if 8 + header_len > size:
                 raise InputError(
                     f"{path}: safetensors header length {header_len} is larger than the file ({size} bytes)"
                 )
@@ -83,25 +86,54 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         raise InputError(f"{path}: cannot read: {e.strerror or e}")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: safetensors header is not JSON ({e})")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: safetensors header is not JSON ({type(e).__name__}: {e})")
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise InputError(f"{path}: safetensors __metadata__ is not a JSON object")
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise InputError(f"{path}: safetensors __metadata__ is not an object of strings")
     data_len = size - 8 - header_len
-    entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        entries[name] = _entry(path, name, info, data_len)
-    spans = sorted((e.start, e.end, e.name) for e in entries.values() if e.end > e.start)
-    for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
-        if start_b < end_a:
-            raise InputError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the data section")
+    entries = {name: _entry(path, name, info) for name, info in header.items()}
+    _check_layout(path, entries, data_len)
     return entries, metadata
 
 
-def _entry(path: Path, name: str, info, data_len: int) -> TensorEntry:
+def _check_layout(path: Path, entries: dict[str, TensorEntry], data_len: int) -> None:
+    """The tensors must tile the data section exactly, as the safetensors library requires (sorted by offsets)."""
+    spans = sorted(entries.values(), key=lambda e: (e.start, e.end))
+    offset = 0
+    for e in spans:
+        if e.start != offset:
+            break
+        offset = e.end
+    else:  # contiguous from 0: only the total can disagree with the file
+        if offset > data_len:
+            cut = next(e for e in spans if e.end > data_len)
+            raise InputError(
+                f"{path}: truncated: tensor {cut.name!r} ends at data byte {cut.end} but the data section holds "
+                f"{data_len} bytes (tensors need {offset})"
+            )
+        if offset < data_len:
+            raise InputError(f"{path}: {data_len - offset} bytes after the last tensor belong to no tensor")
+        return
+    for e in spans:
+        if e.end > data_len:
+            raise InputError(
+                f"{path}: tensor {e.name!r}: data_offsets [{e.start}, {e.end}] out of range "
+                f"(data section is {data_len} bytes)"
+            )
+    for a, b in zip(spans, spans[1:]):
+        if b.start < a.end:
+            raise InputError(f"{path}: tensors {a.name!r} and {b.name!r} overlap in the data section")
+    offset = 0
+    for e in spans:
+        if e.start > offset:
+            raise InputError(f"{path}: {e.start - offset} bytes before tensor {e.name!r} belong to no tensor")
+        offset = e.end
+
+
+def _entry(path: Path, name: str, info) -> TensorEntry:
     if not isinstance(info, dict):
         raise InputError(f"{path}: tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -112,18 +144,14 @@ def _entry(path: Path, name: str, info, data_len: int) -> TensorEntry:
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
     ):
-        raise InputError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not a pair of integers")
+        raise InputError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not a pair of non-negative integers")
     start, end = offsets
-    if not 0 <= start <= end <= data_len:
-        raise InputError(
-            f"{path}: tensor {name!r}: data_offsets [{start}, {end}] out of range (data section is {data_len} bytes)"
-        )
     if end - start != nbytes(dtype, shape):
         raise InputError(
-            f"{path}: tensor {name!r}: {end - start} bytes stored but dtype {dtype} shape {shape} needs "
-            f"{nbytes(dtype, shape)}"
+            f"{path}: tensor {name!r}: data_offsets [{start}, {end}] hold {end - start} bytes but dtype {dtype} "
+            f"shape {shape} needs {nbytes(dtype, shape)}"
         )
     return TensorEntry(name, path, dtype, tuple(shape), start, end)
 
@@ -158,7 +186,8 @@ class StreamWriter:
 
     def _write(self, data) -> None:
         self._sha.update(data)
-        self._file.write(data)
+        with _naming(self.path):
+            self._file.write(data)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor of the layout; its name, dtype and shape must be the planned ones."""
@@ -172,10 +201,29 @@ class StreamWriter:
         """Finish the file (every planned tensor must be written) and return its sha256."""
         if self._pending:
             raise RuntimeError(f"{self.path}: closed with {len(self._pending)} planned tensors unwritten")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with _naming(self.path):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Close after a failure; the caller removes the file (a second error, e.g. disk still full, is moot)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Errors from writes (ENOSPC, EIO) carry no file name; add it, so the one-line error can say which file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
