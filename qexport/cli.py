@@ -19,8 +19,10 @@ class _Parser(argparse.ArgumentParser):
 def _add_export(sub):
     p = sub.add_parser("export", help="export a Hugging Face checkpoint folder as fp16 / int8 / int4",
                        description="Export SRC to OUT/<format>/ for each format (compressed-tensors layout).")
-    p.add_argument("src", metavar="SRC", help="model folder: config.json + model.safetensors (or index + shards)")
+    p.add_argument("src", metavar="SRC", nargs="?",
+                   help="model folder: config.json + model.safetensors (or index + shards); the base with --lora")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder; each format goes to OUT/<format>")
+    _add_merge_inputs(p, base_option=False)
     p.add_argument("--formats", nargs="+", default=["fp16", "int8", "int4"], metavar="FMT",
                    help="formats to write (default: fp16 int8 int4)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
@@ -37,7 +39,8 @@ def _add_export(sub):
 
 
 def _run_export(args) -> int:
-    from .export import ExportOptions, export_folder
+    from .export import ExportOptions, export
+    from .merge import open_source
     from .report import print_export_summary
     from .sizes import parse_size
 
@@ -50,8 +53,59 @@ def _run_export(args) -> int:
         allow_nonfinite=args.allow_nonfinite,
         progress=args.progress,
     )
-    manifests = export_folder(args.src, args.out, options)
+    manifests = export(open_source(args.src, lora=args.lora, models=args.models, weights=args.weights), args.out,
+                       options)
     print_export_summary(manifests, args.out)
+    return 0
+
+
+def _add_merge_inputs(p, base_option: bool) -> None:
+    if base_option:
+        p.add_argument("--base", metavar="BASE", help="base model folder the LoRA adapter was trained on")
+    p.add_argument("--lora", metavar="ADAPTER",
+                   help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to fold into "
+                        "the base: W + scale * B @ A, computed in fp32, stored in the base dtype")
+    p.add_argument("--models", nargs="+", metavar="M",
+                   help="average these checkpoints of one architecture instead (tensor by tensor, in fp32)")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W",
+                   help="one non-negative weight per --models entry; normalised to sum to 1 (default: equal)")
+
+
+def _add_merge(sub):
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base, or average checkpoints",
+                       description="Write a merged model to OUT as a plain Hugging Face folder (tensors in the base "
+                                   "dtype, config and tokenizer of the base or first model), streaming one tensor at "
+                                   "a time. Either --base BASE --lora ADAPTER, or --models M1 M2 ... [--weights ...]. "
+                                   "To merge and quantize in one pass, give the same options to `qexport export`.")
+    p.add_argument("--out", required=True, metavar="OUT", help="output model folder")
+    _add_merge_inputs(p, base_option=True)
+    p.add_argument("--max-shard-size", default="5GB", help="shard size like transformers: 5GB, 500MB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", action="store_true", default=None,
+                     help="always show the progress bar (default: only when stderr is a terminal)")
+    bar.add_argument("--quiet", dest="progress", action="store_false", help="never show the progress bar")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(args) -> int:
+    from .errors import InputError
+    from .merge import merge_folder, open_source
+    from .sizes import parse_size
+
+    if args.lora is not None and args.base is None:
+        raise InputError("--lora: needs --base, the model the adapter was trained on")
+    if args.base is not None and args.lora is None:
+        raise InputError("--base: needs --lora ADAPTER (or average checkpoints with --models)")
+    if args.base is None and not args.models:
+        raise InputError("nothing to merge: give --base BASE --lora ADAPTER, or --models M1 M2 ...")
+    max_shard_size = parse_size(args.max_shard_size)
+    source = open_source(args.base, lora=args.lora, models=args.models, weights=args.weights)
+    manifest = merge_folder(source, args.out, max_shard_size=max_shard_size, overwrite=args.overwrite,
+                            progress=args.progress)
+    summary = manifest["summary"]
+    print(f"merged ({manifest['source']['merge']['method']}) -> {args.out}: {len(manifest['tensors'])} tensors, "
+          f"{summary['weight_bytes'] / 1e6:.1f} MB")
     return 0
 
 
@@ -70,6 +124,50 @@ def _run_demo(args) -> int:
     return run_demo(args.out, args.preset)
 
 
+def _add_verify(sub):
+    p = sub.add_parser("verify", help="check an export folder against its source model (exit 1 if a check fails)",
+                       description="Run the verification checks on EXPORT (any compressed-tensors or dense folder) "
+                                   "against the source model it was made from. Exit 0 all pass, 1 a check "
+                                   "failed, 2 bad input.")
+    p.add_argument("export", metavar="EXPORT", help="an export folder (one format), e.g. OUT/int4")
+    p.add_argument("--reference", required=True, metavar="SRC", help="the source model folder")
+    p.add_argument("--report", metavar="R.html", help="write a standalone HTML report")
+    p.add_argument("--json", metavar="R.json", help="write the checks and metrics as JSON")
+    p.add_argument("--baseline", metavar="B.json", help="fail on a metric regression vs this earlier JSON")
+    p.add_argument("--save-baseline", metavar="B.json", help="write this run's metrics as a baseline")
+    p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a threshold, e.g. max_kld_mean=0.05 or min_top1=none (repeatable)")
+    p.set_defaults(run=_run_verify)
+
+
+def _run_verify(args) -> int:
+    from .errors import VerificationFailed
+    from .html_report import to_json, verification_html, write_text
+    from .thresholds import parse_overrides
+    from .verify import check_baseline, load_baseline, verify
+
+    overrides = parse_overrides(args.threshold)
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    result = verify(args.export, args.reference, overrides)
+    if baseline is not None:
+        result.add(check_baseline(result.metrics, baseline))
+    for check in result.checks:
+        print(f"{check.status:>7}  {check.name:<24} {check.detail}")
+    data = result.as_dict()
+    if args.json:
+        write_text(args.json, to_json(data))
+    if args.report:
+        write_text(args.report, verification_html(data))
+    if args.save_baseline:
+        write_text(args.save_baseline, to_json({"format": result.format, "metrics": result.metrics}))
+    failures = result.failures
+    if failures:
+        raise VerificationFailed(f"{len(failures)} check(s) failed: "
+                                 + "; ".join(f"{c.name}: {c.detail}" for c in failures))
+    print(f"all {len(result.checks)} checks passed ({result.format})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -82,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [_add_demo, _add_export]
+COMMANDS = [_add_demo, _add_export, _add_merge, _add_verify]
 
 
 def _one_line(error: Exception) -> str:

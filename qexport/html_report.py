@@ -1,0 +1,158 @@
+"""HTML pieces for reports: the per model x format summary table (pandas), a per-tensor SQNR histogram as inline
+SVG (no plotting dependency), and the standalone page `qexport verify --report` writes.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+# Columns of the summary table, in order, with their headings. Rows may carry any subset.
+SUMMARY_COLUMNS = {
+    "model": "model",
+    "format": "format",
+    "weight_bytes": "bytes",
+    "file_ratio": "ratio (files)",
+    "quantized_ratio": "ratio (quantized)",
+    "bits_per_quantized_weight": "bits / q-weight",
+    "sqnr_min_db": "SQNR min dB",
+    "sqnr_median_db": "SQNR median dB",
+    "kld_mean": "KLD mean",
+    "kld_p99": "KLD p99",
+    "top1": "top-1",
+    "cosine": "cosine",
+    "reload_ok": "reload ok",
+    "passed": "all checks",
+}
+
+STYLE = """
+table.qexport {border-collapse: collapse; font: 13px sans-serif; margin: 8px 0}
+table.qexport th, table.qexport td {border: 1px solid #ccc; padding: 3px 8px; text-align: right}
+table.qexport th {background: #f0f0f0}
+table.qexport td:first-child, table.qexport td:nth-child(2) {text-align: left}
+.fail {color: #b00; font-weight: bold} .pass {color: #070} .skip {color: #777}
+"""
+
+
+def merge_rows(rows: list[dict]) -> list[dict]:
+    """One row per (model, format): later rows fill in columns earlier rows left empty (tests record parts)."""
+    merged: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row.get("model"), row.get("format"))
+        target = merged.setdefault(key, {"model": key[0], "format": key[1]})
+        for k, v in row.items():
+            if k == "passed" and k in target:
+                target[k] = bool(target[k]) and bool(v)
+            elif v is not None and target.get(k) is None:
+                target[k] = v
+    return [merged[k] for k in sorted(merged, key=lambda k: (str(k[0]), str(k[1])))]
+
+
+def summary_frame(rows: list[dict]):
+    import pandas as pd
+
+    rows = merge_rows(rows)
+    columns = [c for c in SUMMARY_COLUMNS if any(c in r for r in rows)]
+    frame = pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=columns)
+    return frame.rename(columns=SUMMARY_COLUMNS)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_html(rows: list[dict], title: str = "qexport summary") -> str:
+    if not rows:
+        return ""
+    frame = summary_frame(rows)
+    table = frame.to_html(index=False, classes="qexport", border=0, na_rep="-", formatters={
+        c: _fmt for c in frame.columns})
+    return f"<style>{STYLE}</style><h2>{html.escape(title)}</h2>{table}"
+
+
+def svg_histogram(values: list[float], title: str = "per-tensor SQNR (dB)", bins: int = 12,
+                  width: int = 420, height: int = 140) -> str:
+    """A bar histogram as an inline SVG string."""
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, int((v - lo) / span * bins))] += 1
+    top, pad, base = max(counts), 24, height - 22
+    bar_w = (width - 2 * pad) / bins
+    bars = []
+    for i, c in enumerate(counts):
+        h = (base - 20) * c / top
+        x = pad + i * bar_w
+        bars.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{bar_w - 2:.1f}" height="{h:.1f}" fill="#4a7ab5">'
+                    f"<title>{lo + i * span / bins:.2f}-{lo + (i + 1) * span / bins:.2f} dB: {c}</title></rect>")
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+            f'font-size="11"><text x="{pad}" y="12">{html.escape(title)} (n={len(values)})</text>{"".join(bars)}'
+            f'<line x1="{pad}" y1="{base}" x2="{width - pad}" y2="{base}" stroke="#333"/>'
+            f'<text x="{pad}" y="{height - 6}">{lo:.1f}</text>'
+            f'<text x="{width - pad}" y="{height - 6}" text-anchor="end">{hi:.1f}</text></svg>')
+
+
+def metrics_table(metrics: dict) -> str:
+    """A two-column table of scalar metrics (the numbers behind an assertion)."""
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>"
+                   for k, v in metrics.items() if not isinstance(v, (dict, list)))
+    return f'<table class="qexport"><tr><th>metric</th><th>value</th></tr>{rows}</table>' if rows else ""
+
+
+def verification_html(result: dict) -> str:
+    """A standalone page for one `Verification.as_dict()`."""
+    status = "PASSED" if result["passed"] else "FAILED"
+    checks = "".join(
+        f'<tr><td>{html.escape(c["name"])}</td>'
+        f'<td class="{ {"passed": "pass", "skipped": "skip"}.get(c["status"], "fail") }">{c["status"]}</td>'
+        f'<td style="text-align:left">{html.escape(c["detail"])}</td></tr>'
+        for c in result["checks"])
+    sqnr = next((c["metrics"].get("per_tensor_sqnr_db") for c in result["checks"] if c["name"] == "weights_sqnr"),
+                None)
+    plot = svg_histogram(list(sqnr.values())) if sqnr else ""
+    row = {"model": Path(result["reference"]).name, **result["metrics"], "passed": result["passed"]}
+    thresholds = metrics_table({k: v for k, v in result["thresholds"].items() if v is not None})
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>qexport verify: {status}</title>"
+        f"<style>{STYLE} body {{font: 14px sans-serif; margin: 20px}}</style></head><body>"
+        f"<h1>qexport verify: <span class='{'pass' if result['passed'] else 'fail'}'>{status}</span></h1>"
+        f"<p>export <code>{html.escape(result['export'])}</code> ({html.escape(result['format'])}) against "
+        f"reference <code>{html.escape(result['reference'])}</code></p>"
+        f"{summary_html([row], 'summary')}<h2>checks</h2>"
+        f'<table class="qexport"><tr><th>check</th><th>status</th><th>detail</th></tr>{checks}</table>'
+        f"{plot}<h2>thresholds</h2>{thresholds}"
+        f"<script type='application/json' id='qexport-json'>{html.escape(json.dumps(result))}</script>"
+        "</body></html>"
+    )
+
+
+def write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def to_json(data) -> str:
+    return json.dumps(data, indent=2, default=_json_default) + "\n"
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
