@@ -47,10 +47,9 @@ def compute_scales(w: torch.Tensor, num_bits: int, group_size: int | None, dtype
 def quantize(w: torch.Tensor, scales: torch.Tensor, num_bits: int, group_size: int | None) -> torch.Tensor:
     """Integer codes (int8 storage) of a 2-D weight for the given scales."""
     qmin, qmax = qrange(num_bits)
-    grouped = _grouped(w.to(scales.dtype), group_size)
-    scaled = grouped / scales.unsqueeze(-1)
-    q = torch.round(torch.clamp(scaled, qmin, qmax))
-    return q.to(torch.int8).reshape(w.shape)
+    scaled = _grouped(w.to(scales.dtype), group_size) / scales.unsqueeze(-1)
+    # round then clamp equals clamp then round: the bounds are integers. In place: one temporary, not three.
+    return scaled.round_().clamp_(qmin, qmax).to(torch.int8).reshape(w.shape)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -68,7 +67,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     if cols % 8:
         raise ValueError(f"input size {cols} does not divide by 8, the int4 values per int32 word")
     # Little-endian: byte k of a word holds elements 2k (low nibble) and 2k + 1 (high nibble) of its eight.
-    nibbles = (q + 8).to(torch.uint8)
+    nibbles = q.view(torch.uint8) + 8  # wraps modulo 256: -8..7 become 0..15
     packed_bytes = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
     return packed_bytes.contiguous().view(torch.int32) if _LITTLE_ENDIAN else _pack_words(nibbles)
 
