@@ -183,9 +183,11 @@ def ordered_map(fn: Callable, items: list, workers: int):
 
 def output_config(config: dict, fmt: Format, ignore: list[str]) -> dict:
     out = dict(config)
-    if "torch_dtype" in out:
-        out["torch_dtype"] = "float16"
-    out["dtype"] = "float16"
+    dtype = getattr(fmt, "config_dtype", "float16")  # None: the format stores tensors in the source dtype
+    if dtype is not None:
+        if "torch_dtype" in out:
+            out["torch_dtype"] = dtype
+        out["dtype"] = dtype
     qc = fmt.quantization_config(sorted(set(ignore)))
     if qc is not None:
         out["quantization_config"] = qc
@@ -296,7 +298,8 @@ def build_manifest(source, plan: FormatPlan, options, source_files, files, tenso
         "format": plan.fmt.name,
         "parameters": {**plan.fmt.parameters(), "max_shard_size": options.max_shard_size},
         "model_type": source.config.get("model_type"),
-        "source": {"files": source_files},
+        # A merged source (qexport.merge) adds what was merged: method, inputs, weights or LoRA scales.
+        "source": {"files": source_files, **({"merge": source.merge} if getattr(source, "merge", None) else {})},
         "ignore": sorted(set(plan.ignore)),
         "dense_linears": plan.dense_linears,
         "files": files,

@@ -1,6 +1,6 @@
-"""Output formats by name. Importing this package registers fp16, int8 and int4."""
+"""Output formats by name. Importing this package registers fp16, int8, int4 and original."""
 
-from . import fp16, int4, int8  # noqa: F401  (registration)
+from . import fp16, int4, int8, original  # noqa: F401  (registration)
 from .base import REGISTRY, Format
 
 
