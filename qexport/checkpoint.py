@@ -8,6 +8,7 @@ weight files (single file or index + shards), every safetensors header, index/sh
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +90,6 @@ class Checkpoint:
     config: dict
     files: list[Path]
     entries: dict[str, TensorEntry]
-    _handles: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, folder: str | Path) -> "Checkpoint":
@@ -125,17 +125,25 @@ class Checkpoint:
         return sorted(self.entries, key=lambda n: (self.files.index(self.entries[n].file), self.entries[n].start))
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, memory-mapped from its file (a copy is made only by whatever converts it)."""
-        from safetensors import safe_open
+        """One tensor, read into its own buffer with a positioned read.
 
+        Not memory-mapped on purpose: mapped pages of every file touched would count towards the process's
+        resident memory and grow with the model; a plain read keeps memory at the tensor being worked on.
+        Offsets were checked against the file when its header was read.
+        """
         entry = self.entries[name]
-        handle = self._handles.get(entry.file)
-        if handle is None:
-            try:
-                handle = self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
-            except Exception as e:  # the library raises its own error types; name the file either way
-                raise InputError(f"{entry.file}: safetensors cannot open it ({e})")
-        return handle.get_tensor(name)
+        dtype = DTYPES[entry.dtype]
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        buffer = bytearray(entry.nbytes)
+        try:
+            with open(entry.file, "rb", buffering=0) as f:
+                got = os.preadv(f.fileno(), [buffer], entry.data_start + entry.start)
+        except OSError as e:
+            raise InputError(f"{entry.file}: cannot read tensor {name!r}: {e.strerror or e}")
+        if got != entry.nbytes:
+            raise InputError(f"{entry.file}: tensor {name!r} is truncated ({got} of {entry.nbytes} bytes)")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
 
     def source_files(self) -> list[dict]:
         """config.json and the weight files with their sizes and sha256, for the manifest."""

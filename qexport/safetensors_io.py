@@ -13,7 +13,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int
     end: int
+    data_start: int = 0  # file offset of the data section (8 + header length)
 
     @property
     def nbytes(self) -> int:
@@ -94,7 +95,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise InputError(f"{path}: safetensors __metadata__ is not an object of strings")
     data_len = size - 8 - header_len
-    entries = {name: _entry(path, name, info) for name, info in header.items()}
+    entries = {name: replace(_entry(path, name, info), data_start=8 + header_len) for name, info in header.items()}
     _check_layout(path, entries, data_len)
     return entries, metadata
 
