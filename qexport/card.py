@@ -280,7 +280,8 @@ def _verification_section(verification: dict | None) -> list[str]:
     lines += ["", "| check | value | threshold | result |", "|---|---:|---|---|"]
     for c in v["checks"]:
         result = {True: "pass", False: "**FAIL**", None: "reported"}[c["passed"]]
-        lines.append(f"| {c['name']} | {_num(c['value'])} | {c['threshold'] or '–'} | {result} |")
+        cells = [c["name"], _num(c["value"]), c["threshold"] or "–", result]
+        lines.append("| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |")
     return lines + [""]
 
 

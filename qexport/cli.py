@@ -168,6 +168,29 @@ def _run_verify(args) -> int:
     return 0
 
 
+def _add_inspect(sub):
+    p = sub.add_parser("inspect", help="what a model folder holds, from headers only (exit 1 if problems found)",
+                       description="Summarise any model folder (qexport export, another tool's, or a dense "
+                                   "checkpoint) from its safetensors headers and JSON files, without loading "
+                                   "it: architecture, quantization config, tensors by layer type, totals, and "
+                                   "the problems visible from headers. Exit 0 no problems, 1 problems found, "
+                                   "2 not a folder.")
+    p.add_argument("dir", metavar="DIR", help="a model folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (every tensor included)")
+    p.add_argument("--tensors", action="store_true", help="also list every tensor")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    import json
+
+    from .inspect import format_report, inspect_folder
+
+    report = inspect_folder(args.dir)
+    print(json.dumps(report, indent=2) if args.json else format_report(report, args.tensors))
+    return 1 if report["problems"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -180,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [_add_demo, _add_export, _add_merge, _add_verify]
+COMMANDS = [_add_demo, _add_export, _add_merge, _add_verify, _add_inspect]
 
 
 def _one_line(error: Exception) -> str:

@@ -28,7 +28,25 @@ def reload_check(export_dir: Path, source_dir: Path, ids: torch.Tensor, referenc
     }
 
 
+def demo_verification(check: dict, ids: torch.Tensor) -> dict:
+    """The demo's checks as a verification result for the export's model card and manifest."""
+    from .card import verification_result
+
+    return verification_result("qexport demo", [
+        {"name": "reload: no missing / unexpected / mismatched keys", "value": check["reload ok"],
+         "threshold": "yes", "passed": check["reload ok"]},
+        {"name": "reloaded logits equal qexport's own dequantization", "value": check["equals own dequant"],
+         "threshold": "bit for bit", "passed": check["equals own dequant"]},
+        # Random-init weights are no quality proxy: these are reported, not judged.
+        {"name": "KLD mean vs source", "value": check["KLD mean"]},
+        {"name": "top-1 agreement vs source", "value": check["top-1"]},
+        {"name": "max |Δlogit| vs source", "value": check["max |Δlogit| vs source"]},
+    ], reference="the bf16 source model (random init)",
+        inputs=f"{ids.shape[0]} x {ids.shape[1]} fixed token ids")
+
+
 def run_demo(out: str | Path, preset: str = "qwen3") -> int:
+    from .card import update_card_verification
     from .export import ExportOptions, export_folder
     from .functional import fixed_token_ids, load_model, model_outputs
     from .report import export_rows, table
@@ -59,6 +77,7 @@ def run_demo(out: str | Path, preset: str = "qwen3") -> int:
         check = reload_check(export_dir / row["format"], source, ids, reference)
         failed |= not (check["reload ok"] and check["equals own dequant"])
         row.update(check)
+        update_card_verification(export_dir / row["format"], demo_verification(check, ids))
     print(f"\nexported 3 formats in {seconds:.1f} s\n")
     print(table(rows))
     print("\nreload ok: transformers reports no missing / unexpected / mismatched keys;"
