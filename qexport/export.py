@@ -25,6 +25,7 @@ import torch
 
 from . import __version__
 from .architecture import Architecture, inspect_architecture
+from .card import CARD_FILE, base_model_id, write_card
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from .errors import InputError
 from .formats import Format, get_format
@@ -254,8 +255,12 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
         files.append(_write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n"))
     files.append(_write_text(folder / "config.json",
                              json.dumps(output_config(source.config, fmt, plan.ignore), indent=2) + "\n"))
+    source_readme = None
     for side in source.side_files():
         target = folder / side.name
+        if side.name == CARD_FILE and side.is_file():  # the model card written below embeds it
+            source_readme = side.read_text(encoding="utf-8", errors="replace")
+            continue
         if side.is_dir():
             shutil.copytree(side, target)
             files.extend(_file_record(p, folder) for p in sorted(target.rglob("*")) if p.is_file())
@@ -263,6 +268,9 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
             shutil.copyfile(side, target)
             files.append(_file_record(target, folder))
 
+    # The card is computed from the manifest's facts and listed in it (it cannot hold its own size or sha).
+    draft = build_manifest(source, plan, options, source_files, files, tensors_info)
+    files.append(write_card(folder, draft, source_readme=source_readme))
     manifest = build_manifest(source, plan, options, source_files, files, tensors_info)
     _write_text(folder / "qexport.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -299,7 +307,8 @@ def build_manifest(source, plan: FormatPlan, options, source_files, files, tenso
         "parameters": {**plan.fmt.parameters(), "max_shard_size": options.max_shard_size},
         "model_type": source.config.get("model_type"),
         # A merged source (qexport.merge) adds what was merged: method, inputs, weights or LoRA scales.
-        "source": {"files": source_files, **({"merge": source.merge} if getattr(source, "merge", None) else {})},
+        "source": {"files": source_files, **({"merge": source.merge} if getattr(source, "merge", None) else {}),
+                   "base_model": base_model_id(source.folder) if isinstance(source, Checkpoint) else None},
         "ignore": sorted(set(plan.ignore)),
         "dense_linears": plan.dense_linears,
         "files": files,
