@@ -268,7 +268,9 @@ def main() -> int:
     rows = []
     for size in args.sizes:
         rows += bench_size(size, args.rounds, peer, scratch)
-    text = (f"# Export benchmark\n\n{versions(peer)}\n- {args.rounds} rounds, alternating tools within each round; "
+    help_walls = [run_measured([str(ROOT / ".venv" / "bin" / "qexport"), "--help"])["wall"] for _ in range(5)]
+    startup = f"- `qexport --help` start-up: median {statistics.median(help_walls):.3f} s over 5 runs\n"
+    text = (f"# Export benchmark\n\n{versions(peer)}\n{startup}- {args.rounds} rounds, alternating tools within each round; "
             f"whole processes (imports included); wall median and min-max\n\n{table(rows)}\n")
     print(text)
     Path(args.results).write_text(text)
