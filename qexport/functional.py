@@ -60,11 +60,19 @@ def load_model(folder: str | Path, dtype=torch.float32):
 
 def model_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], dtype=torch.float32):
     """The source architecture with the given weights (e.g. our own dequantization), for reference outputs."""
+    from transformers.initialization import no_init_weights
+
     hf_config = build_config({k: v for k, v in config.items() if k != "quantization_config"})
     cls = model_class(hf_config)
     with quiet():
-        model = cls._from_config(hf_config, dtype=dtype)
+        # Random init is most of the build time and every weight is overwritten below; if some parameter is
+        # missing from `state_dict`, build again with init so that it is not uninitialised memory.
+        with no_init_weights():
+            model = cls._from_config(hf_config, dtype=dtype)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing:
+            model = cls._from_config(hf_config, dtype=dtype)
+            model.load_state_dict(state_dict, strict=False)
     model.tie_weights()
     model.eval()
     return model
