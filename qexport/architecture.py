@@ -21,16 +21,17 @@ class Architecture:
 
 def build_config(config: dict, config_path: Path | str = "config.json"):
     """A transformers config from a config.json dict; unknown model types are an InputError naming them."""
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig
 
+    if config["model_type"] not in CONFIG_MAPPING:
+        raise InputError(f"{config_path}: model_type {config['model_type']!r} is not known to this transformers")
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
     try:
         return AutoConfig.for_model(config["model_type"], **kwargs)
-    except (ValueError, KeyError) as e:
-        raise InputError(
-            f"{config_path}: model_type {config['model_type']!r} is not known to this transformers "
-            f"({type(e).__name__})"
-        )
+    except Exception as e:  # transformers validates fields with its own error types (e.g. a bool given as 0)
+        message = " ".join(str(e).split())
+        raise InputError(f"{config_path}: transformers rejects this {config['model_type']} config "
+                         f"({type(e).__name__}: {message})")
 
 
 def model_class(hf_config):

@@ -44,6 +44,11 @@ def load_config(folder: Path) -> dict:
         raise InputError(f"{folder / 'config.json'}: config.json is not a JSON object")
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
         raise InputError(f"{folder / 'config.json'}: no model_type key; transformers cannot tell the architecture")
+    architectures = config.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
+        raise InputError(f"{folder / 'config.json'}: architectures {architectures!r} is not a list of class names")
     return config
 
 

@@ -114,8 +114,15 @@ def check_shapes(source: TensorSource, arch: Architecture) -> None:
             )
 
 
+def all_finite(w: torch.Tensor) -> bool:
+    """True for non-floating tensors; float8 has no isfinite kernel, so it is checked through float32."""
+    if not w.is_floating_point():
+        return True
+    return bool(torch.isfinite(w if w.element_size() > 1 else w.float()).all())
+
+
 def nonfinite_tensors(source: TensorSource, names: Iterable[str]) -> set[str]:
-    return {n for n in names if not torch.isfinite(source.read(n)).all()}
+    return {n for n in names if not all_finite(source.read(n))}
 
 
 def plan_format(source: TensorSource, arch: Architecture, fmt: Format, options: ExportOptions,
@@ -206,7 +213,7 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
 
     def encode(tp: TensorPlan):
         w = source.read(tp.source)
-        if not options.allow_nonfinite and w.is_floating_point() and not torch.isfinite(w).all():
+        if not options.allow_nonfinite and not all_finite(w):
             where = getattr(source.entries[tp.source], "file", source.folder)
             raise InputError(
                 f"{where}: tensor {tp.source!r} {list(w.shape)} holds NaN or Inf "

@@ -91,7 +91,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         raise InputError(f"{path}: safetensors header is not JSON ({type(e).__name__}: {e})")
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is allowed, as in the library; [] or "" are not
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise InputError(f"{path}: safetensors __metadata__ is not an object of strings")
     data_len = size - 8 - header_len
@@ -138,7 +139,7 @@ def _entry(path: Path, name: str, info) -> TensorEntry:
     if not isinstance(info, dict):
         raise InputError(f"{path}: tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise InputError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
