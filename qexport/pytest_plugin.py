@@ -249,10 +249,14 @@ def pytest_collection_modifyitems(session, config, items):
         return
     from .verify import CHECK_NAMES
 
+    added = []
     for fmt in gate.formats:
         for check in CHECK_NAMES:
             name = f"qexport[{fmt}]::{check}"
-            items.append(QexportCheckItem.from_parent(session, name=name, nodeid=name, fmt=fmt, check=check))
+            added.append(QexportCheckItem.from_parent(session, name=name, nodeid=name, fmt=fmt, check=check))
+    items.extend(added)
+    # Report them as collected, so that "collected N items" and -k / --deselect counts include them.
+    config.hook.pytest_collectreport(report=pytest.CollectReport("qexport", "passed", None, added))
 
 
 def pytest_unconfigure(config):
