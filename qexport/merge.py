@@ -254,8 +254,9 @@ class LoraMergedSource:
         delta = self.adapter.read(lora.b).float() @ self.adapter.read(lora.a).float()
         if lora.kind != "linear":
             delta = delta.T
-        # The operation order of peft's get_delta_weight and merge, so that equal inputs give equal fp32 sums.
-        merged = w.float() + delta * lora.scale
+        # The operation order of peft's get_delta_weight and merge (W + (B @ A) * scale), so that equal inputs give
+        # equal fp32 sums; in place, to hold one fp32 copy of W at a time.
+        merged = w.to(torch.float32, copy=True).add_(delta.mul_(lora.scale))  # copy: never write into the mmap
         return merged.to(DTYPES[self.entries[name].dtype])
 
     def side_files(self) -> list[Path]:
@@ -347,8 +348,9 @@ class AveragedSource:
             return self.checkpoints[0].read(name)
         total = None
         for ckpt, weight in zip(self.checkpoints, self.weights):
-            term = ckpt.read(name).float() * weight
-            total = term if total is None else total + term
+            # A copy (never write into the memory-mapped input), then in place: at most two fp32 copies at a time.
+            term = ckpt.read(name).to(torch.float32, copy=True).mul_(weight)
+            total = term if total is None else total.add_(term)
         return total.to(dtype)
 
     def side_files(self) -> list[Path]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -29,9 +30,10 @@ LORA_CASES = {
 }
 
 
-def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    """Spacing of bfloat16 numbers at |x| (8 significant bits): 2^(e - 8) for x = m * 2^e, 0.5 <= |m| < 1."""
-    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), torch.frexp(x.float()).exponent - 8)
+def ulp(x: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """Spacing of `dtype` numbers at |x|: 2^(e - p) for x = m * 2^e, 0.5 <= |m| < 1, p significant bits (bf16: 8)."""
+    bits = 1 - int(math.log2(torch.finfo(dtype).eps))  # eps = 2^(1 - p)
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), torch.frexp(x.double()).exponent - bits)
 
 
 def make_adapter(base: Path, out: Path, seed: int = 0, **lora) -> Path:
@@ -69,13 +71,16 @@ def gpt2_src(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory, qwen3_src, gpt2_src):
+def adapters(tmp_path_factory, qwen3_src, gpt2_src, build_model):
     cache = {}
 
     def get(case: str):
         if case not in cache:
             folder = tmp_path_factory.mktemp(f"lora-{case}") / "adapter"
-            if case == "gpt2-conv1d":
+            if case == "fp32-base":
+                base = build_model("qwen3", dtype="float32")
+                cache[case] = (base, make_adapter(base, folder, **LORA_CASES["all-linear"]))
+            elif case == "gpt2-conv1d":
                 cache[case] = (gpt2_src, make_adapter(gpt2_src, folder, r=8, lora_alpha=16,
                                                       target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
             else:
@@ -88,19 +93,21 @@ def adapters(tmp_path_factory, qwen3_src, gpt2_src):
 # --- LoRA against peft -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", [*LORA_CASES, "gpt2-conv1d"])
-def test_lora_merge_equals_peft_fp32_merge_rounded_to_bf16_within_one_ulp(adapters, case):
-    # Both compute bf16(W + scale * B @ A) with the sum in fp32: peft on the base loaded in fp32, rounded at the end.
+@pytest.mark.parametrize("case", [*LORA_CASES, "gpt2-conv1d", "fp32-base"])
+def test_lora_merge_equals_peft_fp32_merge_rounded_to_base_dtype_within_one_ulp(adapters, case):
+    # Both compute W + (B @ A) * scale in fp32 (peft on the base loaded in fp32) and round once to the base dtype.
     # The only possible difference is the fp32 matmul's summation order (a few fp32 ulps of B @ A), which can move
-    # the final rounding by at most one bf16 ulp of the merged value. Measured: 0 (bit-identical) in every case.
+    # the final rounding by at most one ulp (of the base dtype) of the merged value. Measured: 0, bit-identical,
+    # in every case.
     base, adapter = adapters(case)
     ours = open_source(base, lora=adapter)
     reference = peft_merged(base, adapter, torch.float32)
     assert ours.lora, "the adapter must adapt at least one module"
     for name in ours.names:
-        mine, theirs = ours.read(name), reference[name].to(torch.bfloat16)
-        assert mine.dtype == torch.bfloat16
-        assert ((mine.float() - theirs.float()).abs() <= bf16_ulp(mine)).all(), name
+        dtype = ours.base.read(name).dtype
+        mine, theirs = ours.read(name), reference[name].to(dtype)
+        assert mine.dtype == dtype
+        assert ((mine.double() - theirs.double()).abs() <= ulp(mine, dtype)).all(), name
 
 
 @pytest.mark.parametrize("case", ["all-linear", "embedding"])
@@ -112,9 +119,9 @@ def test_lora_merge_equals_peft_bf16_merge_within_peft_double_rounding(adapters,
     ours = open_source(base, lora=adapter)
     reference = peft_merged(base, adapter, torch.bfloat16)
     for name in ours.names:
-        mine, theirs = ours.read(name).float(), reference[name].float()
-        delta = mine - ours.base.read(name).float()
-        bound = (bf16_ulp(mine) + bf16_ulp(theirs) + bf16_ulp(delta)) / 2
+        mine, theirs = ours.read(name).double(), reference[name].double()
+        delta = mine - ours.base.read(name).double()
+        bound = (ulp(mine) + ulp(theirs) + ulp(delta)) / 2
         assert ((mine - theirs).abs() <= bound).all(), name
 
 
@@ -177,16 +184,17 @@ def test_merged_folder_manifest_records_the_merge_inputs_with_sha256(merged_lora
 # --- averaging ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seeds,weights", [((0, 1), None), ((0, 1, 2), [1.0, 2.0, 3.0])])
-def test_average_equals_normalised_weighted_sum_computed_in_torch(build_model, seeds, weights):
-    folders = [build_model("qwen3", seed=s) for s in seeds]
+@pytest.mark.parametrize("seeds,weights,dtype", [((0, 1), None, "bfloat16"), ((0, 1, 2), [1.0, 2.0, 3.0], "bfloat16"),
+                                                ((0, 1), [1.0, 3.0], "float32")])
+def test_average_equals_normalised_weighted_sum_computed_in_torch(build_model, seeds, weights, dtype):
+    folders = [build_model("qwen3", dtype=dtype, seed=s) for s in seeds]
     source = open_source(models=folders, weights=weights)
     given = weights or [1.0] * len(folders)
     norm = [w / sum(given) for w in given]
     state_dicts = [load_file(f / "model.safetensors") for f in folders]
     for name in source.names:
         # The same fp32 sum in the same order, rounded once to bf16: bit-identical by construction of the definition.
-        expected = sum(w * sd[name].float() for w, sd in zip(norm, state_dicts)).to(torch.bfloat16)
+        expected = sum(w * sd[name].float() for w, sd in zip(norm, state_dicts)).to(getattr(torch, dtype))
         assert torch.equal(source.read(name), expected), name
 
 
