@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -203,7 +203,7 @@ def output_config(config: dict, fmt: Format, ignore: list[str]) -> dict:
 
 
 def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: ExportOptions,
-                 source_files: list[dict], nonfinite: set[str]) -> dict:
+                 source_files: list[dict] | Future, nonfinite: set[str]) -> dict:
     """Write one complete export folder; returns its manifest."""
     from tqdm import tqdm
 
@@ -276,6 +276,7 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
             files.append(_file_record(target, folder))
 
     # The card is computed from the manifest's facts and listed in it (it cannot hold its own size or sha).
+    source_files = source_files.result() if isinstance(source_files, Future) else source_files
     draft = build_manifest(source, plan, options, source_files, files, tensors_info)
     files.append(write_card(folder, draft, source_readme=source_readme))
     manifest = build_manifest(source, plan, options, source_files, files, tensors_info)
@@ -408,7 +409,10 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     created = [d for d in (out, *out.parents) if not d.exists()]  # folders this export creates, deepest first
     clean_stale(out)
     out.mkdir(parents=True, exist_ok=True)
-    source_files = source.source_files()
+    # Hashing the source is a full read of it: done on a thread (hashlib releases the GIL) while tensors encode.
+    hasher = ThreadPoolExecutor(max_workers=1)
+    source_files = hasher.submit(source.source_files)
+    hasher.shutdown(wait=False)
     tmp_dirs = {p.fmt.name: out / f".{p.fmt.name}{TMP_MARK}{os.getpid()}" for p in plans}
     manifests = {}
     try:
