@@ -229,8 +229,11 @@ def _dense_description(manifest: dict, config: dict) -> list[str]:
         for module in manifest.get("ignore", []):
             if f"{module}.weight" in manifest.get("dense_linears", {}):
                 continue
-            if module == "lm_head" and "lm_head.weight" not in tensors and config.get("tie_word_embeddings"):
+            present = f"{module}.weight" in tensors
+            if module == "lm_head" and not present and config.get("tie_word_embeddings") and _is_causal_lm(config):
                 lines.append(f"  - `{module}`: tied to the input embedding (stored once, dense); {LM_HEAD_WHY}")
+            elif not present:
+                continue  # an ignore pattern this model has no module for (lm_head of an encoder)
             elif module == "lm_head":
                 lines.append(f"  - `{module}`: {LM_HEAD_WHY}")
             else:
@@ -323,9 +326,11 @@ def _loading_section(manifest: dict, config: dict) -> list[str]:
     lines = ["## How to load", "", f"Needs `{'`, `'.join(needed_packages(config))}` and torch:", "",
              "```bash", f"pip install {packages} torch", "```", "",
              "```python", loading_snippet(config, names).rstrip("\n"), "```", ""]
-    if _is_quantized(manifest):
+    if _is_quantized(manifest) and _is_causal_lm(config):
         lines.append(f"vLLM loads the same folder: the compressed-tensors layout is its native format for "
                      f"{manifest['parameters']['scheme']} (`vllm serve {PATH_PLACEHOLDER}`).")
+    elif _is_quantized(manifest):
+        lines.append("vLLM reads the same compressed-tensors layout for the encoder architectures it supports.")
     else:
         lines.append(f"vLLM loads the same folder as a plain checkpoint (`vllm serve {PATH_PLACEHOLDER}`).")
     return lines + [""]

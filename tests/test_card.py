@@ -145,6 +145,27 @@ def test_card_of_tied_model_says_lm_head_is_tied(export_model, qwen3_tied_src):
     assert "`lm_head`: tied to the input embedding" in card_of(out / "int4")
 
 
+@pytest.fixture(scope="module")
+def minilm_int4(export_model, minilm_src):
+    out, _ = export_model(minilm_src, formats=("int4",))
+    return out / "int4"
+
+
+def test_encoder_card_does_not_mention_absent_lm_head(minilm_int4):
+    card = card_of(minilm_int4)
+    assert "lm_head" not in card[:card.index("## Size")]
+    assert front_matter(card)["pipeline_tag"] == "sentence-similarity"  # carried over from the source's card
+
+
+def test_encoder_card_snippet_embeds_a_sentence(minilm_int4):
+    code = python_block(card_of(minilm_int4))
+    assert "AutoModel.from_pretrained" in code
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        exec(compile(code.replace(PATH_PLACEHOLDER, str(minilm_int4)), "README.md", "exec"), {})
+    assert stdout.getvalue().strip() == "torch.Size([1, 384])"  # one sentence, MiniLM's hidden size
+
+
 def test_card_embeds_source_readme_under_heading(qwen3_src, tmp_path):
     src = Path(shutil.copytree(qwen3_src, tmp_path / "src"))
     (src / "README.md").write_text(SOURCE_README)
