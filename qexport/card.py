@@ -356,8 +356,10 @@ def render_card(manifest: dict, config: dict, source_readme: str | None = None,
     if _is_quantized(manifest):
         lines.append(_quantized_description(manifest, config))
     lines += _dense_description(manifest, config)
-    lines += ["", "Which tensors are `nn.Linear` weights was read from the model's structure (instantiated "
-              "without memory on the `meta` device), not guessed from names.", ""]
+    if _is_quantized(manifest):
+        lines += ["", "Which tensors are `nn.Linear` weights was read from the model's structure (instantiated "
+                  "without memory on the `meta` device), not guessed from names."]
+    lines.append("")
     lines += _size_section(manifest)
     lines += _verification_section(verification)
     lines += _loading_section(manifest, config)
