@@ -185,8 +185,9 @@ class Gate:
         self._tmp: Path | None = None
         self._results: dict[str, object] = {}
 
-    def result(self, fmt: str):
-        """The Verification of `fmt` (or the exception that prevented it), computed on first use."""
+    def result(self, fmt: str, checks: list[str] | None = None):
+        """The Verification of `fmt` (or the exception that prevented it), computed on first use for `checks`
+        (the items selected in this session, so `-k functional` does not run every check)."""
         if fmt not in self._results:
             try:
                 from .export import ExportOptions, export_folder
@@ -196,7 +197,7 @@ class Gate:
                     self._tmp = Path(tempfile.mkdtemp(prefix="qexport-gate-"))
                 out = self._tmp / fmt
                 export_folder(self.model, out, ExportOptions(formats=(fmt,), progress=False))
-                self._results[fmt] = verify(out / fmt, self.model, self.overrides)
+                self._results[fmt] = verify(out / fmt, self.model, self.overrides, only=checks)
             except Exception as e:  # InputError and anything else: every item of this format reports it
                 self._results[fmt] = e
         return self._results[fmt]
@@ -218,7 +219,8 @@ class QexportCheckItem(pytest.Item):
     def runtest(self):
         from .verify import Verification
 
-        result = self.config.stash[_GATE].result(self.fmt)
+        wanted = [i.check for i in self.session.items if isinstance(i, QexportCheckItem) and i.fmt == self.fmt]
+        result = self.config.stash[_GATE].result(self.fmt, wanted)
         if not isinstance(result, Verification):
             raise CheckFailed(f"export or verification of {self.fmt} failed: {type(result).__name__}: {result}")
         check = next(c for c in result.checks if c.name == self.check)

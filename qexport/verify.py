@@ -149,6 +149,16 @@ class Context:
             _REFERENCE_OUTPUTS[key] = self.outputs(model)
         return _REFERENCE_OUTPUTS[key]
 
+    def reload(self) -> None:
+        """Load the export through transformers once (sets `loaded` or `load_error`)."""
+        from .functional import load_model
+
+        if self.loaded is None and self.load_error is None:
+            try:
+                self.loaded = load_model(self.export)
+            except Exception as e:
+                self.load_error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
     def dequantized_model(self):
         from .dequant import dequantized_state_dict
         from .functional import model_from_state_dict
@@ -685,13 +695,9 @@ def check_tokenizer(ctx: Context) -> CheckResult:
 
 def check_reload(ctx: Context) -> CheckResult:
     """transformers loads the export with empty missing / unexpected / mismatched key lists."""
-    from .functional import load_model
-
     name = "reload"
-    try:
-        ctx.loaded = load_model(ctx.export)
-    except Exception as e:
-        ctx.load_error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    ctx.reload()
+    if ctx.loaded is None:
         return _fail(name, f"transformers cannot load it: {ctx.load_error}", reload_ok=False)
     info = ctx.loaded[1]
     nonempty = {k: v for k, v in info.items() if v}
@@ -705,6 +711,7 @@ def check_reload(ctx: Context) -> CheckResult:
 def check_reload_matches_dequant(ctx: Context) -> CheckResult:
     """transformers' decompression and qexport's own reading of the files give the same outputs."""
     name = "reload_matches_dequant"
+    ctx.reload()
     if ctx.loaded is None or ctx.ckpt is None:
         return _skip(name, "needs a reloaded model and readable shards")
     loaded = ctx.outputs(ctx.loaded[0])
@@ -723,6 +730,7 @@ def check_functional(ctx: Context) -> CheckResult:
     from .functional import compare
 
     name = "functional"
+    ctx.reload()
     if ctx.loaded is not None:
         model, source = ctx.loaded[0], "reloaded model"
     elif ctx.ckpt is not None:
