@@ -29,6 +29,7 @@ from .card import CARD_FILE, base_model_id, write_card
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from .errors import InputError
 from .formats import Format, get_format
+from .formats.base import nonfinite_error
 from .safetensors_io import StreamWriter, file_bytes, nbytes, sha256_file
 
 log = logging.getLogger("qexport")
@@ -213,13 +214,15 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
 
     def encode(tp: TensorPlan):
         w = source.read(tp.source)
-        if not options.allow_nonfinite and not all_finite(w):
-            where = getattr(source.entries[tp.source], "file", source.folder)
-            raise InputError(
-                f"{where}: tensor {tp.source!r} {list(w.shape)} holds NaN or Inf "
-                f"(use --allow-nonfinite to keep it dense)"
-            )
-        return tp, fmt.encode(tp.source, w, tp.quantize)
+        encoded = fmt.encode(tp.source, w, tp.quantize)
+        # NaN / Inf in the source, or values beyond fp16, surface in the stored floats (for a quantized weight
+        # in its scales, which hold each group's absmax): checking those costs little next to checking the source.
+        if not all(all_finite(t) for t in encoded.values()):
+            error = nonfinite_error(tp.source, w, options.allow_nonfinite,
+                                    getattr(source.entries[tp.source], "file", source.folder))
+            if error is not None:
+                raise error
+        return tp, encoded
 
     files = []
     writers: dict[int, StreamWriter] = {}

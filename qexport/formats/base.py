@@ -19,16 +19,29 @@ FP16_MAX = torch.finfo(torch.float16).max
 
 
 def to_fp16(name: str, w: torch.Tensor) -> torch.Tensor:
-    """Cast a floating tensor to fp16, refusing finite values that fp16 cannot hold (they would become inf)."""
-    w16 = w.to(torch.float16)
-    if torch.isinf(w16).any():
-        overflow = torch.isinf(w16) & torch.isfinite(w)
-        if overflow.any():
-            peak = w[overflow].abs().max().item()
-            raise InputError(
-                f"tensor {name!r} {list(w.shape)} {w.dtype}: value {peak:.6g} overflows fp16 (max {FP16_MAX:.0f})"
-            )
-    return w16
+    """Cast a floating tensor to fp16. Values fp16 cannot hold become inf: the pipeline finds them in the
+    stored tensors (a non-finite scale or dense value) and `nonfinite_error` says which it was."""
+    return w.to(torch.float16)
+
+
+def nonfinite_error(name: str, w: torch.Tensor, allow_nonfinite: bool, where: object = None) -> InputError | None:
+    """Why a source tensor whose stored form is not finite cannot be exported, or None if that is allowed.
+
+    Finite values above fp16's range are always refused (they would silently become inf); NaN / Inf that the
+    source already holds are refused unless `allow_nonfinite`.
+    """
+    prefix = f"{where}: " if where else ""
+    wide = w if w.element_size() > 1 else w.float()  # float8 has no isfinite kernel
+    finite = torch.isfinite(wide)
+    overflow = finite & (wide.abs() > FP16_MAX)
+    if overflow.any():
+        peak = wide[overflow].abs().max().item()
+        return InputError(f"{prefix}tensor {name!r} {list(w.shape)} {w.dtype}: value {peak:.6g} overflows fp16 "
+                          f"(max {FP16_MAX:.0f})")
+    if not allow_nonfinite and not finite.all():
+        return InputError(f"{prefix}tensor {name!r} {list(w.shape)} holds NaN or Inf "
+                          f"(use --allow-nonfinite to keep it dense)")
+    return None
 
 
 def dense(name: str, w: torch.Tensor) -> torch.Tensor:
