@@ -63,7 +63,6 @@ def minilm_exports(minilm_src, export_model):
     return export_model(minilm_src, formats=("int8", "int4"))[0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_minilm_sentence_embedding_cosine(qexport_report, minilm_src, minilm_exports, fmt):
     ctx, reload, result, matches = functional(minilm_exports / fmt, minilm_src)

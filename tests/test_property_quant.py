@@ -18,7 +18,7 @@ import shutil
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -79,6 +79,17 @@ def step_error(w16, scales, q) -> float:
 @pytest.mark.parametrize("num_bits", [4, 8])
 @given(data=st.data())
 def test_element_error_is_within_half_a_step_plus_fp16_slack(num_bits, data):
+    w, group = data.draw(weights(num_bits))
+    w16, scales, q = encode(w, num_bits, group)
+    assert step_error(w16, scales, q) <= STEP_BOUND[num_bits]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_bits", [4, 8])
+@settings(max_examples=1500)
+@given(data=st.data())
+def test_element_error_bound_holds_over_many_examples(num_bits, data):
+    # The same law as above with 25x the CI examples, whatever the active profile (the slow tier's deep pass).
     w, group = data.draw(weights(num_bits))
     w16, scales, q = encode(w, num_bits, group)
     assert step_error(w16, scales, q) <= STEP_BOUND[num_bits]

@@ -11,6 +11,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from qexport import quant
@@ -328,3 +329,63 @@ def test_baseline_of_another_format_exits_2(capsys, tmp_path, qwen3_src, qwen3_o
     assert code == 2
     assert "int4" in out
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other tools' layouts: verify is not limited to what qexport writes
+
+
+def foreign_export(tmp_path, good, reference, fmt: str, num_bits: int, group_size: int | None):
+    """Re-encode the quantized Linears of a good export in another compressed-tensors layout, packing with
+    compressed-tensors' own `pack_to_int32` (an independent implementation), without a qexport manifest."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    folder = broken_copy(tmp_path, good)
+    path = folder / "model.safetensors"
+    stored = load_file(path)
+    source = load_file(reference / "model.safetensors")
+    out = {}
+    for name, t in stored.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf in ("weight_packed", "weight_shape", "weight_scale") or (leaf == "weight" and f"{module}.weight_scale"
+                                                                        in stored):
+            if leaf != "weight_scale":
+                continue
+            w = source[f"{module}.weight"].to(torch.float16)
+            scales = quant.compute_scales(w, num_bits, group_size)
+            q = quant.quantize(w, scales, num_bits, group_size)
+            if fmt == "pack-quantized":
+                out[f"{module}.weight_packed"] = pack_to_int32(q, num_bits)
+                out[f"{module}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+            else:
+                out[f"{module}.weight"] = q
+            out[f"{module}.weight_scale"] = scales
+        else:
+            out[name] = t
+    save_file(out, path, metadata={"format": "pt"})
+    weights = {"num_bits": num_bits, "type": "int", "symmetric": True, "dynamic": False,
+               "strategy": "group" if group_size else "channel"}
+    if group_size:
+        weights["group_size"] = group_size
+
+    def reconfigure(c):
+        qc = c["quantization_config"]
+        qc["format"] = fmt
+        qc["config_groups"]["group_0"].update(format=fmt, weights=weights)
+
+    edit_json(folder / "config.json", reconfigure)
+    return folder
+
+
+@pytest.mark.parametrize("fmt,num_bits,group_size", [
+    ("int-quantized", 8, None),
+    ("naive-quantized", 8, 128),
+    ("pack-quantized", 8, None),
+    ("pack-quantized", 4, 64),
+])
+def test_other_tools_layouts_pass(capsys, tmp_path, qwen3_src, qwen3_out, fmt, num_bits, group_size):
+    good = qwen3_out / ("int4" if num_bits == 4 else "int8")
+    export = foreign_export(tmp_path, good, qwen3_src, fmt, num_bits, group_size)
+    code, out = run(capsys, export, "--reference", qwen3_src)
+    assert code == 0, out
+    assert "skipped  manifest" in out
