@@ -60,6 +60,8 @@ def summary_frame(rows: list[dict]):
 
 
 def _fmt(value) -> str:
+    if hasattr(value, "item"):  # numpy / pandas scalars
+        value = value.item()
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, bool):
@@ -74,9 +76,8 @@ def _fmt(value) -> str:
 def summary_html(rows: list[dict], title: str = "qexport summary") -> str:
     if not rows:
         return ""
-    frame = summary_frame(rows)
-    table = frame.to_html(index=False, classes="qexport", border=0, na_rep="-", formatters={
-        c: _fmt for c in frame.columns})
+    frame = summary_frame(rows).astype(object)
+    table = frame.map(_fmt).to_html(index=False, classes="qexport", border=0)
     return f"<style>{STYLE}</style><h2>{html.escape(title)}</h2>{table}"
 
 

@@ -69,6 +69,11 @@ def test_minilm_sentence_embedding_cosine(qexport_report, minilm_src, minilm_exp
     cosine = result.metrics["cosine"]
     qexport_report.metrics(cosine_mean=cosine, cosine_min=result.metrics["cosine_min"],
                            floor=MINILM_COSINE_FLOOR[fmt], sentences=int(ctx.inputs()["input_ids"].shape[0]))
-    qexport_report.row("all-MiniLM-L6-v2", fmt, cosine=cosine, reload_ok=reload.passed)
+    sizes, weights = V.check_bytes(ctx).metrics, V.check_weights(ctx).metrics
+    qexport_report.row("all-MiniLM-L6-v2", fmt, cosine=cosine, reload_ok=reload.passed,
+                       **{k: sizes[k] for k in ("weight_bytes", "file_ratio", "quantized_ratio",
+                                                "bits_per_quantized_weight")},
+                       sqnr_min_db=weights["sqnr_min_db"], sqnr_median_db=weights["sqnr_median_db"],
+                       sqnr_values=list(weights["per_tensor_sqnr_db"].values()))
     assert reload.passed and matches.passed
     assert cosine >= MINILM_COSINE_FLOOR[fmt]

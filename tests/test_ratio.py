@@ -35,9 +35,11 @@ def test_stored_bytes_equal_predicted_bytes_per_tensor(exports, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
-def test_stored_bytes_equal_predicted_bytes_per_file(exports, fmt):
+def test_stored_bytes_equal_predicted_bytes_per_file(qexport_report, exports, fmt):
     out, manifests = exports
     shards = [f for f in manifests[fmt]["files"] if f["name"].endswith(".safetensors")]
+    qexport_report.row("qwen3 (tiny, random)", fmt, weight_bytes=sum(f["bytes"] for f in shards),
+                       file_ratio=manifests[fmt]["summary"]["ratio_vs_fp16"])
     assert shards
     for record in shards:
         assert (out / fmt / record["name"]).stat().st_size == record["predicted_bytes"] == record["bytes"]
