@@ -26,16 +26,21 @@ def _add_export(sub):
     p.add_argument("--formats", nargs="+", default=["fp16", "int8", "int4"], metavar="FMT",
                    help="formats to write (default: fp16 int8 int4)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
-    p.add_argument("--max-shard-size", default="5GB", help="shard size like transformers: 5GB, 500MB (default 5GB)")
     p.add_argument("--workers", type=int, default=1, help="threads encoding tensors (output is identical for any N)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing OUT/<format> folders")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep Linear weights holding NaN/Inf dense instead of refusing the export")
+    _add_writing_options(p, overwrite_help="replace existing OUT/<format> folders")
+    p.set_defaults(run=_run_export)
+
+
+def _add_writing_options(p, overwrite_help: str) -> None:
+    """Options shared by every command that writes model folders."""
+    p.add_argument("--max-shard-size", default="5GB", help="shard size like transformers: 5GB, 500MB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", action="store_true", default=None,
                      help="always show the progress bar (default: only when stderr is a terminal)")
     bar.add_argument("--quiet", dest="progress", action="store_false", help="never show the progress bar")
-    p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
@@ -79,12 +84,7 @@ def _add_merge(sub):
                                    "To merge and quantize in one pass, give the same options to `qexport export`.")
     p.add_argument("--out", required=True, metavar="OUT", help="output model folder")
     _add_merge_inputs(p, base_option=True)
-    p.add_argument("--max-shard-size", default="5GB", help="shard size like transformers: 5GB, 500MB (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", action="store_true", default=None,
-                     help="always show the progress bar (default: only when stderr is a terminal)")
-    bar.add_argument("--quiet", dest="progress", action="store_false", help="never show the progress bar")
+    _add_writing_options(p, overwrite_help="replace an existing OUT folder")
     p.set_defaults(run=_run_merge)
 
 
