@@ -89,7 +89,9 @@ class Context:
         if not self.export.is_dir():
             raise InputError(f"{self.export}: export is not a folder")
         if not (self.export / "config.json").exists() and not any(self.export.glob("*.safetensors")):
-            raise InputError(f"{self.export}: not a model folder (no config.json and no *.safetensors)")
+            formats = sorted(p.name for p in self.export.iterdir() if (p / "config.json").is_file())
+            hint = f"; verify one format folder: {', '.join(str(self.export / f) for f in formats)}" if formats else ""
+            raise InputError(f"{self.export}: not a model folder (no config.json and no *.safetensors){hint}")
         self.reference = Checkpoint.open(reference_dir)
         if "quantization_config" in self.reference.config:
             raise InputError(f"{self.reference.folder / 'config.json'}: --reference is itself quantized; "

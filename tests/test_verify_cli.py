@@ -89,6 +89,12 @@ def test_export_path_that_is_not_a_folder_exits_2(capsys, tmp_path, qwen3_src):
     assert "export is not a folder" in out and "Traceback" not in out
 
 
+def test_export_root_instead_of_a_format_folder_exits_2_naming_the_format_folders(capsys, qwen3_src, qwen3_out):
+    code, out = run(capsys, qwen3_out, "--reference", qwen3_src)
+    assert code == 2
+    assert str(qwen3_out / "int4") in out
+
+
 def test_reference_that_is_not_a_model_exits_2(capsys, tmp_path, qwen3_out):
     code, out = run(capsys, qwen3_out / "int8", "--reference", tmp_path)
     assert code == 2
