@@ -137,6 +137,8 @@ def _add_verify(sub):
     p.add_argument("--save-baseline", metavar="B.json", help="write this run's metrics as a baseline")
     p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                    help="override a threshold, e.g. max_kld_mean=0.05 or min_top1=none (repeatable)")
+    p.add_argument("--write-card", action="store_true",
+                   help="record the results in EXPORT's README.md model card and qexport.json (qexport exports)")
     p.set_defaults(run=_run_verify)
 
 
@@ -144,7 +146,7 @@ def _run_verify(args) -> int:
     from .errors import VerificationFailed
     from .html_report import to_json, verification_html, write_text
     from .thresholds import parse_overrides
-    from .verify import check_baseline, load_baseline, verify
+    from .verify import check_baseline, load_baseline, record_in_card, verify
 
     overrides = parse_overrides(args.threshold)
     baseline = load_baseline(args.baseline) if args.baseline else None
@@ -160,6 +162,8 @@ def _run_verify(args) -> int:
         write_text(args.report, verification_html(data))
     if args.save_baseline:
         write_text(args.save_baseline, to_json({"format": result.format, "metrics": result.metrics}))
+    if args.write_card:
+        record_in_card(result)
     failures = result.failures
     if failures:
         raise VerificationFailed(f"{len(failures)} check(s) failed: "

@@ -832,6 +832,18 @@ def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresh
     return Verification(ctx.export, ctx.reference.folder, ctx.format, ctx.thresholds, results)
 
 
+def record_in_card(result: Verification) -> None:
+    """Write the checks into the export's README.md model card and qexport.json (folders qexport wrote)."""
+    from .card import update_card_verification, verification_result
+    from .errors import InputError
+
+    if not (result.export / "qexport.json").is_file():
+        raise InputError(f"--write-card: {result.export} has no qexport.json (only qexport exports carry a card)")
+    checks = [{"name": c.name, "value": c.detail, "passed": None if c.skipped else c.passed} for c in result.checks]
+    update_card_verification(result.export, verification_result("qexport verify", checks,
+                                                                reference=str(result.reference)))
+
+
 def run_checks(export_dir: str | Path, reference_dir: str | Path,
                thresholds: Thresholds | dict | None = None) -> list[CheckResult]:
     return verify(export_dir, reference_dir, thresholds).checks

@@ -395,3 +395,21 @@ def test_other_tools_layouts_pass(capsys, tmp_path, qwen3_src, qwen3_out, fmt, n
     code, out = run(capsys, export, "--reference", qwen3_src)
     assert code == 0, out
     assert "skipped  manifest" in out
+
+
+def test_write_card_records_the_checks_and_a_second_verify_still_passes(capsys, tmp_path, qwen3_src, qwen3_out):
+    folder = tmp_path / "int8"
+    shutil.copytree(qwen3_out / "int8", folder)
+    code, _ = run(capsys, folder, "--reference", qwen3_src, "--write-card")
+    assert code == 0
+    manifest = json.loads((folder / "qexport.json").read_text())
+    assert manifest["verification"]["tool"] == "qexport verify" and manifest["verification"]["passed"] is True
+    assert "reload_matches_dequant" in (folder / "README.md").read_text()
+    code, output = run(capsys, folder, "--reference", qwen3_src)  # the rewritten card is accounted in the manifest
+    assert code == 0, output
+
+
+def test_write_card_on_a_folder_without_manifest_exits_2(capsys, tmp_path, qwen3_src, qwen3_out):
+    folder = broken_copy(tmp_path, qwen3_out / "int8")
+    code, output = run(capsys, folder, "--reference", qwen3_src, "--write-card")
+    assert code == 2 and "--write-card" in output
