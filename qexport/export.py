@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -173,11 +174,25 @@ def _assign_shards(plans: list[TensorPlan], max_shard_size: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+def in_background(fn: Callable) -> Future:
+    """Run fn on a daemon thread: an export that stops on bad input does not wait for it to finish."""
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # handed to whoever asks for the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="qexport-background").start()
+    return future
+
+
 def ordered_map(fn: Callable, items: list, workers: int):
-    """Yield fn(item) in order, computing up to `workers` items ahead (bounded memory)."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
+    """Yield fn(item) in order, computing up to `workers` items ahead on worker threads (bounded memory).
+
+    The caller consumes results on its own thread, so with one worker encoding still overlaps writing.
+    """
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
         it = iter(items)
@@ -399,6 +414,9 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
         raise InputError(f"--workers: {options.workers} must be at least 1")
     if "quantization_config" in source.config:
         raise InputError(f"{source.folder / 'config.json'}: source is already quantized (has quantization_config)")
+    # Hashing the source is a full read of it: it runs on a second core (hashlib releases the GIL) while the
+    # architecture's modules import and tensors encode.
+    source_files = in_background(source.source_files)
     arch = inspect_architecture(source.config, source.folder / "config.json")
     check_shapes(source, arch)
     check_destination(out, [f.name for f in formats], options.overwrite)
@@ -415,10 +433,6 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     created = [d for d in (out, *out.parents) if not d.exists()]  # folders this export creates, deepest first
     clean_stale(out)
     out.mkdir(parents=True, exist_ok=True)
-    # Hashing the source is a full read of it: done on a thread (hashlib releases the GIL) while tensors encode.
-    hasher = ThreadPoolExecutor(max_workers=1)
-    source_files = hasher.submit(source.source_files)
-    hasher.shutdown(wait=False)
     tmp_dirs = {p.fmt.name: out / f".{p.fmt.name}{TMP_MARK}{os.getpid()}" for p in plans}
     manifests = {}
     try:
