@@ -44,6 +44,9 @@ def _add_writing_options(p, overwrite_help: str) -> None:
 
 
 def _run_export(args) -> int:
+    from .malloc import keep_freed_memory
+
+    keep_freed_memory()
     from .export import ExportOptions, export
     from .merge import open_source
     from .report import print_export_summary
@@ -89,6 +92,9 @@ def _add_merge(sub):
 
 
 def _run_merge(args) -> int:
+    from .malloc import keep_freed_memory
+
+    keep_freed_memory()
     from .errors import InputError
     from .merge import merge_folder, open_source
     from .sizes import parse_size
