@@ -22,7 +22,7 @@ import json
 import re
 from pathlib import Path
 
-from .report import human_bytes
+from .report import format_value, human_bytes
 
 CARD_FILE = "README.md"
 MANIFEST_FILE = "qexport.json"
@@ -127,15 +127,7 @@ def _source_front_matter(text: str | None) -> dict:
 
 
 def _num(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return format_value(value, missing="–")
 
 
 def _ratio(value) -> str:

@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from .report import format_value
+
 # Columns of the summary table, in order, with their headings. Rows may carry any subset.
 SUMMARY_COLUMNS = {
     "model": "model",
@@ -60,17 +62,7 @@ def summary_frame(rows: list[dict]):
 
 
 def _fmt(value) -> str:
-    if hasattr(value, "item"):  # numpy / pandas scalars
-        value = value.item()
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return format_value(value, false="NO")
 
 
 def summary_html(rows: list[dict], title: str = "qexport summary") -> str:

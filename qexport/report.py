@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -16,15 +18,22 @@ def table(rows: list[dict]) -> str:
     if not rows:
         return ""
     headers = list(rows[0])
-    cells = [[_cell(r[h]) for h in headers] for r in rows]
+    cells = [[format_value(r[h]) for h in headers] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
-def _cell(value) -> str:
-    if value is None:
-        return "-"
+def format_value(value, missing: str = "-", false: str = "no") -> str:
+    """How a number reads in every table qexport prints (terminal, model card, HTML report)."""
+    if hasattr(value, "item"):  # numpy / pandas / torch scalars
+        value = value.item()
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    if isinstance(value, bool):
+        return "yes" if value else false
+    if isinstance(value, int):
+        return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
