@@ -231,6 +231,52 @@ def bench_size(size: str, rounds: int, peer: Path | None, scratch: Path) -> list
     return rows
 
 
+PHASES_SCRIPT = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from qexport.malloc import keep_freed_memory
+keep_freed_memory()
+import torch
+t1 = time.perf_counter()
+import qexport.export as E
+from qexport.architecture import inspect_architecture
+from qexport.checkpoint import Checkpoint
+source = Checkpoint.open(sys.argv[1])
+t2 = time.perf_counter()
+inspect_architecture(source.config)
+t3 = time.perf_counter()
+hashed = time.perf_counter(); source.source_files(); hashed = time.perf_counter() - hashed
+source.source_files = lambda: []  # measured above on its own; the export hashes on a second core
+stats = {"read": 0.0, "encode": 0.0}
+read, fmt_cls = Checkpoint.read, None
+def timed_read(self, name):
+    t = time.perf_counter(); r = read(self, name); stats["read"] += time.perf_counter() - t; return r
+Checkpoint.read = timed_read
+from qexport.formats import REGISTRY
+encode = REGISTRY[sys.argv[3]].encode
+def timed_encode(self, *a):
+    t = time.perf_counter(); r = encode(self, *a); stats["encode"] += time.perf_counter() - t; return r
+REGISTRY[sys.argv[3]].encode = timed_encode
+t4 = time.perf_counter()
+E.export(source, sys.argv[2], E.ExportOptions(formats=(sys.argv[3],), overwrite=True, progress=False, workers=1))
+t5 = time.perf_counter()
+print(json.dumps({"import torch + qexport": t1 - t0, "read headers": t2 - t1,
+                  "import the architecture (transformers modeling) + meta model": t3 - t2,
+                  "export after imports (read, encode, write, hash output, card, manifest)": t5 - t4,
+                  "  of which: read tensors (positioned reads)": stats["read"],
+                  "  of which: encode (fp16 cast, scales, quantize, pack)": stats["encode"],
+                  "hash the source (sha256; overlaps the imports on a second core in a real run)": hashed}))
+"""
+
+
+def phases(src: Path, fmt: str, scratch: Path) -> list[dict]:
+    """Where one export's wall time goes, phase by phase (imports warm the same way as a real run)."""
+    out = subprocess.run([sys.executable, "-c", PHASES_SCRIPT, str(src), str(scratch / "phases"), fmt],
+                         capture_output=True, text=True, check=True).stdout
+    shutil.rmtree(scratch / "phases", ignore_errors=True)
+    return [{"phase": k, "seconds": round(v, 2)} for k, v in json.loads(out.splitlines()[-1]).items()]
+
+
 def versions(peer: Path | None) -> str:
     import compressed_tensors
     import safetensors
@@ -268,10 +314,15 @@ def main() -> int:
     rows = []
     for size in args.sizes:
         rows += bench_size(size, args.rounds, peer, scratch)
+    profile = ""
+    if "1b" in args.sizes:
+        for fmt in ("int4", "int8"):
+            profile += f"\nPhases of one `qexport export --formats {fmt}` of the 1b checkpoint (one worker):\n\n"
+            profile += table(phases(make_checkpoint("1b"), fmt, scratch)) + "\n"
     help_walls = [run_measured([str(ROOT / ".venv" / "bin" / "qexport"), "--help"])["wall"] for _ in range(5)]
     startup = f"- `qexport --help` start-up: median {statistics.median(help_walls):.3f} s over 5 runs\n"
     text = (f"# Export benchmark\n\n{versions(peer)}\n{startup}- {args.rounds} rounds, alternating tools within each round; "
-            f"whole processes (imports included); wall median and min-max\n\n{table(rows)}\n")
+            f"whole processes (imports included); wall median and min-max\n\n{table(rows)}\n{profile}")
     print(text)
     Path(args.results).write_text(text)
     return 0
