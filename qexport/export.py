@@ -222,8 +222,8 @@ def output_config(config: dict, fmt: Format, ignore: list[str]) -> dict:
 
 
 def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: ExportOptions,
-                 source_files: list[dict] | Future, nonfinite: set[str]) -> dict:
-    """Write one complete export folder; returns its manifest."""
+                 source_files: Future) -> dict:
+    """Write one complete export folder; returns its manifest. `source_files` is being hashed in the background."""
     from tqdm import tqdm
 
     folder.mkdir(parents=True)
@@ -297,10 +297,10 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
             files.append(_file_record(target, folder))
 
     # The card is computed from the manifest's facts and listed in it (it cannot hold its own size or sha).
-    source_files = source_files.result() if isinstance(source_files, Future) else source_files
-    draft = build_manifest(source, plan, options, source_files, files, tensors_info)
+    hashed_sources = source_files.result()
+    draft = build_manifest(source, plan, options, hashed_sources, files, tensors_info)
     files.append(write_card(folder, draft, source_readme=source_readme))
-    manifest = build_manifest(source, plan, options, source_files, files, tensors_info)
+    manifest = build_manifest(source, plan, options, hashed_sources, files, tensors_info)
     _write_text(folder / "qexport.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -437,8 +437,7 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     manifests = {}
     try:
         for plan in plans:
-            manifests[plan.fmt.name] = write_format(source, plan, tmp_dirs[plan.fmt.name], options, source_files,
-                                                    nonfinite)
+            manifests[plan.fmt.name] = write_format(source, plan, tmp_dirs[plan.fmt.name], options, source_files)
         for name, tmp in tmp_dirs.items():
             _replace_dir(tmp, out / name)
     except BaseException:
