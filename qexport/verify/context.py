@@ -1,0 +1,252 @@
+"""What every verify check sees: the export and reference folders opened once, and the result type.
+
+Each check (in the sibling modules) is a function `check_xxx(ctx) -> CheckResult`; `run_checks(export, reference, thresholds)` runs them
+all in order. They read any compressed-tensors integer layout (naive-, int-, pack-quantized; 4 or 8 bits; per
+channel, group or tensor) or a dense folder, written by qexport or another tool. Nothing here trusts qexport's
+own manifest more than the files: the manifest is one more thing to check when it exists.
+
+Bad input (the EXPORT path is not a model folder, the reference cannot be read) raises InputError (exit 2);
+anything wrong inside the export is a failed check (exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import INDEX_FILE, Checkpoint, weight_files
+from ..errors import InputError
+from ..safetensors_io import read_header
+from ..thresholds import Thresholds, thresholds_for
+
+MANIFEST = "qexport.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+)
+# Keys an exporter is expected to change in config.json; every other source key must survive unchanged.
+CHANGED_BY_EXPORT = ("dtype", "torch_dtype", "quantization_config", "transformers_version")
+PACKED_FORMATS = ("pack-quantized",)
+UNPACKED_FORMATS = ("naive-quantized", "int-quantized")
+
+
+@dataclass
+class CheckResult:
+    name: str
+    passed: bool
+    detail: str
+    metrics: dict = field(default_factory=dict)
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "skipped" if self.skipped else ("passed" if self.passed else "FAILED")
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "status": self.status, "passed": self.passed, "detail": self.detail,
+                "metrics": self.metrics}
+
+
+def _ok(name, detail, **metrics) -> CheckResult:
+    return CheckResult(name, True, detail, metrics)
+
+
+def _fail(name, detail, **metrics) -> CheckResult:
+    return CheckResult(name, False, detail, metrics)
+
+
+def _skip(name, detail) -> CheckResult:
+    return CheckResult(name, True, detail, {}, skipped=True)
+
+
+def _listing(items, limit: int = 4) -> str:
+    items = list(items)
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Context: what every check may look at, opened once.
+
+
+class Context:
+    """The export and reference folders, opened leniently (a broken export is data for the checks, not an error)."""
+
+    def __init__(self, export_dir: str | Path, reference_dir: str | Path,
+                 thresholds: Thresholds | dict | None = None):
+        from ..architecture import inspect_architecture
+
+        self.export = Path(export_dir)
+        if not self.export.is_dir():
+            raise InputError(f"{self.export}: export is not a folder")
+        if not (self.export / "config.json").exists() and not any(self.export.glob("*.safetensors")):
+            formats = sorted(p.name for p in self.export.iterdir() if (p / "config.json").is_file())
+            hint = f"; verify one format folder: {', '.join(str(self.export / f) for f in formats)}" if formats else ""
+            raise InputError(f"{self.export}: not a model folder (no config.json and no *.safetensors){hint}")
+        self.reference = Checkpoint.open(reference_dir)
+        if "quantization_config" in self.reference.config:
+            raise InputError(f"{self.reference.folder / 'config.json'}: --reference is itself quantized; "
+                             "pass the source model the export was made from")
+        self.arch = inspect_architecture(self.reference.config, self.reference.folder / "config.json")
+        self.config, self.config_error = _read_json_object(self.export / "config.json")
+        self.manifest, self.manifest_error = (
+            _read_json_object(self.export / MANIFEST) if (self.export / MANIFEST).exists() else (None, None)
+        )
+        self.ckpt, self.ckpt_error = None, None
+        try:
+            self.ckpt = open_tensors(self.export, self.config or {})
+        except InputError as e:
+            self.ckpt_error = str(e)
+        self.qc = (self.config or {}).get("quantization_config")
+        self.format = detect_format(self.config, self.manifest)
+        if isinstance(thresholds, Thresholds):
+            self.thresholds = thresholds
+        else:
+            self.thresholds = thresholds_for(self.format, thresholds)
+        self.loaded = None  # (model, loading_info) from transformers, set by check_reload
+        self.load_error = None
+        self._inputs = None
+
+    @property
+    def is_causal(self) -> bool:
+        return self.arch.is_causal_lm
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """Fixed inputs: token ids for causal LMs; real sentences through the reference tokenizer for encoders."""
+        from ..functional import encode_sentences, fixed_token_ids
+
+        if self._inputs is None:
+            if not self.is_causal and has_tokenizer(self.reference.folder):
+                self._inputs = encode_sentences(self.reference.folder)
+            else:
+                ids = fixed_token_ids(int(self.reference.config.get("vocab_size") or 1000))
+                self._inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return self._inputs
+
+    def outputs(self, model) -> torch.Tensor:
+        """Logits [B, T, V] (causal LM) or mask-pooled embeddings [B, H] (encoder) on the fixed inputs."""
+        from ..functional import model_outputs, pooled_embeddings
+
+        if self.is_causal:
+            return model_outputs(model, self.inputs()["input_ids"])
+        return pooled_embeddings(model, self.inputs())
+
+    def reference_outputs(self) -> torch.Tensor:
+        key = (str(self.reference.folder.resolve()), (self.reference.folder / "config.json").stat().st_mtime_ns,
+               self.is_causal)
+        if key not in _REFERENCE_OUTPUTS:
+            from ..functional import load_model
+
+            model, _ = load_model(self.reference.folder)
+            _REFERENCE_OUTPUTS.clear()  # one reference at a time: bounded memory
+            _REFERENCE_OUTPUTS[key] = self.outputs(model)
+        return _REFERENCE_OUTPUTS[key]
+
+    def reload(self) -> None:
+        """Load the export through transformers once (sets `loaded` or `load_error`)."""
+        from ..functional import load_model
+
+        if self.loaded is None and self.load_error is None:
+            try:
+                self.loaded = load_model(self.export)
+            except Exception as e:
+                self.load_error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+    def dequantized_model(self):
+        from ..dequant import dequantized_state_dict
+        from ..functional import model_from_state_dict
+
+        return model_from_state_dict(self.reference.config, dequantized_state_dict(self.ckpt))
+
+
+_REFERENCE_OUTPUTS: dict = {}
+
+
+def _read_json_object(path: Path):
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"{path.name} is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{path.name} is not readable JSON ({e})"
+    if not isinstance(value, dict):
+        return None, f"{path.name} is not a JSON object"
+    return value, None
+
+
+def open_tensors(folder: Path, config: dict) -> Checkpoint:
+    """The export's tensors, with index and shards checked both ways, without requiring a valid config."""
+    files = weight_files(folder)
+    index_path = folder / INDEX_FILE
+    index = None
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+    entries = {}
+    for path in files:
+        for name, entry in read_header(path)[0].items():
+            if name in entries:
+                raise InputError(f"{path.name}: tensor {name!r} is also in {entries[name].file.name}")
+            if index is not None and index["weight_map"].get(name) != path.name:
+                raise InputError(f"{path.name}: tensor {name!r} is not in {INDEX_FILE} under this shard "
+                                 f"(index says {index['weight_map'].get(name)!r})")
+            entries[name] = entry
+    if index is not None:
+        for name, shard in index["weight_map"].items():
+            if name not in entries:
+                raise InputError(f"{INDEX_FILE}: tensor {name!r} is not in shard {shard!r}")
+        total = (index.get("metadata") or {}).get("total_size")
+        actual = sum(e.nbytes for e in entries.values())
+        if isinstance(total, int) and total != actual:
+            raise InputError(f"{INDEX_FILE}: metadata.total_size {total} but the shards hold {actual} tensor bytes")
+    if not entries:
+        raise InputError(f"{files[0].name}: holds no tensors")
+    return Checkpoint(folder, config, files, entries)
+
+
+def detect_format(config: dict | None, manifest: dict | None) -> str:
+    """fp16 (dense), int8 or int4 from the quantization_config; the manifest's word when the config says nothing."""
+    qc = (config or {}).get("quantization_config")
+    if isinstance(qc, dict):
+        bits = {g.get("weights", {}).get("num_bits") for g in (qc.get("config_groups") or {}).values()
+                if isinstance(g, dict) and isinstance(g.get("weights"), dict)}
+        if 4 in bits:
+            return "int4"
+        if 8 in bits:
+            return "int8"
+    if manifest and manifest.get("format") in ("fp16", "int8", "int4"):
+        return manifest["format"]
+    return "fp16"
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _matches(module: str, patterns, linear: bool) -> bool:
+    for pattern in patterns or []:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], module):
+                return True
+        elif pattern == "Linear" and linear:
+            return True
+        elif module == pattern or module.endswith("." + pattern):
+            return True
+    return False
+
+
+def weights_args(qc: dict, module: str, linear: bool = True) -> dict | None:
+    """The `weights` quantization args of the config group targeting `module`, or None if it is not targeted."""
+    if _matches(module, qc.get("ignore"), linear):
+        return None
+    for group in (qc.get("config_groups") or {}).values():
+        if _matches(module, group.get("targets"), linear):
+            return group.get("weights")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,247 @@
+"""Checks of the stored files: shards and index, manifest hashes, tensor names, packing layout, bytes."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+from ..checkpoint import INDEX_FILE
+from ..safetensors_io import nbytes, sha256_file
+from .context import (
+    MANIFEST,
+    PACKED_FORMATS,
+    UNPACKED_FORMATS,
+    CheckResult,
+    Context,
+    _fail,
+    _listing,
+    _ok,
+    _skip,
+    weights_args,
+)
+
+
+def check_shards(ctx: Context) -> CheckResult:
+    name = "shards"
+    if ctx.ckpt is None:
+        return _fail(name, ctx.ckpt_error)
+    files = ctx.ckpt.files
+    how = "index and shards agree both ways" if (ctx.export / INDEX_FILE).is_file() else "single file"
+    return _ok(name, f"{len(files)} file(s), {len(ctx.ckpt.entries)} tensors; {how}",
+               files=[p.name for p in files])
+
+
+def check_manifest(ctx: Context) -> CheckResult:
+    """Every file the manifest lists has its recorded size and sha256 (a byte changed after export fails here)."""
+    name = "manifest"
+    if ctx.manifest is None and ctx.manifest_error is None:
+        return _skip(name, f"no {MANIFEST} (not written by qexport): file hashes not checked")
+    if ctx.manifest is None:
+        return _fail(name, f"{MANIFEST}: {ctx.manifest_error}")
+    problems = []
+    listed = set()
+    for record in ctx.manifest.get("files", []):
+        listed.add(record["name"])
+        path = ctx.export / record["name"]
+        if not path.is_file():
+            problems.append(f"{record['name']} is listed but missing")
+        elif path.stat().st_size != record.get("bytes"):
+            problems.append(f"{record['name']} is {path.stat().st_size} bytes, manifest says {record.get('bytes')}")
+        elif sha256_file(path) != record.get("sha256"):
+            problems.append(f"{record['name']} sha256 differs from the manifest (changed after export)")
+    for path in sorted(ctx.export.glob("*.safetensors")):
+        if path.name not in listed:
+            problems.append(f"{path.name} is not in the manifest")
+    if ctx.ckpt is not None:
+        for tname, info in (ctx.manifest.get("tensors") or {}).items():
+            entry = ctx.ckpt.entries.get(tname)
+            if entry is None:
+                problems.append(f"tensor {tname!r} is in the manifest but not in the shards")
+            elif (entry.dtype, list(entry.shape)) != (info.get("dtype"), info.get("shape")):
+                problems.append(f"tensor {tname!r} is {entry.dtype} {list(entry.shape)}, manifest says "
+                                f"{info.get('dtype')} {info.get('shape')}")
+    if problems:
+        return _fail(name, "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""),
+                     problems=problems)
+    return _ok(name, f"{len(listed)} files match their recorded size and sha256", files_checked=len(listed))
+
+
+def check_tensor_names(ctx: Context) -> CheckResult:
+    """The export stores every reference tensor (quantized or dense) once, nothing else; tied ones only once."""
+    from ..dequant import quantized_modules
+
+    name = "tensor_names"
+    if ctx.ckpt is None:
+        return _skip(name, "shards unreadable")
+    quantized = quantized_modules(ctx.ckpt)
+    parts = {stored for p in quantized.values() for stored in p.values()}
+    stored = {n for n in ctx.ckpt.entries if n not in parts} | {f"{m}.weight" for m in quantized}
+    tied = set(ctx.arch.tied_names)
+    expected = set(ctx.reference.entries) - tied
+    missing, extra = sorted(expected - stored), sorted(stored - expected)
+    twice = sorted(set(extra) & tied)
+    extra = [n for n in extra if n not in tied]
+    problems = []
+    if twice:
+        problems.append(f"tied tensor(s) {_listing(twice)} stored again (tie_word_embeddings: store once)")
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if extra:
+        problems.append(f"not in the reference: {_listing(extra)}")
+    metrics = {"missing": missing, "extra": extra, "tied_stored_twice": twice}
+    if problems:
+        return _fail(name, "; ".join(problems), **metrics)
+    return _ok(name, f"{len(stored)} tensors ({len(quantized)} quantized), as in the reference"
+               + (f"; {len(tied)} tied stored once" if tied else ""), **metrics)
+
+
+def _module_layout(ctx: Context, module: str, parts: dict[str, str]) -> list[str]:
+    """What is wrong with one quantized module's stored tensors, given the config and the reference shape."""
+    entries = ctx.ckpt.entries
+    ref = ctx.reference.entries.get(f"{module}.weight")
+    if ref is None or len(ref.shape) != 2:
+        return [f"{module}: quantized but the reference has no 2-D {module}.weight"]
+    rows, cols = ref.shape
+    args = weights_args(ctx.qc or {}, module, f"{module}.weight" in ctx.arch.linear_weights)
+    if args is None:
+        return [f"{module}: stored quantized but no config group targets it (or it is ignored)"]
+    bits, strategy, group_size = args.get("num_bits"), args.get("strategy"), args.get("group_size")
+    fmt = (ctx.qc or {}).get("format")
+    problems = []
+    if "weight_packed" in parts:
+        packed = entries[parts["weight_packed"]]
+        want = (rows, math.ceil(cols * bits / 32))
+        if packed.dtype != "I32" or tuple(packed.shape) != want:
+            problems.append(f"{module}.weight_packed is {packed.dtype} {list(packed.shape)}, {bits}-bit packing of "
+                            f"[{rows}, {cols}] is I32 {list(want)}")
+        if "weight_shape" not in parts:
+            problems.append(f"{module}: weight_packed without weight_shape")
+        elif ctx.ckpt.read(parts["weight_shape"]).tolist() != [rows, cols]:
+            problems.append(f"{module}.weight_shape is {ctx.ckpt.read(parts['weight_shape']).tolist()}, "
+                            f"the reference weight is [{rows}, {cols}]")
+        if fmt not in PACKED_FORMATS:
+            problems.append(f"{module}: packed weights but the config format is {fmt!r}")
+    elif "weight" in parts:
+        codes = entries[parts["weight"]]
+        if codes.dtype != "I8" or tuple(codes.shape) != (rows, cols):
+            problems.append(f"{module}.weight is {codes.dtype} {list(codes.shape)}, expected I8 [{rows}, {cols}]")
+        if bits is not None and bits < 8:
+            problems.append(f"{module}: {bits}-bit codes stored unpacked, one per byte (8 bits per weight); "
+                            "use pack-quantized")
+        if fmt not in UNPACKED_FORMATS:
+            problems.append(f"{module}: unpacked int8 codes but the config format is {fmt!r}")
+    else:
+        problems.append(f"{module}: weight_scale without weight or weight_packed")
+    scale = entries.get(parts.get("weight_scale", ""))
+    if scale is not None:
+        if strategy == "group" and group_size:
+            want = (rows, cols // group_size) if cols % group_size == 0 else None
+        elif strategy == "tensor":
+            want = (1,) if len(scale.shape) == 1 else (1, 1)
+        else:
+            want = (rows, 1)
+        if want is None:
+            problems.append(f"{module}: input size {cols} does not divide by group_size {group_size}")
+        elif tuple(scale.shape) != want:
+            problems.append(f"{module}.weight_scale is {list(scale.shape)}, {strategy} strategy needs {list(want)}")
+        if not scale.dtype.startswith(("F", "BF")):
+            problems.append(f"{module}.weight_scale has dtype {scale.dtype}, not floating point")
+    return problems
+
+
+def check_layout(ctx: Context) -> CheckResult:
+    """Each quantized module stores what its config group says (bits, packing, scale shape); Linears not ignored
+    are quantized (a dense one transformers would load as missing keys)."""
+    from ..dequant import quantized_modules
+
+    name = "layout"
+    if ctx.ckpt is None:
+        return _skip(name, "shards unreadable")
+    quantized = quantized_modules(ctx.ckpt)
+    if not quantized:
+        if ctx.qc:
+            return _fail(name, "quantization_config present but no module is stored quantized")
+        return _ok(name, "dense export: no quantized modules")
+    if not isinstance(ctx.qc, dict):
+        return _fail(name, f"{len(quantized)} modules stored quantized but config.json has no quantization_config")
+    problems = []
+    for module, parts in sorted(quantized.items()):
+        problems += _module_layout(ctx, module, parts)
+    for weight in sorted(ctx.arch.linear_weights & set(ctx.ckpt.entries)):
+        module = weight.removesuffix(".weight")
+        if module not in quantized and weights_args(ctx.qc, module) is not None:
+            problems.append(f"{module}: a targeted Linear stored dense and not in ignore")
+    if problems:
+        return _fail(name, f"{len(problems)} problem(s): " + "; ".join(problems[:3])
+                     + ("; ..." if len(problems) > 3 else ""), problems=problems)
+    return _ok(name, f"{len(quantized)} quantized modules match the config")
+
+
+def _predicted_module_bytes(ctx: Context, module: str, parts: dict[str, str]) -> int:
+    """Bytes of a quantized module as its config predicts: codes at num_bits (in int32 words when packed)."""
+    rows, cols = ctx.reference.entries[f"{module}.weight"].shape
+    args = weights_args(ctx.qc or {}, module) or {}
+    bits = args.get("num_bits", 8)
+    codes = rows * math.ceil(cols * bits / 32) * 4 if bits < 8 else rows * cols
+    other = sum(ctx.ckpt.entries[p].nbytes for leaf, p in parts.items() if leaf not in ("weight", "weight_packed"))
+    return codes + other
+
+
+def check_bytes(ctx: Context) -> CheckResult:
+    """Stored bytes equal predicted bytes per tensor and per file; quantized tensors reach the ratio floor."""
+    from ..dequant import quantized_modules
+
+    name = "bytes"
+    if ctx.ckpt is None:
+        return _skip(name, "shards unreadable")
+    problems = []
+    entries = ctx.ckpt.entries
+    for path in ctx.ckpt.files:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+        accounted = 8 + header_len + sum(e.nbytes for e in entries.values() if e.file == path)
+        if path.stat().st_size != accounted:
+            problems.append(f"{path.name} is {path.stat().st_size - accounted} bytes larger than its header and "
+                            "tensors account for")
+    manifest_files = {r["name"]: r for r in (ctx.manifest or {}).get("files", [])}
+    for path in ctx.ckpt.files:
+        predicted = manifest_files.get(path.name, {}).get("predicted_bytes")
+        if predicted is not None and path.stat().st_size != predicted:
+            problems.append(f"{path.name} is {path.stat().st_size} bytes, predicted {predicted}")
+    for tname, info in ((ctx.manifest or {}).get("tensors") or {}).items():
+        if tname in entries and entries[tname].nbytes != info.get("predicted_bytes"):
+            problems.append(f"tensor {tname!r} stores {entries[tname].nbytes} bytes, predicted "
+                            f"{info.get('predicted_bytes')}")
+
+    quantized = quantized_modules(ctx.ckpt)
+    q_weights = q_bytes = q_predicted = 0
+    for module, parts in quantized.items():
+        if f"{module}.weight" not in ctx.reference.entries:
+            continue  # reported by layout / tensor_names
+        rows, cols = ctx.reference.entries[f"{module}.weight"].shape[:2]
+        stored = sum(entries[p].nbytes for p in parts.values())
+        predicted = _predicted_module_bytes(ctx, module, parts)
+        if stored > predicted:
+            problems.append(f"{module}: stores {stored} bytes, its config predicts {predicted}")
+        q_weights, q_bytes, q_predicted = q_weights + rows * cols, q_bytes + stored, q_predicted + predicted
+    weight_bytes = sum(p.stat().st_size for p in ctx.ckpt.files)
+    fp16_bytes = sum(nbytes("F16", e.shape) if e.dtype.startswith(("F", "BF")) else e.nbytes
+                     for n, e in ctx.reference.entries.items() if n not in ctx.arch.tied_names)
+    metrics = {"weight_bytes": weight_bytes, "file_ratio": fp16_bytes / weight_bytes if weight_bytes else None,
+               "quantized_weights": q_weights, "quantized_bytes": q_bytes,
+               "quantized_ratio": 2 * q_weights / q_bytes if q_bytes else None,
+               "bits_per_quantized_weight": 8 * q_bytes / q_weights if q_weights else None}
+    floor = ctx.thresholds.min_quantized_ratio
+    if q_bytes and floor is not None:
+        # A config with smaller groups (another tool's g32) predicts a lower ratio; hold it to its own prediction.
+        required = min(floor, 2 * q_weights / q_predicted)
+        metrics["required_ratio"] = required
+        if metrics["quantized_ratio"] < required - 1e-9:
+            problems.append(f"quantized tensors compress {metrics['quantized_ratio']:.3f}x vs fp16, need >= "
+                            f"{required:.3f}x ({metrics['bits_per_quantized_weight']:.3f} bits per weight)")
+    if problems:
+        return _fail(name, "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""), problems=problems,
+                     **metrics)
+    ratio = f"quantized {metrics['quantized_ratio']:.3f}x, " if q_bytes else ""
+    return _ok(name, f"stored == predicted; {ratio}whole files {metrics['file_ratio']:.3f}x vs fp16", **metrics)
+

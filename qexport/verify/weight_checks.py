@@ -1,0 +1,56 @@
+"""Per-tensor checks of the stored weights against the reference weights."""
+
+from __future__ import annotations
+
+import torch
+
+from .context import CheckResult, Context, _fail, _ok, _skip
+
+
+def check_weights(ctx: Context) -> CheckResult:
+    """Per-tensor SQNR of the dequantized export vs the reference weights (scales off, nibbles swapped, ...)."""
+    from ..dequant import iter_dequantized
+    from ..functional import sqnr_db
+
+    name = "weights_sqnr"
+    if ctx.ckpt is None:
+        return _skip(name, "shards unreadable")
+    quantized_sqnr, dense_sqnr, problems = {}, {}, []
+    for tname, w_hat, is_quantized in iter_dequantized(ctx.ckpt, torch.float32):
+        if tname not in ctx.reference.entries:
+            continue
+        w = ctx.reference.read(tname)
+        if tuple(w.shape) != tuple(w_hat.shape):
+            problems.append(f"{tname}: shape {list(w_hat.shape)}, reference {list(w.shape)}")
+            continue
+        if w_hat.is_floating_point() and not torch.isfinite(w_hat).all():
+            problems.append(f"{tname}: dequantizes to NaN/Inf")
+            continue
+        if not w.is_floating_point():
+            if not torch.equal(w, w_hat):
+                problems.append(f"{tname}: integer tensor differs from the reference")
+            continue
+        (quantized_sqnr if is_quantized else dense_sqnr)[tname] = sqnr_db(w.float(), w_hat)
+    thr = ctx.thresholds
+    metrics = {"per_tensor_sqnr_db": {k: round(v, 3) for k, v in quantized_sqnr.items()}}
+    if quantized_sqnr:
+        values = sorted(quantized_sqnr.values())
+        worst = min(quantized_sqnr, key=quantized_sqnr.get)
+        metrics.update(sqnr_min_db=values[0], sqnr_median_db=values[len(values) // 2], sqnr_worst=worst)
+        if thr.min_sqnr_db is not None and values[0] < thr.min_sqnr_db:
+            low = sorted(k for k, v in quantized_sqnr.items() if v < thr.min_sqnr_db)
+            problems.append(f"{len(low)} quantized tensor(s) below {thr.min_sqnr_db} dB SQNR, worst {worst} at "
+                            f"{values[0]:.2f} dB")
+    if dense_sqnr:
+        worst = min(dense_sqnr, key=dense_sqnr.get)
+        metrics["dense_sqnr_min_db"] = dense_sqnr[worst]
+        if dense_sqnr[worst] < thr.dense_min_sqnr_db:
+            problems.append(f"dense tensor {worst} at {dense_sqnr[worst]:.2f} dB SQNR (need >= "
+                            f"{thr.dense_min_sqnr_db} dB: it should be the reference rounded to fp16)")
+    if problems:
+        return _fail(name, "; ".join(problems[:3]), **metrics)
+    if quantized_sqnr:
+        return _ok(name, f"SQNR min {metrics['sqnr_min_db']:.2f} dB (>= {thr.min_sqnr_db}), median "
+                         f"{metrics['sqnr_median_db']:.2f} dB over {len(quantized_sqnr)} quantized tensors", **metrics)
+    return _ok(name, f"{len(dense_sqnr)} dense tensors match the reference (>= {thr.dense_min_sqnr_db} dB)", **metrics)
+
