@@ -216,7 +216,7 @@ def _dense_description(manifest: dict, config: dict) -> list[str]:
         lines.append(f"- **Nothing is quantized**: floating-point tensors are stored as {dtypes}; integer tensors "
                      "are kept as they are.")
     else:
-        lines.append("- **Kept dense (float16)**:")
+        lines.append(f"- **Kept dense ({config.get('dtype') or config.get('torch_dtype') or 'float16'})**:")
         tensors = manifest["tensors"]
         for module in manifest.get("ignore", []):
             if f"{module}.weight" in manifest.get("dense_linears", {}):
@@ -295,7 +295,8 @@ def loading_snippet(config: dict, file_names: list[str]) -> str:
     imports = f"from transformers import {auto}" + (", AutoTokenizer" if has_tokenizer else "")
     lines = ["import torch", imports, "",
              f'model_dir = "{PATH_PLACEHOLDER}"  # or the Hub repo id once uploaded',
-             f"model = {auto}.from_pretrained(model_dir, dtype=torch.float16)  # float32 on old CPUs"]
+             f"model = {auto}.from_pretrained(model_dir)  # computes in config.json's dtype "
+             f"({config.get('dtype') or config.get('torch_dtype') or 'float32'})"]
     if has_tokenizer:
         lines += ["tokenizer = AutoTokenizer.from_pretrained(model_dir)",
                   'inputs = tokenizer("The quick brown fox", return_tensors="pt")']
