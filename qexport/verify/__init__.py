@@ -87,8 +87,9 @@ def _nan_paths(value, path: str):
 
 def _no_silent_pass(result: CheckResult, thresholds: Thresholds) -> CheckResult:
     """A check whose metrics hold a NaN cannot pass (every comparison with NaN is false, so a NaN would slip
-    through any bound), nor one with an infinite metric beyond an enabled bound. +inf SQNR (exact) is fine."""
-    if not result.passed or result.skipped:
+    through any bound), nor one with an infinite metric beyond an enabled bound. +inf SQNR (exact) is fine.
+    A check that failed anyway gets the NaNs named too (its own comparisons cannot see them)."""
+    if result.skipped:
         return result
     problems = [f"{p} is NaN" for key, value in result.metrics.items() for p in _nan_paths(value, key)]
     for key, field in METRIC_BOUNDS.items():
