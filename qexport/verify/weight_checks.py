@@ -61,7 +61,8 @@ def check_weights(ctx: Context) -> CheckResult:
     if problems:
         return _fail(name, "; ".join(problems[:3]), **metrics)
     if quantized_sqnr:
-        return _ok(name, f"SQNR min {metrics['sqnr_min_db']:.2f} dB (>= {thr.min_sqnr_db}), median "
+        floor = "no floor" if thr.min_sqnr_db is None else f">= {thr.min_sqnr_db}"
+        return _ok(name, f"SQNR min {metrics['sqnr_min_db']:.2f} dB ({floor}), median "
                          f"{metrics['sqnr_median_db']:.2f} dB over {len(quantized_sqnr)} quantized tensors", **metrics)
     return _ok(name, f"{len(dense_sqnr)} dense tensors match the reference (>= {thr.dense_min_sqnr_db} dB)", **metrics)
 
