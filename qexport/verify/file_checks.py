@@ -30,7 +30,8 @@ def _compare_files(ctx: Context, name: str, wanted: Callable[[str], bool], stric
     if not ref:
         return _skip(name, "the reference has none")
     missing = [rel for rel in ref if not (ctx.export / rel).is_file()]
-    changed = [rel for rel in ref if rel not in missing and sha256_file(ref[rel]) != sha256_file(ctx.export / rel)]
+    changed = [rel for rel in ref if rel not in missing and sha256_file(ref[rel], root=ctx.reference.folder)
+               != sha256_file(ctx.export / rel, root=ctx.export)]
     metrics = {"missing": missing, "changed": changed}
     if missing or (strict and changed):
         parts = ([f"missing {_listing(missing)}"] if missing else []) + (
