@@ -221,7 +221,10 @@ MAX_ERROR_CHARS = 500  # one short line, even for a path nested a thousand folde
 
 def _one_line(error: Exception | str) -> str:
     text = " ".join(str(error).split())
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 30] + f"… ({len(text):,} characters)"
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    # the head names the file, the tail says what is wrong: cut the middle (a huge tensor name, a deep path)
+    return text[:300] + f" …[{len(text) - 450:,} characters]… " + text[-150:]
 
 
 class Terminated(BaseException):

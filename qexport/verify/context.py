@@ -110,6 +110,8 @@ class Context:
         except InputError as e:
             self.ckpt_error = str(e)
         self.qc = (self.config or {}).get("quantization_config")
+        # transformers and compressed-tensors match these with `re`, without a time limit, when reloading
+        untrusted_regex.check_quantization_config(self.qc, f"{self.export / 'config.json'}: quantization_config")
         self.format = detect_format(self.config, self.manifest)
         if isinstance(thresholds, Thresholds):
             self.thresholds = thresholds
