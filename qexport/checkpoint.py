@@ -119,10 +119,6 @@ class Checkpoint:
                     raise InputError(f"{folder / INDEX_FILE}: tensor {name!r} is not in shard {shard!r}")
         if not entries:
             raise InputError(f"{files[0]}: holds no tensors")
-        for name, entry in entries.items():
-            if entry.dtype.startswith("F8"):
-                raise InputError(f"{entry.file}: tensor {name!r} is {entry.dtype}: a float8 checkpoint is already "
-                                 f"quantized; export from its 16- or 32-bit original")
         check_layer_counts(config, entries, folder / "config.json")
         return cls(folder, config, files, entries)
 
