@@ -227,7 +227,14 @@ def check_bytes(ctx: Context) -> CheckResult:
     weight_bytes = sum(p.stat().st_size for p in ctx.ckpt.files)
     fp16_bytes = sum(nbytes("F16", e.shape) if e.dtype.startswith(("F", "BF")) else e.nbytes
                      for n, e in ctx.reference.entries.items() if n not in ctx.arch.tied_names)
-    metrics = {"weight_bytes": weight_bytes, "file_ratio": fp16_bytes / weight_bytes if weight_bytes else None,
+    # Share of the body's Linear weights stored quantized (all nn.Linear weights but the output head, lm_head,
+    # which stays dense by convention): a g128 export of a hidden-576 model would show most of them dense here.
+    body = {n: math.prod(ctx.reference.entries[n].shape) for n in ctx.arch.linear_weights - ctx.arch.tied_names
+            if n in ctx.reference.entries and n.removesuffix(".weight").rpartition(".")[2] != "lm_head"}
+    quantized_body = [n for n in body if n.removesuffix(".weight") in quantized]
+    metrics = {"linear_weights": len(body), "quantized_linears": len(quantized_body),
+               "quantized_linear_share": sum(body[n] for n in quantized_body) / sum(body.values()) if body else None,
+               "weight_bytes": weight_bytes, "file_ratio": fp16_bytes / weight_bytes if weight_bytes else None,
                "quantized_weights": q_weights, "quantized_bytes": q_bytes,
                "quantized_ratio": 2 * q_weights / q_bytes if q_bytes else None,
                "bits_per_quantized_weight": 8 * q_bytes / q_weights if q_weights else None}
@@ -243,5 +250,8 @@ def check_bytes(ctx: Context) -> CheckResult:
         return _fail(name, "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""), problems=problems,
                      **metrics)
     ratio = f"quantized {metrics['quantized_ratio']:.3f}x, " if q_bytes else ""
+    if q_bytes and body:
+        ratio = (f"{len(quantized_body)}/{len(body)} Linears quantized "
+                 f"({100 * metrics['quantized_linear_share']:.1f}% of their bytes), {ratio}")
     return _ok(name, f"stored == predicted; {ratio}whole files {metrics['file_ratio']:.3f}x vs fp16", **metrics)
 
