@@ -133,6 +133,16 @@ def _module_layout(ctx: Context, module: str, parts: dict[str, str]) -> list[str
     else:
         problems.append(f"{module}: weight_scale without weight or weight_packed")
     scale = entries.get(parts.get("weight_scale", ""))
+    if args.get("symmetric", True) is False and scale is not None and len(scale.shape) == 2:
+        zp = entries.get(parts.get("weight_zero_point", ""))
+        # pack-quantized packs zero points along the output dimension; naive / int-quantized store one per group
+        want = ("I32", (math.ceil(rows * bits / 32), scale.shape[1])) if "weight_packed" in parts \
+            else (None, (rows, scale.shape[1]))
+        if zp is None:
+            problems.append(f"{module}: asymmetric (symmetric: false) but no weight_zero_point")
+        elif tuple(zp.shape) != want[1] or want[0] not in (None, zp.dtype):
+            problems.append(f"{module}.weight_zero_point is {zp.dtype} {list(zp.shape)}, expected "
+                            f"{want[0] or ''} {list(want[1])}".replace("  ", " "))
     if scale is not None:
         if strategy == "group" and group_size:
             want = (rows, cols // group_size) if cols % group_size == 0 else None
