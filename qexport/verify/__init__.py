@@ -146,8 +146,8 @@ def threshold_text(field: str, value, default, status: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Running and summarising.
 
-SUMMARY_KEYS = ("weight_bytes", "file_ratio", "quantized_ratio", "bits_per_quantized_weight", "sqnr_min_db",
-                "sqnr_median_db", "kld_mean", "kld_p99", "kld_max", "top1", "cosine", "max_abs_diff", "reload_ok")
+SUMMARY_KEYS = ("weight_bytes", "file_ratio", "quantized_ratio", "bits_per_quantized_weight",
+                "quantized_linear_share", "sqnr_min_db", "sqnr_median_db", "kld_mean", "kld_p99", "kld_max", "top1", "cosine", "max_abs_diff", "reload_ok")
 
 
 @dataclass

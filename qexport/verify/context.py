@@ -209,6 +209,12 @@ class Context:
         from ..dequant import dequantized_state_dict
         from ..functional import model_from_state_dict
 
+        if isinstance(self.qc, dict) and self.qc.get("dequantize"):
+            # transformers' dequantize route (CompressedTensorsConfig dequantize=True) multiplies codes and scales in
+            # the scale dtype while loading, then casts: do the same to compare bit for bit.
+            dense = dequantized_state_dict(self.ckpt, self.config_dtype)
+            return model_from_state_dict(self.reference.config,
+                                         {n: t.float() if t.is_floating_point() else t for n, t in dense.items()})
         return model_from_state_dict(self.reference.config, dequantized_state_dict(self.ckpt))
 
 
