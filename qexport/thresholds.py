@@ -40,6 +40,12 @@ class Thresholds:
     min_top1: float | None = None
     min_cosine: float | None = None  # encoders: mean cosine of pooled embeddings
     reload_max_abs_diff: float = 1e-4  # transformers' reload vs our own dequantization, output units
+    # Relative to round-to-nearest of the export's own declared scheme on the same reference (functional_vs_rtn).
+    max_kld_vs_rtn: float | None = 1.5  # KLD_export <= this * KLD_rtn + kld_vs_rtn_slack
+    kld_vs_rtn_slack: float = 1e-6
+    max_top1_drop_vs_rtn: float | None = 0.05  # top1_export >= top1_rtn - this
+    max_cosine_gap_vs_rtn: float | None = 1.5  # encoders: 1 - cos_export <= this * (1 - cos_rtn) + slack
+    cosine_vs_rtn_slack: float = 1e-6
 
     def with_overrides(self, overrides: dict[str, float | None]) -> "Thresholds":
         """A copy with some fields replaced; unknown names are an InputError listing the known ones."""

@@ -21,18 +21,20 @@ from .baseline import check_baseline, load_baseline  # noqa: F401  (public API)
 from .config_checks import check_config_keys, check_model_type, check_quantization_config
 from .context import CheckResult, Context, _fail, detect_format, has_tokenizer, open_tensors, weights_args  # noqa: F401
 from .file_checks import check_side_files, check_tokenizer, check_tokenizer_files
-from .functional_checks import check_functional, check_reload, check_reload_matches_dequant
+from .functional_checks import (check_functional, check_functional_vs_rtn, check_reload,
+                                check_reload_matches_dequant)
 from .layout_checks import check_bytes, check_layout, check_manifest, check_shards, check_tensor_names
 from .weight_checks import check_weights
 
 CHECKS: list[Callable[[Context], CheckResult]] = [
     check_model_type, check_config_keys, check_quantization_config, check_shards, check_manifest,
     check_tensor_names, check_layout, check_bytes, check_weights, check_tokenizer_files, check_side_files,
-    check_tokenizer, check_reload, check_reload_matches_dequant, check_functional,
+    check_tokenizer, check_reload, check_reload_matches_dequant, check_functional, check_functional_vs_rtn,
 ]
 CHECK_NAMES = [
     "model_type", "config_keys", "quantization_config", "shards", "manifest", "tensor_names", "layout", "bytes",
     "weights_sqnr", "tokenizer_files", "side_files", "tokenizer", "reload", "reload_matches_dequant", "functional",
+    "functional_vs_rtn",
 ]
 
 
@@ -49,7 +51,8 @@ def _run_one(check: Callable[[Context], CheckResult], name: str, ctx: Context) -
 # Running and summarising.
 
 SUMMARY_KEYS = ("weight_bytes", "file_ratio", "quantized_ratio", "bits_per_quantized_weight", "sqnr_min_db",
-                "sqnr_median_db", "kld_mean", "kld_p99", "kld_max", "top1", "cosine", "max_abs_diff", "reload_ok")
+                "sqnr_median_db", "kld_mean", "kld_p99", "kld_max", "top1", "cosine", "max_abs_diff", "reload_ok",
+                "ppl_reference", "ppl_export", "rtn_kld_mean", "rtn_top1", "rtn_ppl", "kld_ratio_vs_rtn")
 
 
 @dataclass
