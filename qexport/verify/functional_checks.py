@@ -48,11 +48,12 @@ def check_reload_matches_dequant(ctx: Context) -> CheckResult:
 
 
 def _candidate(ctx: Context):
-    """(outputs, which model, its dtype) of the export: transformers' reload, else our own dequantization."""
+    """(outputs, which model, its dtype) of the export: transformers' reload in the dtype config.json names,
+    else our own dequantization."""
     if ctx.candidate is None:
-        ctx.reload()
-        if ctx.loaded is not None:
-            model, source = ctx.loaded[0], "reloaded model"
+        loaded = ctx.user_load()  # in the dtype config.json names: the numbers users will see
+        if loaded is not None:
+            model, source = loaded[0], f"reloaded model ({str(ctx.config_dtype).removeprefix('torch.')})"
         elif ctx.ckpt is not None:
             model, source = ctx.dequantized_model(), "own dequantization (reload failed)"
         else:
@@ -66,9 +67,45 @@ def _nonfinite(metrics: dict) -> list[str]:
     return [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
 
 
+def _ratio(value: float, reference: float) -> float:
+    """value / reference; 1 when both are 0 (as close as the reference), +inf when only the reference is 0."""
+    if reference > 0:
+        return value / reference
+    return 1.0 if value <= 0 else float("inf")
+
+
 def _input_metrics(ctx: Context) -> dict:
     ids = ctx.inputs()["input_ids"]
     return {"inputs": ctx.input_kind, "windows": int(ids.shape[0]), "tokens": int(ids.numel())}
+
+
+def check_finite_outputs(ctx: Context) -> CheckResult:
+    """Both loads of the export -- float32 and the dtype config.json names, which is how users load it -- run the
+    fixed inputs to finite outputs. An fp16 export of a model whose activations pass 65504 fails here, naming the
+    first module (and decoder layer) where NaN/Inf appears."""
+    from ..functional import dtype_name, outputs_with_nonfinite
+
+    name = "finite_outputs"
+    dtypes = list(dict.fromkeys([torch.float32, ctx.config_dtype]))
+    problems, ran = [], []
+    metrics = {"config_dtype": dtype_name(ctx.config_dtype)}
+    for dtype in dtypes:
+        loaded = ctx.load(dtype)
+        if loaded is None:
+            continue  # the reload check reports why transformers cannot load it
+        _, nonfinite = outputs_with_nonfinite(loaded[0], ctx.outputs)
+        ran.append(dtype_name(dtype))
+        metrics[f"nonfinite_share_{dtype_name(dtype)}"] = 0.0 if nonfinite is None else nonfinite.share
+        if nonfinite is not None:
+            problems.append(nonfinite.describe(dtype))
+            metrics[f"nonfinite_first_{dtype_name(dtype)}"] = nonfinite.module
+            metrics[f"nonfinite_layer_{dtype_name(dtype)}"] = nonfinite.layer
+    if problems:
+        return _fail(name, "; ".join(problems), **metrics)
+    if not ran:
+        return _skip(name, "transformers cannot load the export")
+    return _ok(name, f"outputs finite when loaded in {' and '.join(ran)} (config.json: "
+                     f"{metrics['config_dtype']})", **metrics)
 
 
 def check_functional(ctx: Context) -> CheckResult:
@@ -140,7 +177,7 @@ def check_functional_vs_rtn(ctx: Context) -> CheckResult:
                    "rtn_kld_p99": theirs.kld_p99, "rtn_top1": theirs.top1}
         if ctx.input_kind == "text":
             metrics["rtn_ppl"] = perplexity(rtn, ctx.inputs()["input_ids"])
-        metrics["kld_ratio_vs_rtn"] = ours.kld_mean / theirs.kld_mean if theirs.kld_mean > 0 else float("inf")
+        metrics["kld_ratio_vs_rtn"] = _ratio(ours.kld_mean, theirs.kld_mean)
         metrics["top1_drop_vs_rtn"] = theirs.top1 - ours.top1
         bad = _nonfinite({k: v for k, v in metrics.items() if k != "kld_ratio_vs_rtn"})
         ratio = f"{metrics['kld_ratio_vs_rtn']:.3g}x"
@@ -156,7 +193,7 @@ def check_functional_vs_rtn(ctx: Context) -> CheckResult:
     else:
         gap, rtn_gap = 1 - ours.cosine, 1 - theirs.cosine
         metrics = {"cosine": ours.cosine, "rtn_cosine": theirs.cosine,
-                   "cosine_gap_ratio_vs_rtn": gap / rtn_gap if rtn_gap > 0 else float("inf")}
+                   "cosine_gap_ratio_vs_rtn": _ratio(gap, rtn_gap)}
         bad = _nonfinite({k: v for k, v in metrics.items() if k != "cosine_gap_ratio_vs_rtn"})
         if not bad and thr.max_cosine_gap_vs_rtn is not None:
             limit = thr.max_cosine_gap_vs_rtn * rtn_gap + thr.cosine_vs_rtn_slack
