@@ -5,8 +5,9 @@ Where the defaults come from (measured on this stack: torch 2.13 CPU, transforme
   (heavier tails) measured INT8 min 33.5 / median 42.1 dB, INT4 min 17.0 / median 18.6 dB; the tiny qwen3 fixture
   INT8 min 42.4, INT4 min 19.0. The floors (30 / 13 dB) sit 3.5-4 dB below the real-weight minimum; one tensor's
   scales off by 25% drops that tensor to ~12 dB in either format.
-- Quantized-tensor compression vs fp16: INT4 g128 with fp16 scales is 4.125 bits -> 3.879x (floor 3.85);
-  INT8 per channel is 8 + 16/in bits -> 1.95x or more for in >= 256 (floor 1.95).
+- Quantized-tensor compression vs fp16: INT4 g128 with 16-bit scales is 4.125 bits -> 3.879x; INT8 per channel is
+  8 + 16/in bits -> 1.95x or more for in >= 256. The `bytes` check holds every export to the bytes its declared
+  scheme needs; `min_quantized_ratio` is an opt-in floor on the scheme itself (e.g. 3.85 refuses int4 g32).
 - Functional metrics run on real text for causal LMs with a tokenizer (qexport/data/eval_text.txt, 4 windows of
   512 tokens; random ids overstate KLD 2-10x on real models) and on 16 real sentences for encoders.
 - Which bounds are absolute by default, measured (KLD mean / p99, top-1; reference ppl -> export ppl):

@@ -67,9 +67,6 @@ def test_fp16_overflow_fails_the_cli_with_exit_1(capsys, overflow_src, overflow_
     assert "finite_outputs" in out.err and "float16 load: non-finite hidden state first at" in out.err
 
 
-# Until the exporter keeps the source's compute dtype (issue 15.1, landing on main), every format declares float16
-# and the quantized exports of this model overflow too; strict, so the marker must go when that lands.
-@pytest.mark.xfail(strict=True, reason="exports declare float16 until they keep the source's compute dtype")
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantized_exports_of_a_bf16_source_run_finite_in_their_config_dtype_and_pass(overflow_src, overflow_out,
                                                                                       fmt):
