@@ -17,9 +17,9 @@ Where the defaults come from (measured on this stack: torch 2.13 CPU, transforme
     qwen3, init 0.06, norms x(1+0.5N) (3 seeds)       5.1e-4..5.8e-4, 0.946..0.952  0.109..0.130, 0.359..0.388
   int4 loses that much on a random model with less uniform logits and on a small real one alike: the old int4
   floors (KLD 0.1, p99 1.0, top-1 0.5) failed clean exports of both, so int4's absolute KLD / top-1 bounds are
-  off by default (a user's opt-in quality floor: --threshold max_kld_mean=...). int8's KLD ceilings (0.01 mean,
-  0.1 p99) hold on all of them with 3x / 8x room and stay on; its top-1 floor (0.90) is off: top-1 of a random
-  model is noise (0.946 above, with nothing wrong). Real-model reference (llama.cpp, Llama-3-8B): Q8_0 KLD 0.0014 /
+  off by default (a user's opt-in quality floor: --threshold max_kld_mean=...). int8's bounds hold on all of
+  them and stay on: KLD 0.01 mean / 0.1 p99 with 3x / 8x room, top-1 0.90 with 0.046 room (0.946 on the hard
+  random model; top-1 of a random model flips easily, so that is the bound to loosen first if one false-alarms). Real-model reference (llama.cpp, Llama-3-8B): Q8_0 KLD 0.0014 /
   top-1 97.7%, Q4_0 KLD 0.072. fp16 bounds stay (bf16 -> fp16 is exact in range; measured KLD ~1e-14).
 - Relative to round-to-nearest (RTN) of the export's own declared scheme on the same reference
   (functional_vs_rtn; reference_quant.py computes it with compressed-tensors' calculate_qparams / fake_quantize in
@@ -87,8 +87,7 @@ DEFAULTS: dict[str, Thresholds] = {
     "fp16": Thresholds(max_kld_mean=1e-4, max_kld_p99=1e-3, min_top1=0.99, min_cosine=0.9999),
     # Absolute KLD / top-1 bounds only where they held on random and real models alike (see above); the
     # relative bounds (functional_vs_rtn) are the fields' defaults and apply to every quantized format.
-    "int8": Thresholds(min_sqnr_db=30.0, max_kld_mean=0.01, max_kld_p99=0.1,
-                       min_cosine=0.999),
+    "int8": Thresholds(min_sqnr_db=30.0, max_kld_mean=0.01, max_kld_p99=0.1, min_top1=0.90, min_cosine=0.999),
     "int4": Thresholds(min_sqnr_db=13.0, min_cosine=0.93),
 }
 
