@@ -47,7 +47,7 @@ def check_manifest(ctx: Context) -> CheckResult:
             problems.append(f"{record['name']} is listed but missing")
         elif path.stat().st_size != record.get("bytes"):
             problems.append(f"{record['name']} is {path.stat().st_size} bytes, manifest says {record.get('bytes')}")
-        elif sha256_file(path) != record.get("sha256"):
+        elif sha256_file(path, root=ctx.export) != record.get("sha256"):
             problems.append(f"{record['name']} sha256 differs from the manifest (changed after export)")
     for path in sorted(ctx.export.glob("*.safetensors")):
         if path.name not in listed:
