@@ -5,6 +5,8 @@ Each function edits the (single-file) model.safetensors of an export folder in p
 
 from __future__ import annotations
 
+import json
+
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -52,4 +54,48 @@ def random_init_layer(folder, module: str, std: float, seed: int = 0) -> None:
         codes = quant.quantize(w, scales, num_bits, group)
         tensors[f"{module}.weight_packed"] = quant.pack_int4(codes) if num_bits == 4 else quant.pack_int8(codes)
         tensors[f"{module}.weight_scale"] = scales
+    edit_tensors(folder, change)
+
+
+def edit_json(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def dense_noise(folder, name: str, sqnr_db: float, seed: int = 0) -> None:
+    """A dense tensor stored with seeded Gaussian noise at `sqnr_db` below its own norm (a lossy path, e.g. a
+    round trip through a narrower dtype, on one tensor that should be the reference rounded to fp16)."""
+    def change(tensors):
+        w = tensors[name].float()
+        noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
+        noise *= w.norm() / noise.norm() * 10 ** (-sqnr_db / 20)
+        tensors[name] = (w + noise).to(tensors[name].dtype)
+    edit_tensors(folder, change)
+
+
+def widen_scales(folder, dtype=torch.float32) -> None:
+    """Every weight_scale stored in a wider dtype than the config's (same values): loads and computes the same, and
+    costs bytes the declared scheme does not need."""
+    edit_tensors(folder, lambda t: t.update({k: v.to(dtype) for k, v in t.items() if k.endswith(".weight_scale")}))
+
+
+def stray_g_idx(folder, module: str) -> None:
+    """A `weight_g_idx` (activation-order group index) on one module whose config declares no actorder: the
+    identity mapping, so the weights mean the same, but transformers has no parameter for it."""
+    def change(tensors):
+        cols = int(tensors[f"{module}.weight_shape"][1])
+        group = cols // tensors[f"{module}.weight_scale"].shape[1]
+        tensors[f"{module}.weight_g_idx"] = torch.arange(cols, dtype=torch.int32) // group
+    edit_tensors(folder, change)
+
+
+def dense_where_quantized(folder, module: str, reference) -> None:
+    """One targeted (not ignored) Linear stored dense, the source weight as is, beside quantized siblings."""
+    source = load_file(reference / WEIGHTS)
+
+    def change(tensors):
+        for leaf in ("weight_packed", "weight_scale", "weight_shape"):
+            tensors.pop(f"{module}.{leaf}")
+        tensors[f"{module}.weight"] = source[f"{module}.weight"].clone()
     edit_tensors(folder, change)
