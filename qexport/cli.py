@@ -145,6 +145,10 @@ def _add_verify(sub):
                    help="override a threshold, e.g. max_kld_mean=0.05 or min_top1=none (repeatable)")
     p.add_argument("--write-card", action="store_true",
                    help="record the results in EXPORT's README.md model card and qexport.json (qexport exports)")
+    p.add_argument("--engine", action="append", default=[], metavar="vllm[=PYTHON]",
+                   help="also run the export in this engine (check engine_vllm): vLLM in its own interpreter, "
+                        "default $QEXPORT_VLLM_PYTHON or /root/.cache/qexport/vllm-venv/bin/python; if it cannot "
+                        "run, the check fails")
     p.set_defaults(run=_run_verify)
 
 
@@ -152,11 +156,13 @@ def _run_verify(args) -> int:
     from .errors import VerificationFailed
     from .html_report import to_json, verification_html, write_text
     from .thresholds import parse_overrides
+    from .engines.runner import parse_engine
     from .verify import check_baseline, load_baseline, record_in_card, verify
 
     overrides = parse_overrides(args.threshold)
+    engines = [parse_engine(value) for value in args.engine]
     baseline = load_baseline(args.baseline) if args.baseline else None
-    result = verify(args.export, args.reference, overrides)
+    result = verify(args.export, args.reference, overrides, engines=engines)
     if baseline is not None:
         result.add(check_baseline(result.metrics, baseline))
     for check in result.checks:
@@ -174,7 +180,10 @@ def _run_verify(args) -> int:
     if failures:
         raise VerificationFailed(f"{len(failures)} check(s) failed: "
                                  + "; ".join(f"{c.name}: {c.detail}" for c in failures))
-    print(f"all {len(result.checks)} checks passed ({result.format})")
+    skipped = [c.name for c in result.checks if c.skipped]
+    ran = len(result.checks) - len(skipped)
+    print(f"all {ran} checks passed ({result.format})"
+          + (f"; {len(skipped)} skipped (not passed, not failed): {', '.join(skipped)}" if skipped else ""))
     return 0
 
 
