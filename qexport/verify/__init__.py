@@ -93,6 +93,13 @@ class Verification:
                 "checks": [c.as_dict() for c in self.checks]}
 
 
+def applies(check_name: str, *folders: Path) -> bool:
+    """Whether a check has a row for these folders: sentence-transformers only for its own folders."""
+    if check_name == "engine_sentence_transformers":
+        return any((Path(folder) / "modules.json").is_file() for folder in folders)
+    return True
+
+
 def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresholds | dict | None = None,
            only: list[str] | None = None, engines=()) -> Verification:
     """Run the checks (all, or those named in `only`) and return them with the headline metrics.
@@ -102,7 +109,7 @@ def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresh
     ctx.engines = {spec.name: spec for spec in engines}
     results = []
     for check, name in zip(CHECKS, CHECK_NAMES):
-        if only is None or name in only:
+        if (only is None or name in only) and applies(name, ctx.export, ctx.reference.folder):
             results.append(_run_one(check, name, ctx))
     for engine in ctx.engines:
         check, name = ENGINE_CHECKS[engine]

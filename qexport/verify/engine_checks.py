@@ -40,6 +40,9 @@ def check_engine_sentence_transformers(ctx: Context) -> CheckResult:
     """SentenceTransformer loads the export and embeds the functional sentences like the reference does."""
     name = "engine_sentence_transformers"
     if not (ctx.export / "modules.json").is_file():
+        if (ctx.reference.folder / "modules.json").is_file():
+            return _fail(name, "the reference is a sentence-transformers model (modules.json) but the export "
+                               "has no modules.json: SentenceTransformer(export) would not rebuild its pooling")
         return _skip(name, "not a sentence-transformers folder (no modules.json)")
     try:
         import sentence_transformers
