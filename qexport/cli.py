@@ -147,7 +147,7 @@ def _add_verify(sub):
                    help="record the results in EXPORT's README.md model card and qexport.json (qexport exports)")
     p.add_argument("--engine", action="append", default=[], metavar="vllm[=PYTHON]",
                    help="also run the export in this engine (check engine_vllm): vLLM in its own interpreter, "
-                        "default $QEXPORT_VLLM_PYTHON or /root/.cache/qexport/vllm-venv/bin/python; if it cannot "
+                        "default $QEXPORT_VLLM_PYTHON or ~/.cache/qexport/vllm-venv/bin/python; if it cannot "
                         "run, the check fails")
     p.set_defaults(run=_run_verify)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from qexport.errors import InputError
 from qexport.verify import verify
 from qexport.verify.context import Context
 from qexport.verify.engine_checks import MAX_ABS_DLOGPROB, judge_vllm, prompt_ids
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def test_child_dying_after_saving_progress_is_a_generation_error():
 
 def test_engine_option_names_interpreter_env_then_default(monkeypatch):
     monkeypatch.delenv("QEXPORT_VLLM_PYTHON", raising=False)
-    assert parse_engine("vllm").python == "/root/.cache/qexport/vllm-venv/bin/python"
+    assert parse_engine("vllm").python == str(Path.home() / ".cache/qexport/vllm-venv/bin/python")
     monkeypatch.setenv("QEXPORT_VLLM_PYTHON", "/opt/v/bin/python")
     assert parse_engine("vllm").python == "/opt/v/bin/python"
     assert parse_engine("vllm=/x/python").python == "/x/python"
@@ -93,6 +96,14 @@ def test_interpreter_without_vllm_fails_at_import(qwen3_out, qwen3_src):
     [check] = verify(qwen3_out / "int4", qwen3_src, only=["engine_vllm"],
                      engines=[parse_engine(f"vllm={sys.executable}")]).checks
     assert not check.passed and "cannot import vLLM" in check.detail and "vllm" in check.detail
+
+
+def test_gate_engine_option_adds_a_failing_item_when_vllm_cannot_run(pytester, qwen3_src, tmp_path):
+    result = pytester.runpytest(f"--qexport-model={qwen3_src}", "--qexport-formats", "int4",
+                                f"--qexport-engine=vllm={tmp_path / 'nope'}", "-k", "engine", "-p",
+                                "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*qexport int4 engine_vllm: engine vLLM cannot run: interpreter * does not exist*"])
 
 
 def test_child_timeout_is_reported_with_limit(tmp_path):

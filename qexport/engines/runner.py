@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-DEFAULT_PYTHON = "/root/.cache/qexport/vllm-venv/bin/python"
+DEFAULT_PYTHON = str(Path.home() / ".cache" / "qexport" / "vllm-venv" / "bin" / "python")
 PYTHON_ENV = "QEXPORT_VLLM_PYTHON"
 TIMEOUT_ENV = "QEXPORT_VLLM_TIMEOUT"
 # vLLM's start-up dominates: ~60 s for the tiny model on 2 idle cores (measured); 15 minutes leaves room for a
