@@ -19,6 +19,8 @@ def unpack_int32(packed: torch.Tensor, num_bits: int, cols: int) -> torch.Tensor
     """Codes of `num_bits` (4 or 8) packed into int32 words along rows, lowest bits first, stored as q + 2^(b-1)."""
     if num_bits == 4:
         return quant.unpack_int4(packed, cols)
+    if num_bits == 8:
+        return quant.unpack_int8(packed, cols)
     per_word = 32 // num_bits
     shifts = torch.arange(0, 32, num_bits, dtype=torch.int32)
     mask = (1 << num_bits) - 1

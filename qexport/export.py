@@ -208,9 +208,28 @@ def ordered_map(fn: Callable, items: list, workers: int):
             yield result
 
 
+# Families whose activations are known to pass fp16's 65504 in bf16-trained checkpoints (transformers #36822 and
+# the Gemma / T5 model cards): an fp16 export of them produces NaN. Only used for a warning.
+FP16_OVERFLOW_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text", "t5", "mt5", "umt5", "switch_transformers")
+
+
+def compute_dtype_of(source: "TensorSource", linear_weights: Iterable[str] = ()) -> str:
+    """The floating dtype quantized exports compute in: bfloat16 for a bf16 source, float16 otherwise.
+
+    A bf16 source is one whose config.json names bfloat16 (`dtype` / `torch_dtype`), or, when the config names no
+    dtype, whose Linear weights are all stored as BF16. Keeping bf16 keeps bf16's range: an fp16 export of a model
+    whose activations pass 65504 computes NaN (issue: every export of such a model loaded as NaN in float16).
+    """
+    declared = source.config.get("dtype") or source.config.get("torch_dtype")
+    if isinstance(declared, str) and declared not in ("auto",):
+        return "bfloat16" if declared == "bfloat16" else "float16"
+    dtypes = {source.entries[n].dtype for n in linear_weights if n in source.entries}
+    return "bfloat16" if dtypes == {"BF16"} else "float16"
+
+
 def output_config(config: dict, fmt: Format, ignore: list[str]) -> dict:
     out = dict(config)
-    dtype = getattr(fmt, "config_dtype", "float16")  # None: the format stores tensors in the source dtype
+    dtype = fmt.config_dtype  # None: the format stores tensors in the source dtype
     if dtype is not None:
         if "torch_dtype" in out:
             out["torch_dtype"] = dtype
@@ -237,7 +256,7 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
         # in its scales, which hold each group's absmax): checking those costs little next to checking the source.
         if not all(all_finite(t) for t in encoded.values()):
             error = nonfinite_error(tp.source, w, options.allow_nonfinite,
-                                    getattr(source.entries[tp.source], "file", source.folder))
+                                    getattr(source.entries[tp.source], "file", source.folder), fmt.dtype)
             if error is not None:
                 raise error
         return tp, encoded
@@ -407,7 +426,8 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     temporary folders and renamed into place only when all of them are complete.
     """
     out = Path(out)
-    formats = [get_format(name, group_size=options.group_size) for name in dict.fromkeys(options.formats)]
+    for name in dict.fromkeys(options.formats):
+        get_format(name)  # an unknown name is refused before any work
     if options.group_size <= 0 or options.group_size % 8:
         raise InputError(f"--group-size: {options.group_size} must be a positive multiple of 8")
     if options.workers < 1:
@@ -419,6 +439,14 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     source_files = in_background(source.source_files)
     arch = inspect_architecture(source.config, source.folder / "config.json")
     check_shapes(source, arch)
+    compute_dtype = compute_dtype_of(source, arch.linear_weights)
+    formats = [get_format(name, group_size=options.group_size, dtype=compute_dtype)
+               for name in dict.fromkeys(options.formats)]
+    if compute_dtype == "bfloat16" and "fp16" in options.formats and source.config.get("model_type") in \
+            FP16_OVERFLOW_FAMILIES:
+        log.warning("fp16: %s models trained in bfloat16 are known to overflow fp16 activations (NaN logits); "
+                    "int8 / int4 keep bfloat16, and `qexport verify` runs the fp16 export in float16",
+                    source.config.get("model_type"))
     check_destination(out, [f.name for f in formats], options.overwrite)
     nonfinite = (
         nonfinite_tensors(source, [n for n in source.names if n in arch.linear_weights])

@@ -58,6 +58,80 @@ def load_model(folder: str | Path, dtype=torch.float32):
     return model, {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs"}
 
 
+def config_dtype(config: dict) -> torch.dtype:
+    """The dtype `from_pretrained` loads a folder in by default: config.json's `dtype` (transformers 5) or
+    `torch_dtype` (older writers); float32 when neither names a floating-point dtype."""
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(torch, str(config.get(key)), None) if isinstance(config.get(key), str) else None
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """Where a forward pass first produced NaN/Inf: the first module (in execution order) whose output holds one."""
+
+    module: str | None  # e.g. model.layers.1.mlp.down_proj; None if only the final output is non-finite
+    layer: int | None  # the block index in `module`'s name, when it has one
+    share: float  # fraction of output values that are non-finite
+
+    def describe(self, dtype: torch.dtype) -> str:
+        where = "in the final outputs"
+        if self.module is not None:
+            where = f"first at {self.module}" + (f" (layer {self.layer})" if self.layer is not None else "")
+        overflow = ""
+        if dtype in (torch.float16, torch.bfloat16):
+            overflow = f" ({dtype_name(dtype)} overflows above {torch.finfo(dtype).max:.6g})"
+        return (f"{dtype_name(dtype)} load: non-finite hidden state {where}; {self.share:.1%} of the outputs are "
+                f"NaN/Inf{overflow}")
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return next((t for t in output if isinstance(t, torch.Tensor)), None)
+    if hasattr(output, "values") and callable(output.values):  # ModelOutput
+        return next((t for t in output.values() if isinstance(t, torch.Tensor)), None)
+    return None
+
+
+@torch.no_grad()
+def outputs_with_nonfinite(model, run) -> tuple[torch.Tensor, NonFinite | None]:
+    """`run(model)`'s outputs, and where NaN/Inf first appeared inside the model if the outputs hold any.
+
+    Forward hooks on every module record the first one (in the order modules finish, so the innermost) whose
+    output is not finite; its name carries the decoder layer index (`model.layers.3.mlp.down_proj`)."""
+    import re
+
+    first: list[str] = []
+
+    def hook(name):
+        def record(module, args, output):
+            t = _first_tensor(output)
+            if not first and t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+                first.append(name)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        out = run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    finite = torch.isfinite(out)
+    if bool(finite.all()):
+        return out, None
+    module = first[0] if first else None
+    match = re.search(r"\.(\d+)(?:\.|$)", module or "")
+    return out, NonFinite(module, int(match.group(1)) if match else None, 1 - finite.double().mean().item())
+
+
 def model_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], dtype=torch.float32):
     """The source architecture with the given weights (e.g. our own dequantization), for reference outputs."""
     from transformers.initialization import no_init_weights

@@ -144,9 +144,11 @@ def pytest_html_results_summary(prefix, summary, postfix, session):
     if not collected or not collected.rows:
         return
     rows = merge_rows(collected.rows)
-    plots = "".join(svg_histogram(r["sqnr_values"], f"{r['model']} {r['format']}: per-tensor SQNR (dB)")
+    plots = "".join(svg_histogram(r["sqnr_values"], f"{r['model']} {r['format']}: per-tensor SQNR (dB)",
+                                  threshold=r.get("sqnr_threshold"))
                     for r in rows if r.get("sqnr_values"))
-    prefix.append(summary_html([{k: v for k, v in r.items() if k != "sqnr_values"} for r in rows],
+    hidden = ("sqnr_values", "sqnr_threshold")
+    prefix.append(summary_html([{k: v for k, v in r.items() if k not in hidden} for r in rows],
                                "qexport summary (model x format)") + plots)
 
 
@@ -233,11 +235,15 @@ class QexportCheckItem(pytest.Item):
             raise CheckFailed(f"export or verification of {self.fmt} failed: {type(result).__name__}: {result}")
         check = next(c for c in result.checks if c.name == self.check)
         scalars = {k: v for k, v in check.metrics.items() if not isinstance(v, (dict, list))}
+        if check.thresholds:  # the bounds this check used, loosened or disabled ones marked as such
+            scalars["thresholds"] = "; ".join(e["text"] for e in check.thresholds)
         Recorder(self).metrics(**scalars)
         row = {k: v for k, v in result.metrics.items() if k != "format"}
         sqnr = next((c.metrics.get("per_tensor_sqnr_db") for c in result.checks if c.name == "weights_sqnr"), None)
         Recorder(self).row(self.config.stash[_GATE].model.name, self.fmt, passed=result.passed,
-                           sqnr_values=list(sqnr.values()) if sqnr else None, **row)
+                           sqnr_values=list(sqnr.values()) if sqnr else None,
+                           sqnr_threshold=result.thresholds.min_sqnr_db,
+                           thresholds="; ".join(result.thresholds_changed) or "defaults", **row)
         if check.skipped:
             pytest.skip(check.detail)
         if not check.passed:

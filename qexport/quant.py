@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-SCALE_DTYPE = torch.float16
+SCALE_DTYPE = torch.float16  # the default; an export stores scales in its compute dtype (fp16 or bf16)
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
@@ -77,6 +77,29 @@ def _pack_words(nibbles: torch.Tensor) -> torch.Tensor:
     rows, cols = nibbles.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
     return (nibbles.to(torch.int32).reshape(rows, cols // 8, 8) << shifts).sum(dim=-1, dtype=torch.int32)
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """Pack int8 codes [out, in] into int32 words [out, ceil(in / 4)], compressed-tensors' 8-bit pack-quantized.
+
+    Each code is stored as q + 128; element j of a row sits at bits 8 * (j mod 4) of word j // 4. A row whose
+    length does not divide by 4 ends in a word padded with zero bytes (as compressed-tensors pads).
+    """
+    rows, cols = q.shape
+    shifted = q.view(torch.uint8) ^ 0x80  # q + 128 modulo 256: -128..127 become 0..255
+    if cols % 4:
+        shifted = torch.nn.functional.pad(shifted, (0, 4 - cols % 4))
+    if _LITTLE_ENDIAN:
+        return shifted.contiguous().view(torch.int32)
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32)
+    return (shifted.to(torch.int32).reshape(rows, -1, 4) << shifts).sum(dim=-1, dtype=torch.int32)
+
+
+def unpack_int8(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of `pack_int8`: int32 words [out, ceil(cols / 4)] to int8 codes [out, cols]."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32)
+    codes = (packed.unsqueeze(-1) >> shifts) & 0xFF
+    return (codes.reshape(packed.shape[0], -1)[:, :cols] - 128).to(torch.int8)
 
 
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:

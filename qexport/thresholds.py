@@ -23,6 +23,7 @@ Where the defaults come from (measured on this stack: torch 2.13 CPU, transforme
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -47,7 +48,8 @@ class Thresholds:
         for key in overrides:
             if key not in known:
                 raise InputError(f"--threshold: unknown threshold {key!r} (known: {', '.join(sorted(known))})")
-        return dataclasses.replace(self, **overrides)
+        checked = {key: threshold_value(value, f"threshold {key}") for key, value in overrides.items()}
+        return dataclasses.replace(self, **checked)
 
 
 DEFAULTS: dict[str, Thresholds] = {
@@ -65,7 +67,11 @@ def thresholds_for(fmt: str, overrides: dict[str, float | None] | None = None) -
 
 
 def parse_overrides(items: list[str], option: str = "--threshold") -> dict[str, float | None]:
-    """`["max_kld_mean=0.05", "min_top1=none"]` -> {"max_kld_mean": 0.05, "min_top1": None}."""
+    """`["max_kld_mean=0.05", "min_top1=none"]` -> {"max_kld_mean": 0.05, "min_top1": None}.
+
+    A value is a finite number or `none` (the bound is disabled, and reports say so). NaN and infinity are
+    refused: every comparison with NaN is false, so `min_top1=nan` would silently pass anything.
+    """
     out: dict[str, float | None] = {}
     known = {f.name for f in dataclasses.fields(Thresholds)}
     for item in items:
@@ -73,14 +79,23 @@ def parse_overrides(items: list[str], option: str = "--threshold") -> dict[str, 
         key = key.strip().replace("-", "_")
         if not sep or key not in known:
             raise InputError(f"{option}: {item!r} is not NAME=VALUE with NAME one of {', '.join(sorted(known))}")
-        if value.strip().lower() in ("none", "off", ""):
-            out[key] = None
-            continue
-        try:
-            out[key] = float(value)
-        except ValueError:
-            raise InputError(f"{option}: {item!r}: {value!r} is not a number (or 'none')")
+        out[key] = threshold_value(value, f"{option}: {item!r}")
     return out
+
+
+def threshold_value(value, where: str) -> float | None:
+    """A threshold as given (text or number) -> a finite float, or None for `none`; anything else is an InputError."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    if isinstance(value, bool):
+        raise InputError(f"{where}: {value!r} is not a number (or 'none')")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {value!r} is not a number (or 'none')")
+    if not math.isfinite(number):
+        raise InputError(f"{where}: {value!r} is not a finite number (use 'none' to disable a threshold)")
+    return number
 
 
 @dataclass(frozen=True)

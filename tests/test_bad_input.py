@@ -94,7 +94,7 @@ def test_allow_nonfinite_keeps_the_weight_dense_and_the_export_reloads(good_mode
         folder = out / fmt
         assert manifest_problems(folder) == []
         manifest = json.loads((folder / "qexport.json").read_text())
-        assert manifest["tensors"][LINEAR]["dtype"] == "F16" and not manifest["tensors"][LINEAR]["quantized"]
+        assert manifest["tensors"][LINEAR]["dtype"] == "BF16" and not manifest["tensors"][LINEAR]["quantized"]
         assert LINEAR in manifest["dense_linears"]
         config = json.loads((folder / "config.json").read_text())
         assert module in config["quantization_config"]["ignore"]

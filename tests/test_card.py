@@ -13,8 +13,10 @@ import pytest
 import torch
 import yaml
 
+
 from qexport.card import (PATH_PLACEHOLDER, base_model_id, source_readme_of, update_card_verification,
                           verification_result)
+from qexport.checkpoint import load_config
 from qexport.export import ExportOptions, export_folder
 from qexport.safetensors_io import sha256_file
 
@@ -122,7 +124,7 @@ def test_card_loading_snippet_loads_the_folder(qwen3_export, fmt):
     assert stdout.getvalue().startswith("The quick brown fox")  # the snippet generated from the prompt
     # What the snippet loaded is the folder's weights: equal to qexport's own dequantization, bit for bit.
     loaded = namespace["model"].state_dict()
-    expected = dequantized_state_dict(folder, dtype=torch.float16)
+    expected = dequantized_state_dict(folder, dtype=getattr(torch, load_config(folder)["dtype"]))
     assert loaded.keys() >= expected.keys()
     assert all(torch.equal(loaded[name], t) for name, t in expected.items())
 

@@ -41,17 +41,19 @@ def test_int4_stores_packed_int32_words_group_scales_and_shape(qwen3_src, export
     stored = stored_tensors(out / "int4")
     module = "model.layers.0.mlp.down_proj"  # in = intermediate 768
     assert stored[f"{module}.weight_packed"] == ("I32", (256, 768 // 8))
-    assert stored[f"{module}.weight_scale"] == ("F16", (256, 768 // 128))
+    assert stored[f"{module}.weight_scale"] == ("BF16", (256, 768 // 128))  # the bf16 source's compute dtype
     assert stored[f"{module}.weight_shape"] == ("I64", (2,))
     assert f"{module}.weight" not in stored
 
 
-def test_int8_stores_int8_weight_and_per_channel_scale(qwen3_src, export_model):
+def test_int8_stores_packed_int32_words_per_channel_scale_and_shape(qwen3_src, export_model):
     out, _ = export_model(qwen3_src)
     stored = stored_tensors(out / "int8")
-    module = "model.layers.0.self_attn.o_proj"
-    assert stored[f"{module}.weight"] == ("I8", (256, 256))
-    assert stored[f"{module}.weight_scale"] == ("F16", (256, 1))
+    module = "model.layers.0.mlp.down_proj"  # in = intermediate 768
+    assert stored[f"{module}.weight_packed"] == ("I32", (256, 768 // 4))
+    assert stored[f"{module}.weight_scale"] == ("BF16", (256, 1))
+    assert stored[f"{module}.weight_shape"] == ("I64", (2,))
+    assert f"{module}.weight" not in stored
 
 
 def test_fp16_stores_every_floating_tensor_as_f16(qwen3_src, export_model):
@@ -68,12 +70,29 @@ def test_quantized_tensors_are_exactly_the_linear_weights_but_lm_head(qwen3_src,
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_embeddings_norms_and_lm_head_stay_dense_fp16(qwen3_src, export_model, fmt):
+def test_embeddings_norms_and_lm_head_stay_dense_in_the_bf16_sources_dtype(qwen3_src, export_model, fmt):
     out, _ = export_model(qwen3_src)
     stored = stored_tensors(out / fmt)
     for name in ["model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
                  "model.layers.0.self_attn.q_norm.weight", "lm_head.weight"]:
-        assert stored[name][0] == "F16", name
+        assert stored[name][0] == "BF16", name
+
+
+@pytest.mark.parametrize("source_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fp32_and_fp16_sources_export_in_fp16(build_model, export_model, source_dtype, fmt):
+    out, _ = export_model(build_model("qwen3", dtype=source_dtype), formats=(fmt,))
+    floats = {dtype for dtype, _ in stored_tensors(out / fmt).values() if dtype not in ("I32", "I64")}
+    assert floats == {"F16"}
+    assert load_config(out / fmt)["dtype"] == "float16"
+
+
+def test_bf16_source_dense_tensors_are_copied_bit_for_bit(qwen3_src, export_model):
+    out, _ = export_model(qwen3_src)
+    with safe_open(str(qwen3_src / "model.safetensors"), "pt") as src, \
+            safe_open(str(out / "int4" / "model.safetensors"), "pt") as exported:
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            assert torch.equal(src.get_tensor(name), exported.get_tensor(name)), name
 
 
 def test_tied_embeddings_are_stored_once_without_lm_head(qwen3_tied_src, export_model):
@@ -94,7 +113,7 @@ def test_linear_whose_input_does_not_divide_by_group_size_stays_dense_with_warni
     assert f"{down}.weight" in manifests["int4"]["dense_linears"]
     assert any(down in r.getMessage() and "group size 128" in r.getMessage() for r in caplog.records)
     assert down in load_config(tmp_path / "out" / "int4")["quantization_config"]["ignore"]
-    assert stored_tensors(tmp_path / "out" / "int4")[f"{down}.weight"][0] == "F16"
+    assert stored_tensors(tmp_path / "out" / "int4")[f"{down}.weight"][0] == "BF16"
     _, info = load_model(tmp_path / "out" / "int4")
     assert not any(info.values()), info
 
@@ -122,11 +141,12 @@ def test_config_keeps_every_source_key_and_sets_dtype(qwen3_src, export_model, f
     assert {k: v for k, v in exported.items() if k not in ("dtype", "quantization_config")} == {
         k: v for k, v in source.items() if k != "dtype"
     }
-    assert exported["dtype"] == "float16"
+    # fp16 is what the user asked for; quantized formats keep the bf16 source's compute dtype.
+    assert exported["dtype"] == ("float16" if fmt == "fp16" else "bfloat16")
 
 
 @pytest.mark.parametrize("fmt,compression,weights", [
-    ("int8", "naive-quantized",
+    ("int8", "pack-quantized",
      {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False}),
     ("int4", "pack-quantized",
      {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": True, "dynamic": False}),

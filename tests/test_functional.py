@@ -1,8 +1,8 @@
 """Functional checks: next-token KLD / top-1 / max |logit diff| vs the source on fixed token ids, reload equals
 our own dequantization, and (real MiniLM weights) pooled sentence-embedding cosine.
 
-Random-init weights are no quality proxy: on the tiny model these tests pin structure (fp16 exact to ~1e-14
-KLD, int8 closer than int4) and the format thresholds; MiniLM's real weights pin quality.
+Random-init weights are no quality proxy: on the tiny model these tests pin structure (fp16 within float16
+arithmetic of the source, int8 closer than int4) and the format thresholds; MiniLM's real weights pin quality.
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ def test_next_token_kld_and_top1_within_format_thresholds(qexport_report, qwen3_
 
 
 def test_more_bits_means_closer_to_the_source(qwen3_results):
+    # The functional check runs each export in the dtype its config.json names (float16 here), as users load it.
+    # Measured KLD: fp16 5.2e-8 (float16 arithmetic; 1.3e-14 when the same export runs in float32), int8 1.8e-5,
+    # int4 4.0e-3. fp16's exactness itself is pinned by reload_matches_dequant and weights_sqnr.
     kld = {fmt: qwen3_results[fmt][2].metrics["kld_mean"] for fmt in ("fp16", "int8", "int4")}
-    assert kld["fp16"] < 1e-10 < kld["int8"] < kld["int4"]
+    assert kld["fp16"] < 1e-6 < kld["int8"] < kld["int4"]
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])

@@ -56,15 +56,19 @@ def compress_with_compressed_tensors(src: Path, out: Path, scheme) -> Path:
 
 @pytest.fixture(scope="module")
 def ct_folders(qwen3_src, tmp_path_factory):
-    """compressed-tensors' own W4A16 (pack-quantized, group 128) and W8A16 per channel (naive-quantized)."""
+    """compressed-tensors' own W4A16 (pack-quantized, group 128), W8A16 per channel (pack-quantized 8-bit) and
+    the same int8 scheme written naive-quantized (one int8 per weight), as other tools write it."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, preset_name_to_scheme
 
     root = tmp_path_factory.mktemp("ct")
-    naive = QuantizationScheme(targets=["Linear"], format="naive-quantized",
-                               weights=QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True))
+    channel = QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True)
+    naive = QuantizationScheme(targets=["Linear"], format="naive-quantized", weights=channel)
+    # compressed-tensors 0.20's W8A16 preset is group 128; qexport's int8 is per channel, so spell the scheme out.
+    packed = QuantizationScheme(targets=["Linear"], format="pack-quantized", weights=channel)
     return {
         "int4": compress_with_compressed_tensors(qwen3_src, root / "w4a16", preset_name_to_scheme("W4A16", ["Linear"])),
-        "int8": compress_with_compressed_tensors(qwen3_src, root / "w8a16", naive),
+        "int8": compress_with_compressed_tensors(qwen3_src, root / "w8a16", packed),
+        "naive-int8": compress_with_compressed_tensors(qwen3_src, root / "w8a16-naive", naive),
     }
 
 
@@ -120,7 +124,7 @@ def test_inspect_compressed_tensors_w4a16_totals(ct_folders, qwen3_src):
 
 def test_inspect_compressed_tensors_naive_int8_totals(ct_folders, qwen3_src):
     shapes = linear_weight_shapes(qwen3_src)
-    report = inspect_folder(ct_folders["int8"])
+    report = inspect_folder(ct_folders["naive-int8"])
     t = report["totals"]
     assert t["quantized_weights"] == sum(math.prod(s) for s in shapes)
     assert t["quantized_bytes"] == sum(o * i + 2 * o for o, i in shapes)  # int8 codes + one fp16 scale per row
@@ -153,7 +157,7 @@ def test_inspect_reports_layer_types_with_block_numbers_folded(export_model, qwe
     assert rows["model.layers.*.mlp.up_proj"]["count"] == 2  # the tiny preset has two blocks
     assert rows["model.layers.*.mlp.up_proj"]["stored_as"] == "int4 group 128 (packed)"
     assert rows["model.layers.*.mlp.up_proj"]["shape"] == "[768, 256]"
-    assert rows["lm_head.weight"]["stored_as"] == "dense F16"
+    assert rows["lm_head.weight"]["stored_as"] == "dense BF16"  # the bf16 source's dtype
 
 
 def test_inspect_reads_headers_only_on_a_multi_gigabyte_file(tmp_path):
@@ -228,10 +232,9 @@ def test_inspect_reports_quantized_tensors_without_quantization_config(tmp_path)
                                   "transformers will not decompress them"]
 
 
-def test_inspect_reports_naive_int8_group_without_format(export_model, qwen3_src, tmp_path):
+def test_inspect_reports_naive_int8_group_without_format(ct_folders, tmp_path):
     # Measured: without the group's own format, transformers loads int8 as pack-quantized and fails.
-    out, _ = export_model(qwen3_src)
-    folder = copy_folder(out / "int8", tmp_path)
+    folder = copy_folder(ct_folders["naive-int8"], tmp_path)
     config = json.loads((folder / "config.json").read_text())
     del config["quantization_config"]["config_groups"]["group_0"]["format"]
     write_json(folder / "config.json", config)

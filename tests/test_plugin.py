@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from qexport.verify import CHECK_NAMES
+
 pytest_plugins = ["pytester"]
 
 RECORDING_TESTS = """
@@ -21,7 +23,7 @@ def test_records(qexport_report, model):
 def test_gate_runs_every_check_and_passes_on_a_good_model(pytester, qwen3_src):
     result = pytester.runpytest(f"--qexport-model={qwen3_src}", "--qexport-formats", "int8", "-p",
                                 "no:cacheprovider")
-    result.assert_outcomes(passed=15)
+    result.assert_outcomes(passed=len(CHECK_NAMES))
     assert result.ret == 0
 
 
@@ -29,7 +31,7 @@ def test_gate_threshold_from_command_line_fails_the_named_check(pytester, qwen3_
     # int8 measures ~42 dB on this model: a 60 dB floor must fail the SQNR item and nothing else.
     result = pytester.runpytest(f"--qexport-model={qwen3_src}", "--qexport-formats", "int8",
                                 "--qexport-threshold", "min_sqnr_db=60", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=14, failed=1)
+    result.assert_outcomes(passed=len(CHECK_NAMES) - 1, failed=1)
     result.stdout.fnmatch_lines(["*qexport[[]int8[]]::weights_sqnr*", "*below 60.0 dB*"])
 
 
@@ -37,8 +39,9 @@ def test_gate_thresholds_from_ini(pytester, qwen3_src):
     pytester.makeini("[pytest]\nqexport_formats = int4\nqexport_thresholds =\n    max_kld_mean=1e-9\n")
     result = pytester.runpytest(f"--qexport-model={qwen3_src}", "-k", "functional", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=0, failed=1)
-    result.stdout.fnmatch_lines(["collected 15 items / 14 deselected / 1 selected",
-                                 "*qexport int4 functional: reloaded model: kld_mean * > 1e-09*"])
+    n = len(CHECK_NAMES)
+    result.stdout.fnmatch_lines([f"collected {n} items / {n - 1} deselected / 1 selected",
+                                 "*qexport int4 functional: reloaded model (float16): kld_mean * > 1e-09*"])
 
 
 def test_gate_unknown_format_is_a_usage_error(pytester, qwen3_src):
@@ -78,3 +81,29 @@ def test_summary_holds_rows_from_every_xdist_worker(pytester):
     assert {r["worker"] for r in rows} == {"gw0", "gw1"}
     page = (pytester.path / "r.html").read_text()
     assert all(f">{m}<" in page for m in ("m0", "m1", "m2", "m3"))
+
+
+def test_gate_records_a_disabled_threshold_in_its_json_and_html(pytester, qwen3_src):
+    result = pytester.runpytest(f"--qexport-model={qwen3_src}", "--qexport-formats", "int8",
+                                "--qexport-threshold=min_top1=none", "-k", "functional", "--html=r.html",
+                                "--self-contained-html", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    data = json.loads((pytester.path / "r.json").read_text())
+    assert [r["thresholds"] for r in data["rows"]] == ["min_top1: disabled (default 0.9)"]
+    (functional,) = data["tests"].values()
+    assert "min_top1: disabled (default 0.9)" in functional["thresholds"]
+    assert "max_kld_mean 0.01" in functional["thresholds"]  # the defaults it used are shown too
+    assert "min_top1: disabled (default 0.9)" in (pytester.path / "r.html").read_text()
+
+
+def test_gate_nan_threshold_is_a_usage_error(pytester, qwen3_src):
+    result = pytester.runpytest(f"--qexport-model={qwen3_src}", "--qexport-threshold=min_top1=nan")
+    assert result.ret == 4  # pytest's usage-error exit code
+    result.stderr.fnmatch_lines(["*--qexport-threshold*min_top1=nan*not a finite number*"])
+
+
+def test_gate_infinite_threshold_in_ini_is_a_usage_error(pytester, qwen3_src):
+    pytester.makeini("[pytest]\nqexport_thresholds =\n    max_kld_mean=inf\n")
+    result = pytester.runpytest(f"--qexport-model={qwen3_src}")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*qexport_thresholds*max_kld_mean=inf*not a finite number*"])

@@ -30,7 +30,7 @@ def test_stored_bytes_equal_predicted_bytes_per_tensor(exports, fmt):
     assert set(tensors) == set(entries)
     for name, info in tensors.items():
         assert entries[name].nbytes == info["predicted_bytes"] == info["stored_bytes"], name
-        assert info["predicted_bytes"] == math.prod(info["shape"]) * {"F16": 2, "I8": 1, "I32": 4, "I64": 8}[
+        assert info["predicted_bytes"] == math.prod(info["shape"]) * {"F16": 2, "BF16": 2, "I8": 1, "I32": 4, "I64": 8}[
             info["dtype"]], name
 
 

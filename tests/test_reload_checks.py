@@ -44,7 +44,7 @@ def test_quantization_config_is_well_formed(contexts, fmt):
 def test_quantization_config_names_format_and_bits_as_design_md(contexts, fmt):
     qc = contexts[fmt].qc
     group = qc["config_groups"]["group_0"]
-    expected = {"int8": ("naive-quantized", 8, "channel"), "int4": ("pack-quantized", 4, "group")}[fmt]
+    expected = {"int8": ("pack-quantized", 8, "channel"), "int4": ("pack-quantized", 4, "group")}[fmt]
     assert (qc["format"], group["weights"]["num_bits"], group["weights"]["strategy"]) == expected
     assert group["format"] == qc["format"] and qc["quantization_status"] == "compressed"
     assert qc["ignore"] == ["lm_head"]

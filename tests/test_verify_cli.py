@@ -136,8 +136,9 @@ def test_missing_quantization_status_fails_config_and_reload(capsys, tmp_path, q
     assert {"quantization_config", "reload"} <= failed_checks(out)
 
 
-def test_int8_group_without_format_fails_quantization_config(capsys, tmp_path, qwen3_src, qwen3_out):
-    export = broken_copy(tmp_path, qwen3_out / "int8")
+def test_naive_int8_group_without_format_fails_quantization_config(capsys, tmp_path, qwen3_src, qwen3_out):
+    # Another tool's naive-quantized int8: without the group's own format transformers unpacks it as packed.
+    export = foreign_export(tmp_path, qwen3_out / "int8", qwen3_src, "naive-quantized", 8, None)
     edit_json(export / "config.json", lambda c: c["quantization_config"]["config_groups"]["group_0"].pop("format"))
     code, out = run(capsys, export, "--reference", qwen3_src)
     assert code == 1

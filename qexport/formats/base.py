@@ -17,45 +17,55 @@ Stored = tuple[str, str, tuple[int, ...]]  # (tensor name, safetensors dtype, sh
 
 FP16_MAX = torch.finfo(torch.float16).max
 
-
-def to_fp16(name: str, w: torch.Tensor) -> torch.Tensor:
-    """Cast a floating tensor to fp16. Values fp16 cannot hold become inf: the pipeline finds them in the
-    stored tensors (a non-finite scale or dense value) and `nonfinite_error` says which it was."""
-    return w.to(torch.float16)
+# The floating dtypes an export can compute in: config.json's `dtype`, the scales and every dense tensor.
+COMPUTE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+STORED_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def nonfinite_error(name: str, w: torch.Tensor, allow_nonfinite: bool, where: object = None) -> InputError | None:
-    """Why a source tensor whose stored form is not finite cannot be exported, or None if that is allowed.
+def nonfinite_error(name: str, w: torch.Tensor, allow_nonfinite: bool, where: object = None,
+                    dtype: torch.dtype = torch.float16) -> InputError | None:
+    """Why a source tensor whose stored form (in `dtype`) is not finite cannot be exported, or None if allowed.
 
-    Finite values above fp16's range are always refused (they would silently become inf); NaN / Inf that the
-    source already holds are refused unless `allow_nonfinite`.
+    Finite values above the stored dtype's range are always refused (they would silently become inf); NaN / Inf
+    that the source already holds are refused unless `allow_nonfinite`.
     """
     prefix = f"{where}: " if where else ""
     wide = w if w.element_size() > 1 else w.float()  # float8 has no isfinite kernel
     finite = torch.isfinite(wide)
-    overflow = finite & (wide.abs() > FP16_MAX)
+    limit = torch.finfo(dtype).max
+    overflow = finite & (wide.abs() > limit)
     if overflow.any():
         peak = wide[overflow].abs().max().item()
-        return InputError(f"{prefix}tensor {name!r} {list(w.shape)} {w.dtype}: value {peak:.6g} overflows fp16 "
-                          f"(max {FP16_MAX:.0f})")
+        short = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        return InputError(f"{prefix}tensor {name!r} {list(w.shape)} {w.dtype}: value {peak:.6g} overflows {short} "
+                          f"(max {limit:.6g})")
     if not allow_nonfinite and not finite.all():
         return InputError(f"{prefix}tensor {name!r} {list(w.shape)} holds NaN or Inf "
                           f"(use --allow-nonfinite to keep it dense)")
     return None
 
 
-def dense(name: str, w: torch.Tensor) -> torch.Tensor:
-    """How every format stores what it does not quantize: floating tensors as fp16, the rest unchanged."""
-    return to_fp16(name, w) if w.is_floating_point() else w
-
-
-def dense_dtype(dtype: str) -> str:
-    return "F16" if dtype in ("F64", "F32", "F16", "BF16") else dtype
-
-
 class Format(ABC):
+    """A storage format. `dtype` is the floating dtype it computes in: config.json's `dtype`, the dtype of its
+    scales and of every tensor it keeps dense (fp16, or bf16 for a bf16 source; see `compute_dtype_of`)."""
+
     name: str
     quantizes: bool = False
+
+    def __init__(self, dtype: str = "float16", **_options):
+        if dtype not in COMPUTE_DTYPES:
+            raise InputError(f"{self.name}: compute dtype {dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        self.config_dtype = dtype
+        self.dtype = COMPUTE_DTYPES[dtype]
+
+    def dense(self, w: torch.Tensor) -> torch.Tensor:
+        """How a tensor that is not quantized is stored: floating tensors in the compute dtype, others unchanged.
+        Values the dtype cannot hold become inf; the pipeline finds them in the stored tensors."""
+        return w.to(self.dtype) if w.is_floating_point() else w
+
+    def dense_dtype(self, dtype: str) -> str:
+        """The safetensors dtype `dense` stores a source dtype as."""
+        return STORED_NAMES[self.dtype] if dtype in ("F64", "F32", "F16", "BF16") else dtype
 
     def why_not_quantizable(self, name: str, shape: tuple[int, ...]) -> str | None:
         """Why a Linear weight of this shape must stay dense in this format, or None if it can be quantized."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, dense, dense_dtype, register
+from .base import Format, register
 
 
 @register
@@ -12,10 +12,10 @@ class FP16(Format):
     name = "fp16"
 
     def __init__(self, **_options):
-        pass
+        super().__init__("float16")  # what the user asked for, whatever the source computes in
 
     def stored(self, name, dtype, shape, quantize):
-        return [(name, dense_dtype(dtype), shape)]
+        return [(name, self.dense_dtype(dtype), shape)]
 
     def encode(self, name, w: torch.Tensor, quantize):
-        return {name: dense(name, w)}
+        return {name: self.dense(w)}

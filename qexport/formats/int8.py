@@ -1,11 +1,19 @@
-"""INT8 W8A16: symmetric per-output-channel int8 weights with fp16 scales (compressed-tensors naive-quantized)."""
+"""INT8 W8A16: symmetric per-output-channel int8 weights, packed 4 per int32 word (compressed-tensors
+pack-quantized, 8 bits), with scales in the compute dtype.
+
+pack-quantized rather than naive-quantized: vLLM's compressed-tensors parser reads weight-only naive-quantized as
+activation quantization and rejects it; pack-quantized 8-bit is what compressed-tensors' own W8A16 preset and
+llm-compressor write, and what transformers and vLLM load.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .. import quant
-from .base import Format, dense, dense_dtype, register, to_fp16
+from .base import STORED_NAMES, Format, register
 
 
 def _module(name: str) -> str:
@@ -17,29 +25,49 @@ class INT8(Format):
     name = "int8"
     quantizes = True
     num_bits = 8
-    compression = "naive-quantized"
+    compression = "pack-quantized"
+    group_size: int | None = None  # per output channel
 
-    def __init__(self, **_options):
-        pass
+    def __init__(self, dtype: str = "float16", **_options):
+        super().__init__(dtype)
 
     def weights_args(self) -> dict:
         return {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False}
 
+    def why_not_quantizable(self, name, shape):
+        return None if len(shape) == 2 else "not a 2-D weight"
+
     def stored(self, name, dtype, shape, quantize):
         if not quantize:
-            return [(name, dense_dtype(dtype), shape)]
-        out, _ = shape
-        return [(name, "I8", shape), (f"{_module(name)}.weight_scale", "F16", (out, 1))]
+            return [(name, self.dense_dtype(dtype), shape)]
+        out, cols = shape
+        module = _module(name)
+        groups = 1 if self.group_size is None else cols // self.group_size
+        return [
+            (f"{module}.weight_packed", "I32", (out, math.ceil(cols * self.num_bits / 32))),
+            (f"{module}.weight_scale", STORED_NAMES[self.dtype], (out, groups)),
+            (f"{module}.weight_shape", "I64", (2,)),
+        ]
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        return quant.pack_int8(q)
 
     def encode(self, name, w, quantize):
         if not quantize:
-            return {name: dense(name, w)}
-        w16 = to_fp16(name, w)
-        scales = quant.compute_scales(w16, 8, None)
-        return {name: quant.quantize(w16, scales, 8, None), f"{_module(name)}.weight_scale": scales}
+            return {name: self.dense(w)}
+        module = _module(name)
+        # Scales from the weight already cast to the compute dtype, as compressed-tensors computes them.
+        wc = w.to(self.dtype)
+        scales = quant.compute_scales(wc, self.num_bits, self.group_size, dtype=self.dtype)
+        q = quant.quantize(wc, scales, self.num_bits, self.group_size)
+        return {
+            f"{module}.weight_packed": self.pack(q),
+            f"{module}.weight_scale": scales,
+            f"{module}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
+        }
 
     def parameters(self):
-        return {"scheme": "W8A16", "weights": self.weights_args(), "scale_dtype": "float16"}
+        return {"scheme": f"W{self.num_bits}A16", "weights": self.weights_args(), "scale_dtype": self.config_dtype}
 
     def quantization_config(self, ignore):
         return {

@@ -14,10 +14,10 @@ from .base import Format, register
 @register
 class Original(Format):
     name = "original"
-    config_dtype = None  # keep the source's dtype in config.json
 
     def __init__(self, **_options):
-        pass
+        super().__init__()
+        self.config_dtype = None  # keep the source's dtype in config.json
 
     def stored(self, name, dtype, shape, quantize):
         return [(name, dtype, shape)]

@@ -11,6 +11,8 @@ anything wrong inside the export is a failed check (exit 1).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,34 +21,130 @@ from typing import Callable
 from ..thresholds import Thresholds
 from .baseline import check_baseline, load_baseline  # noqa: F401  (public API)
 from .config_checks import check_config_keys, check_model_type, check_quantization_config
+from .context import CheckResult, Context, _fail, _listing, detect_format, has_tokenizer, open_tensors, weights_args  # noqa: F401
 from .engine_checks import check_engine_sentence_transformers, check_engine_vllm
-from .context import CheckResult, Context, _fail, detect_format, has_tokenizer, open_tensors, weights_args  # noqa: F401
 from .file_checks import check_side_files, check_tokenizer, check_tokenizer_files
-from .functional_checks import check_functional, check_reload, check_reload_matches_dequant
+from .functional_checks import check_finite_outputs, check_functional, check_reload, check_reload_matches_dequant
 from .layout_checks import check_bytes, check_layout, check_manifest, check_shards, check_tensor_names
 from .weight_checks import check_weights
 
 CHECKS: list[Callable[[Context], CheckResult]] = [
     check_model_type, check_config_keys, check_quantization_config, check_shards, check_manifest,
     check_tensor_names, check_layout, check_bytes, check_weights, check_tokenizer_files, check_side_files,
-    check_tokenizer, check_reload, check_reload_matches_dequant, check_functional, check_engine_sentence_transformers,
+    check_tokenizer, check_reload, check_reload_matches_dequant, check_finite_outputs, check_functional,
+    check_engine_sentence_transformers,
 ]
 CHECK_NAMES = [
     "model_type", "config_keys", "quantization_config", "shards", "manifest", "tensor_names", "layout", "bytes",
-    "weights_sqnr", "tokenizer_files", "side_files", "tokenizer", "reload", "reload_matches_dequant", "functional",
-    "engine_sentence_transformers",
+    "weights_sqnr", "tokenizer_files", "side_files", "tokenizer", "reload", "reload_matches_dequant",
+    "finite_outputs", "functional", "engine_sentence_transformers",
 ]
 # Engines that run only when asked (`--engine NAME[=PYTHON]`): name -> (check, row name).
 ENGINE_CHECKS: dict[str, tuple[Callable[[Context], CheckResult], str]] = {"vllm": (check_engine_vllm, "engine_vllm")}
 
+# The thresholds each check compares against; reports show them beside the check's result. Encoders use
+# min_cosine, causal LMs the KLD and top-1 bounds (see `_thresholds_of`).
+CHECK_THRESHOLDS: dict[str, tuple[str, ...]] = {
+    "bytes": ("min_quantized_ratio",),
+    "weights_sqnr": ("min_sqnr_db", "dense_min_sqnr_db"),
+    "reload_matches_dequant": ("reload_max_abs_diff",),
+    "functional": ("max_kld_mean", "max_kld_p99", "min_top1", "min_cosine"),
+}
+# Which bound a metric is judged by: an infinite value on the wrong side of an enabled bound cannot pass, whatever
+# the check's own comparison says. (SQNR +inf, an exact tensor, is on the right side of its lower bound.)
+METRIC_BOUNDS = {
+    "kld_mean": "max_kld_mean", "kld_p99": "max_kld_p99", "top1": "min_top1", "cosine": "min_cosine",
+    "sqnr_min_db": "min_sqnr_db", "dense_sqnr_min_db": "dense_min_sqnr_db", "quantized_ratio": "min_quantized_ratio",
+    "reload_vs_dequant_max_abs": "reload_max_abs_diff",
+}
+
 
 def _run_one(check: Callable[[Context], CheckResult], name: str, ctx: Context) -> CheckResult:
     try:
-        return check(ctx)
+        result = check(ctx)
     except Exception as e:  # a malformed export can break a check's assumptions: that is a failure, not a crash
         where = traceback.extract_tb(e.__traceback__)[-1]
-        return _fail(name, f"check raised {type(e).__name__}: {' '.join(str(e).split())[:300]} "
-                           f"({Path(where.filename).name}:{where.lineno})")
+        result = _fail(name, f"check raised {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+                             f"({Path(where.filename).name}:{where.lineno})")
+    result.thresholds = threshold_entries(ctx.thresholds, ctx.defaults, _thresholds_of(name, ctx))
+    return _no_silent_pass(result, ctx.thresholds)
+
+
+def _thresholds_of(name: str, ctx: Context) -> tuple[str, ...]:
+    names = CHECK_THRESHOLDS.get(name, ())
+    if name == "functional":
+        names = tuple(n for n in names if (n != "min_cosine") == ctx.is_causal)
+    return names
+
+
+def _nan_paths(value, path: str):
+    """Dotted paths of the NaNs inside a metric value (numbers, dicts, lists)."""
+    if isinstance(value, float) and math.isnan(value):
+        yield path
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _nan_paths(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _nan_paths(v, f"{path}[{i}]")
+
+
+def _no_silent_pass(result: CheckResult, thresholds: Thresholds) -> CheckResult:
+    """A check whose metrics hold a NaN cannot pass (every comparison with NaN is false, so a NaN would slip
+    through any bound), nor one with an infinite metric beyond an enabled bound. +inf SQNR (exact) is fine.
+    A check that failed anyway gets the NaNs named too (its own comparisons cannot see them)."""
+    if result.skipped:
+        return result
+    problems = [f"{p} is NaN" for key, value in result.metrics.items() for p in _nan_paths(value, key)]
+    for key, field in METRIC_BOUNDS.items():
+        value, limit = result.metrics.get(key), getattr(thresholds, field, None)
+        if isinstance(value, float) and math.isinf(value) and limit is not None:
+            if (value < 0) if _bound_kind(field) == "min" else (value > 0):
+                problems.append(f"{key} is {value} (bound {field} {limit:g})")
+    if problems:
+        result.passed = False
+        result.detail = f"non-finite metric: {_listing(problems)}; {result.detail}"
+    return result
+
+
+def _bound_kind(field: str) -> str | None:
+    """'min' for a lower bound (a higher value is stricter), 'max' for an upper bound, None if unknown."""
+    parts = field.split("_")
+    return "min" if "min" in parts else "max" if "max" in parts else None
+
+
+def threshold_entries(thresholds: Thresholds, defaults: Thresholds, names=None) -> list[dict]:
+    """Each threshold (all, or `names`) with its value, the format's default and how it compares:
+    default, tightened, loosened, disabled, enabled (no default bound) or changed (direction unknown)."""
+    names = [f.name for f in dataclasses.fields(thresholds)] if names is None else names
+    entries = []
+    for field in names:
+        value, default = getattr(thresholds, field, None), getattr(defaults, field, None)
+        if value == default:
+            status = "default"
+        elif value is None:
+            status = "disabled"
+        elif default is None:
+            status = "enabled"
+        elif _bound_kind(field) is None:
+            status = "changed"
+        else:
+            stricter = value > default if _bound_kind(field) == "min" else value < default
+            status = "tightened" if stricter else "loosened"
+        entries.append({"name": field, "value": value, "default": default, "status": status,
+                        "text": threshold_text(field, value, default, status)})
+    return entries
+
+
+def threshold_text(field: str, value, default, status: str) -> str:
+    """How a threshold reads in every report: `min_top1 0.9`, `min_top1: disabled (default 0.9)`,
+    `max_kld_mean 0.05: loosened (default 0.01)`."""
+    shown = "none" if value is None else f"{value:g}"
+    if status == "default":
+        return f"{field} {shown}" if value is not None else f"{field}: none (default)"
+    if status == "disabled":
+        return f"{field}: disabled (default {default:g})"
+    return f"{field} {shown}: {status} (default {'none' if default is None else f'{default:g}'})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,6 +161,16 @@ class Verification:
     format: str
     thresholds: Thresholds
     checks: list[CheckResult]
+    defaults: Thresholds | None = None  # the format's default thresholds (None: the thresholds are the defaults)
+
+    @property
+    def threshold_entries(self) -> list[dict]:
+        return threshold_entries(self.thresholds, self.defaults or self.thresholds)
+
+    @property
+    def thresholds_changed(self) -> list[str]:
+        """`min_top1: disabled (default 0.9)` for each threshold that is not the format's default."""
+        return [e["text"] for e in self.threshold_entries if e["status"] != "default"]
 
     @property
     def passed(self) -> bool:
@@ -86,10 +194,10 @@ class Verification:
         self.checks.append(check)
 
     def as_dict(self) -> dict:
-        import dataclasses
-
         return {"export": str(self.export), "reference": str(self.reference), "format": self.format,
                 "passed": self.passed, "metrics": self.metrics, "thresholds": dataclasses.asdict(self.thresholds),
+                "threshold_defaults": dataclasses.asdict(self.defaults or self.thresholds),
+                "threshold_entries": self.threshold_entries, "thresholds_changed": self.thresholds_changed,
                 "checks": [c.as_dict() for c in self.checks]}
 
 
@@ -115,7 +223,7 @@ def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresh
         check, name = ENGINE_CHECKS[engine]
         if only is None or name in only:
             results.append(_run_one(check, name, ctx))
-    return Verification(ctx.export, ctx.reference.folder, ctx.format, ctx.thresholds, results)
+    return Verification(ctx.export, ctx.reference.folder, ctx.format, ctx.thresholds, results, ctx.defaults)
 
 
 def record_in_card(result: Verification) -> None:
@@ -125,9 +233,11 @@ def record_in_card(result: Verification) -> None:
 
     if not (result.export / "qexport.json").is_file():
         raise InputError(f"--write-card: {result.export} has no qexport.json (only qexport exports carry a card)")
-    checks = [{"name": c.name, "value": c.detail, "passed": None if c.skipped else c.passed} for c in result.checks]
+    checks = [{"name": c.name, "value": c.detail, "threshold": "; ".join(e["text"] for e in c.thresholds) or None,
+               "passed": None if c.skipped else c.passed} for c in result.checks]
     update_card_verification(result.export, verification_result("qexport verify", checks,
-                                                                reference=str(result.reference)))
+                                                                reference=str(result.reference),
+                                                                thresholds_changed=result.thresholds_changed))
 
 
 def run_checks(export_dir: str | Path, reference_dir: str | Path,

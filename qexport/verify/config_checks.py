@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .context import CHANGED_BY_EXPORT, PACKED_FORMATS, UNPACKED_FORMATS, CheckResult, Context, _fail, _listing, _ok
+from .context import (CHANGED_BY_EXPORT, PACKED_FORMATS, UNPACKED_FORMATS, CheckResult, Context, _fail, _listing, _ok,
+                      json_equal)
 
 
 def check_model_type(ctx: Context) -> CheckResult:
@@ -26,7 +27,8 @@ def check_config_keys(ctx: Context) -> CheckResult:
         return _fail(name, f"config.json: {ctx.config_error}")
     ref = ctx.reference.config
     missing = [k for k in ref if k not in CHANGED_BY_EXPORT and k not in ctx.config]
-    changed = [k for k in ref if k not in CHANGED_BY_EXPORT and k in ctx.config and ctx.config[k] != ref[k]]
+    changed = [k for k in ref
+               if k not in CHANGED_BY_EXPORT and k in ctx.config and not json_equal(ctx.config[k], ref[k])]
     metrics = {"missing_keys": missing, "changed_keys": changed}
     if missing or changed:
         parts = ([f"missing {_listing(missing)}"] if missing else []) + (

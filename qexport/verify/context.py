@@ -12,6 +12,7 @@ anything wrong inside the export is a failed check (exit 1).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class CheckResult:
     detail: str
     metrics: dict = field(default_factory=dict)
     skipped: bool = False
+    # The thresholds this check compared against, as `threshold_entries` describes them (set by the runner).
+    thresholds: list[dict] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -49,7 +52,7 @@ class CheckResult:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "passed": self.passed, "detail": self.detail,
-                "metrics": self.metrics}
+                "metrics": self.metrics, "thresholds": self.thresholds}
 
 
 def _ok(name, detail, **metrics) -> CheckResult:
@@ -104,12 +107,13 @@ class Context:
             self.ckpt_error = str(e)
         self.qc = (self.config or {}).get("quantization_config")
         self.format = detect_format(self.config, self.manifest)
+        self.defaults = thresholds_for(self.format)  # what reports compare the thresholds in use with
         if isinstance(thresholds, Thresholds):
             self.thresholds = thresholds
         else:
             self.thresholds = thresholds_for(self.format, thresholds)
-        self.loaded = None  # (model, loading_info) from transformers, set by check_reload
-        self.load_error = None
+        self._load = None  # (dtype, (model, loading_info)): one transformers load of the export at a time
+        self.load_errors: dict[torch.dtype, str] = {}
         self._inputs = None
 
     @property
@@ -147,15 +151,50 @@ class Context:
             _REFERENCE_OUTPUTS[key] = self.outputs(model)
         return _REFERENCE_OUTPUTS[key]
 
-    def reload(self) -> None:
-        """Load the export through transformers once (sets `loaded` or `load_error`)."""
+    @property
+    def config_dtype(self) -> torch.dtype:
+        """The dtype transformers loads this export in by default: config.json's `dtype` / `torch_dtype`."""
+        from ..functional import config_dtype
+
+        return config_dtype(self.config or {})
+
+    def load(self, dtype: torch.dtype):
+        """(model, loading_info) of the export loaded through transformers in `dtype`, or None (the reason in
+        `load_errors[dtype]`). Only the latest load is kept: loading another dtype drops the previous model
+        first, so two copies of a large model never sit in memory together."""
+        import gc
+
         from ..functional import load_model
 
-        if self.loaded is None and self.load_error is None:
-            try:
-                self.loaded = load_model(self.export)
-            except Exception as e:
-                self.load_error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        if self._load is not None and self._load[0] == dtype:
+            return self._load[1]
+        if dtype in self.load_errors:
+            return None
+        self._load = None
+        gc.collect()
+        try:
+            self._load = (dtype, load_model(self.export, dtype))
+        except Exception as e:
+            self.load_errors[dtype] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            return None
+        return self._load[1]
+
+    def reload(self) -> None:
+        """Load the export in float32 (the exactness checks compare it with our own float32 dequantization)."""
+        self.load(torch.float32)
+
+    @property
+    def loaded(self):
+        """(model, loading_info) of the float32 load, or None if transformers cannot load the export."""
+        return self.load(torch.float32)
+
+    @property
+    def load_error(self) -> str | None:
+        return self.load_errors.get(torch.float32)
+
+    def user_load(self):
+        """(model, loading_info) loaded the way users load it: in the dtype config.json names."""
+        return self.load(self.config_dtype)
 
     def dequantized_model(self):
         from ..dequant import dequantized_state_dict
@@ -165,6 +204,20 @@ class Context:
 
 
 _REFERENCE_OUTPUTS: dict = {}
+
+
+def json_equal(a, b) -> bool:
+    """Equality of parsed JSON values in which NaN equals NaN (json reads a NaN literal as float("nan"), and
+    nan != nan would make a faithful copy of a config holding one look changed)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):  # JSON true is not 1
+        return a is b
+    return a == b
 
 
 def _read_json_object(path: Path):

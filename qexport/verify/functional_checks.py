@@ -39,14 +39,43 @@ def check_reload_matches_dequant(ctx: Context) -> CheckResult:
                                             else f"within {diff:.3g} of our dequantization"), **metrics)
 
 
+def check_finite_outputs(ctx: Context) -> CheckResult:
+    """Both loads of the export -- float32 and the dtype config.json names, which is how users load it -- run the
+    fixed inputs to finite outputs. An fp16 export of a model whose activations pass 65504 fails here, naming the
+    first module (and decoder layer) where NaN/Inf appears."""
+    from ..functional import dtype_name, outputs_with_nonfinite
+
+    name = "finite_outputs"
+    dtypes = list(dict.fromkeys([torch.float32, ctx.config_dtype]))
+    problems, ran = [], []
+    metrics = {"config_dtype": dtype_name(ctx.config_dtype)}
+    for dtype in dtypes:
+        loaded = ctx.load(dtype)
+        if loaded is None:
+            continue  # the reload check reports why transformers cannot load it
+        _, nonfinite = outputs_with_nonfinite(loaded[0], ctx.outputs)
+        ran.append(dtype_name(dtype))
+        metrics[f"nonfinite_share_{dtype_name(dtype)}"] = 0.0 if nonfinite is None else nonfinite.share
+        if nonfinite is not None:
+            problems.append(nonfinite.describe(dtype))
+            metrics[f"nonfinite_first_{dtype_name(dtype)}"] = nonfinite.module
+            metrics[f"nonfinite_layer_{dtype_name(dtype)}"] = nonfinite.layer
+    if problems:
+        return _fail(name, "; ".join(problems), **metrics)
+    if not ran:
+        return _skip(name, "transformers cannot load the export")
+    return _ok(name, f"outputs finite when loaded in {' and '.join(ran)} (config.json: "
+                     f"{metrics['config_dtype']})", **metrics)
+
+
 def check_functional(ctx: Context) -> CheckResult:
     """Next-token KLD / top-1 (causal LM) or pooled-embedding cosine (encoder) vs the reference model."""
     from ..functional import compare
 
     name = "functional"
-    ctx.reload()
-    if ctx.loaded is not None:
-        model, source = ctx.loaded[0], "reloaded model"
+    loaded = ctx.user_load()  # in the dtype config.json names: the numbers users will see
+    if loaded is not None:
+        model, source = loaded[0], f"reloaded model ({str(ctx.config_dtype).removeprefix('torch.')})"
     elif ctx.ckpt is not None:
         model, source = ctx.dequantized_model(), "own dequantization (reload failed)"
     else:

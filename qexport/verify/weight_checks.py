@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .context import CheckResult, Context, _fail, _ok, _skip
@@ -26,11 +28,20 @@ def check_weights(ctx: Context) -> CheckResult:
         if w_hat.is_floating_point() and not torch.isfinite(w_hat).all():
             problems.append(f"{tname}: dequantizes to NaN/Inf")
             continue
+        if w.is_floating_point() and not torch.isfinite(w).all():
+            # A NaN/Inf in the source makes every comparison of this tensor meaningless (SQNR NaN), and the
+            # model it belongs to produces NaN outputs: nothing here can vouch for it.
+            problems.append(f"{tname}: the reference holds NaN/Inf, so the export cannot be verified against it")
+            continue
         if not w.is_floating_point():
             if not torch.equal(w, w_hat):
                 problems.append(f"{tname}: integer tensor differs from the reference")
             continue
-        (quantized_sqnr if is_quantized else dense_sqnr)[tname] = sqnr_db(w.float(), w_hat)
+        value = sqnr_db(w.float(), w_hat)
+        if math.isnan(value):
+            problems.append(f"{tname}: SQNR is NaN")
+            continue
+        (quantized_sqnr if is_quantized else dense_sqnr)[tname] = value
     thr = ctx.thresholds
     metrics = {"per_tensor_sqnr_db": {k: round(v, 3) for k, v in quantized_sqnr.items()}}
     if quantized_sqnr:
@@ -50,7 +61,8 @@ def check_weights(ctx: Context) -> CheckResult:
     if problems:
         return _fail(name, "; ".join(problems[:3]), **metrics)
     if quantized_sqnr:
-        return _ok(name, f"SQNR min {metrics['sqnr_min_db']:.2f} dB (>= {thr.min_sqnr_db}), median "
+        floor = "no floor" if thr.min_sqnr_db is None else f">= {thr.min_sqnr_db}"
+        return _ok(name, f"SQNR min {metrics['sqnr_min_db']:.2f} dB ({floor}), median "
                          f"{metrics['sqnr_median_db']:.2f} dB over {len(quantized_sqnr)} quantized tensors", **metrics)
     return _ok(name, f"{len(dense_sqnr)} dense tensors match the reference (>= {thr.dense_min_sqnr_db} dB)", **metrics)
 
