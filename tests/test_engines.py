@@ -33,14 +33,14 @@ def vllm_engine():
 
 
 @pytest.fixture(scope="module")
-def tiny_out(build_model, export_model):
-    out, _ = export_model(build_model("qwen3"))
-    return out
+def tiny_src(build_model):
+    return build_model("qwen3")  # bf16 weights
 
 
 @pytest.fixture(scope="module")
-def tiny_src(build_model):
-    return build_model("qwen3")
+def tiny_out(tiny_src, export_model):
+    out, _ = export_model(tiny_src)
+    return out
 
 
 def vllm_check(folder, src, engine):
@@ -51,19 +51,24 @@ def vllm_check(folder, src, engine):
 QUANTIZED_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head stays dense
 
 
-def test_vllm_generates_int4_like_transformers(tiny_out, tiny_src, vllm_engine):
-    check = vllm_check(tiny_out / "int4", tiny_src, vllm_engine)
+@pytest.mark.parametrize("source_dtype", ["bfloat16", "float16"])
+def test_vllm_generates_int4_like_transformers(build_model, export_model, vllm_engine, source_dtype):
+    # The int4 export keeps the source's compute dtype (config dtype), which vLLM's "auto" dtype runs.
+    src = build_model("qwen3", dtype=source_dtype)
+    out, _ = export_model(src, formats=("int4",))
+    check = vllm_check(out / "int4", src, vllm_engine)
     assert check.passed, check.detail
     assert check.metrics["vllm_checked"] == ["config_parse", "scheme_selection", "generation"]
     assert check.metrics["vllm_schemes"]["CompressedTensorsWNA16 [CPUWNA16LinearKernel]"] == QUANTIZED_LINEARS
-    assert check.metrics["engine_max_abs_dlogprob"] <= MAX_ABS_DLOGPROB
+    assert f"in {source_dtype}" in check.detail
+    assert check.metrics["engine_max_abs_dlogprob"] <= MAX_ABS_DLOGPROB[source_dtype]
 
 
 def test_vllm_generates_fp16_like_transformers(tiny_out, tiny_src, vllm_engine):
     check = vllm_check(tiny_out / "fp16", tiny_src, vllm_engine)
     assert check.passed, check.detail
     assert check.metrics["vllm_checked"] == ["config_parse", "generation"]
-    assert check.metrics["engine_max_abs_dlogprob"] <= MAX_ABS_DLOGPROB
+    assert check.metrics["engine_max_abs_dlogprob"] <= MAX_ABS_DLOGPROB["float16"]
 
 
 def test_vllm_maps_every_int8_linear_to_weight_only_scheme(tiny_out, tiny_src, vllm_engine):
