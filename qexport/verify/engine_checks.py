@@ -18,7 +18,7 @@ from .context import CheckResult, Context, _fail, _listing, _ok, _skip, has_toke
 
 # |logprob(vLLM) - logprob(transformers)| on the same folder, tokens and dtype, per dtype. Measured on the tiny
 # qwen3 preset (vLLM 0.32 CPU vs transformers 5.24, 3 prompts, 78 scored positions incl. 24 generated): fp16
-# export (fp16) max 9.8e-4; int4 export of an fp16 source (fp16) max 9.9e-4; int4 export of a bf16 source
+# export (fp16) max 9.8e-4 / 9.9e-4 (bf16 / fp16 source); int4 export of an fp16 source (fp16) max 9.8e-4; of a bf16 source
 # (bf16, what vLLM's dtype "auto" picks from its config) max 8.4e-3 (the issue measured 1.5e-3 on int4 fp16).
 # Both sides round activations in a different order: fp16 keeps 11 significant bits, bf16 8, so bf16's error
 # is ~8x fp16's, as measured. The bounds sit 10x (fp16) and 6x (bf16) above the measurements; a misread packing
