@@ -142,6 +142,20 @@ def test_quantized_linear_that_vllm_loads_dense_fails(qwen3_out, qwen3_src):
     assert not check.passed and "q_proj is stored quantized but vLLM would load it dense" in check.detail
 
 
+def test_quantized_files_without_quantization_config_fail(qwen3_out, qwen3_src, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(qwen3_out / "int4", tmp_path / "int4")
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    ctx = Context(folder, qwen3_src)
+    layers = {w[:-7]: {"scheme": None} for w in ctx.arch.linear_weights}  # what the child reports for a dense config
+    check = judge_vllm(ctx, child_result(stages=["config_parse"], layers=layers, quant_method=None,
+                                         not_generated="x"))
+    assert not check.passed and "stored quantized but vLLM would load it dense" in check.detail
+
+
 def test_no_kernel_passes_but_says_generation_was_not_checked(qwen3_out, qwen3_src):
     ctx = Context(qwen3_out / "int4", qwen3_src)
     layers = {w[:-7]: {"scheme": "CompressedTensorsWNA16", "kernel": None, "kernel_error": "no"}

@@ -57,9 +57,10 @@ def _schemes(request, result, torch):
 
     with open(os.path.join(request["model"], "config.json"), encoding="utf-8") as f:
         qc = json.load(f).get("quantization_config")
-    if qc is None:
+    if qc is None:  # dense: vLLM loads every Linear unquantized (the parent compares that with the files)
         result["stages"].append("config_parse")
         result["quant_method"] = None
+        result["layers"] = {layer["name"]: {"scheme": None} for layer in request["linears"]}
         return []
     result["quant_method"] = qc.get("quant_method")
     if qc.get("quant_method") != "compressed-tensors":
