@@ -25,7 +25,10 @@ def _add_export(sub):
     _add_merge_inputs(p, base_option=False)
     p.add_argument("--formats", nargs="+", default=["fp16", "int8", "int4"], metavar="FMT",
                    help="formats to write (default: fp16 int8 int4)")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size along the input. Default: the largest of 128, 64, 32 that every Linear's "
+                        "input size divides by (one per model). Given: exactly that; Linears whose input does not "
+                        "divide by it stay dense, with a warning")
     p.add_argument("--workers", type=int, default=1, help="threads encoding tensors (output is identical for any N)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep Linear weights holding NaN/Inf dense instead of refusing the export")

@@ -52,8 +52,19 @@ def export_rows(manifests: dict[str, dict]) -> list[dict]:
             else round(s["quantized_ratio_vs_fp16"], 3),
             "bits/quantized weight": None if s["bits_per_quantized_weight"] is None
             else round(s["bits_per_quantized_weight"], 3),
+            "Linears quantized": _linears_quantized(s, m.get("parameters", {})),
         })
     return rows
+
+
+def _linears_quantized(summary: dict, parameters: dict) -> str | None:
+    """'168/168 (100% of bytes), g64' for a quantizing format; None for one that quantizes nothing."""
+    if not summary.get("linear_weights") or not parameters.get("weights"):
+        return None
+    text = (f"{summary['quantized_linears']}/{summary['linear_weights']} "
+            f"({100 * summary['quantized_linear_share']:.0f}% of bytes)")
+    group = parameters["weights"].get("group_size")
+    return text + (f", g{group}" if parameters["weights"].get("strategy") == "group" else "")
 
 
 def print_export_summary(manifests: dict[str, dict], out) -> None:

@@ -1,6 +1,6 @@
-"""Output formats by name. Importing this package registers fp16, int8, int4 and original."""
+"""Output formats by name. Importing this package registers fp16, int8, int4, int4-asym and original."""
 
-from . import fp16, int4, int8, original  # noqa: F401  (registration)
+from . import fp16, int4, int4_asym, int8, original  # noqa: F401  (registration)
 from .base import REGISTRY, Format
 
 

@@ -133,6 +133,16 @@ def _module_layout(ctx: Context, module: str, parts: dict[str, str]) -> list[str
     else:
         problems.append(f"{module}: weight_scale without weight or weight_packed")
     scale = entries.get(parts.get("weight_scale", ""))
+    if args.get("symmetric", True) is False and scale is not None and len(scale.shape) == 2:
+        zp = entries.get(parts.get("weight_zero_point", ""))
+        # pack-quantized packs zero points along the output dimension; naive / int-quantized store one per group
+        want = ("I32", (math.ceil(rows * bits / 32), scale.shape[1])) if "weight_packed" in parts \
+            else (None, (rows, scale.shape[1]))
+        if zp is None:
+            problems.append(f"{module}: asymmetric (symmetric: false) but no weight_zero_point")
+        elif tuple(zp.shape) != want[1] or want[0] not in (None, zp.dtype):
+            problems.append(f"{module}.weight_zero_point is {zp.dtype} {list(zp.shape)}, expected "
+                            f"{want[0] or ''} {list(want[1])}".replace("  ", " "))
     if scale is not None:
         if strategy == "group" and group_size:
             want = (rows, cols // group_size) if cols % group_size == 0 else None
@@ -240,7 +250,14 @@ def check_bytes(ctx: Context) -> CheckResult:
     weight_bytes = sum(p.stat().st_size for p in ctx.ckpt.files)
     fp16_bytes = sum(nbytes("F16", e.shape) if e.dtype.startswith(("F", "BF")) else e.nbytes
                      for n, e in ctx.reference.entries.items() if n not in ctx.arch.tied_names)
-    metrics = {"weight_bytes": weight_bytes, "file_ratio": fp16_bytes / weight_bytes if weight_bytes else None,
+    # Share of the body's Linear weights stored quantized (all nn.Linear weights but the output head, lm_head,
+    # which stays dense by convention): a g128 export of a hidden-576 model would show most of them dense here.
+    body = {n: math.prod(ctx.reference.entries[n].shape) for n in ctx.arch.linear_weights - ctx.arch.tied_names
+            if n in ctx.reference.entries and n.removesuffix(".weight").rpartition(".")[2] != "lm_head"}
+    quantized_body = [n for n in body if n.removesuffix(".weight") in quantized]
+    metrics = {"linear_weights": len(body), "quantized_linears": len(quantized_body),
+               "quantized_linear_share": sum(body[n] for n in quantized_body) / sum(body.values()) if body else None,
+               "weight_bytes": weight_bytes, "file_ratio": fp16_bytes / weight_bytes if weight_bytes else None,
                "quantized_weights": q_weights, "quantized_bytes": q_bytes,
                "quantized_ratio": 2 * q_weights / q_bytes if q_bytes else None,
                "bits_per_quantized_weight": 8 * q_bytes / q_weights if q_weights else None}
@@ -256,5 +273,8 @@ def check_bytes(ctx: Context) -> CheckResult:
         return _fail(name, "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""), problems=problems,
                      **metrics)
     ratio = f"quantized {metrics['quantized_ratio']:.3f}x, " if q_bytes else ""
+    if q_bytes and body:
+        ratio = (f"{len(quantized_body)}/{len(body)} Linears quantized "
+                 f"({100 * metrics['quantized_linear_share']:.1f}% of their bytes), {ratio}")
     return _ok(name, f"stored == predicted; {ratio}whole files {metrics['file_ratio']:.3f}x vs fp16", **metrics)
 
