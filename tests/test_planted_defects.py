@@ -167,6 +167,12 @@ NOT_ISOLATED = {
                               "(a stray weight_g_idx is reported by reload first)",
 }
 
+# Checks whose planted defects live with their own fixtures, and where.
+PLANTED_ELSEWHERE = {
+    "engine_sentence_transformers": "needs a sentence-transformers folder (MiniLM, modules.json): "
+                                    "tests/test_engine_checks.py::test_export_that_lost_modules_json_fails",
+}
+
 
 @pytest.fixture(scope="module")
 def overflow_src(tmp_path_factory, build_model):
@@ -228,10 +234,11 @@ def failed(result) -> set[str]:
 
 def test_every_check_has_a_planted_defect_that_fails_it():
     failing = set().union(*(d.fails for d in DEFECTS))
-    assert set(CHECK_NAMES) - failing == set(), "a check without a planted defect could always pass unnoticed"
+    assert set(CHECK_NAMES) - failing == set(PLANTED_ELSEWHERE), "a check without a planted defect could always " \
+                                                                 "pass unnoticed"
     fails_alone = {d.target for d in DEFECTS if d.fails == {d.target}}
-    assert set(CHECK_NAMES) - fails_alone == set(NOT_ISOLATED), "NOT_ISOLATED must list exactly the checks no row " \
-                                                                "isolates"
+    assert set(CHECK_NAMES) - fails_alone == set(NOT_ISOLATED) | set(PLANTED_ELSEWHERE), \
+        "NOT_ISOLATED must list exactly the checks no row isolates"
     assert all(d.why for d in DEFECTS if d.fails != {d.target}), "co-firing rows must say why"
     assert all(d.target in d.fails for d in DEFECTS)
 
