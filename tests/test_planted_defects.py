@@ -27,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qexport import quant
 from qexport.thresholds import DEFAULTS
 from qexport.verify import CHECK_NAMES, verify
 from tests import defects
@@ -370,3 +371,122 @@ def test_defect_just_past_a_default_threshold_fails_it_and_passes_just_beyond(ju
     assert not at_default.passed and row.metric in at_default.detail, at_default.detail
     loosened = {**vars(DEFAULTS[row.fmt]), **off, row.field: row.loosened}
     assert verify(folder, ref, thresholds=loosened, only=[row.check]).checks[0].passed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Each way the file-level checks can fail, one small defect per branch (verify with that check only: under a second).
+# Found by mutation testing (bench/MUTATION.md): branches of these checks no planted defect above reached.
+
+
+def _tensors(change):
+    return lambda folder, ref: defects.edit_tensors(folder, change)
+
+
+def _manifest(change):
+    return lambda folder, ref: defects.edit_json(folder / "qexport.json", change)
+
+
+def _file_record(change, name="model.safetensors"):
+    return _manifest(lambda m: change(next(r for r in m["files"] if r["name"] == name)))
+
+
+def _unpacked_int8(t):
+    for name in [n for n in t if n.endswith(".weight_packed")]:
+        module = name.removesuffix(".weight_packed")
+        cols = int(t.pop(f"{module}.weight_shape")[1])
+        t[f"{module}.weight"] = quant.unpack_int8(t.pop(name), cols)
+
+
+def _ignore_down(c):
+    c["quantization_config"]["ignore"].append(DOWN)
+
+
+def _bad_group_size(c):
+    c["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 96
+
+
+FILE_FAULTS = [
+    # (id, fmt, plant, check, phrase in the detail, keep qexport.json)
+    ("weight_shape_wrong", "int4", _tensors(lambda t: t[f"{DOWN}.weight_shape"].add_(torch.tensor([0, 8]))),
+     "layout", "weight_shape is", False),
+    ("weight_shape_missing", "int4", _tensors(lambda t: t.pop(f"{DOWN}.weight_shape")), "layout",
+     "weight_packed without weight_shape", False),
+    ("packed_as_int64", "int4", _tensors(lambda t: t.update({f"{DOWN}.weight_packed": t[f"{DOWN}.weight_packed"].long()})),
+     "layout", f"{DOWN}.weight_packed is I64", False),
+    ("scale_per_channel_under_group", "int4",
+     _tensors(lambda t: t.update({f"{DOWN}.weight_scale": t[f"{DOWN}.weight_scale"][:, :1].contiguous()})), "layout",
+     "group strategy needs", False),
+    ("scale_integer", "int4", _tensors(lambda t: t.update({f"{DOWN}.weight_scale": t[f"{DOWN}.weight_scale"].int()})),
+     "layout", "not floating point", False),
+    ("scale_without_weight", "int4",
+     _tensors(lambda t: [t.pop(f"{DOWN}.{leaf}") for leaf in ("weight_packed", "weight_shape")]), "layout",
+     "weight_scale without weight or weight_packed", False),
+    ("group_size_not_dividing", "int4", config(_bad_group_size), "layout", "does not divide by group_size 96", False),
+    ("quantized_but_ignored", "int4", config(_ignore_down), "layout", "no config group targets it", False),
+    ("no_quantization_config", "int4", config(lambda c: c.pop("quantization_config")), "layout",
+     "has no quantization_config", False),
+    ("int8_unpacked_under_packed_format", "int8", _tensors(_unpacked_int8), "layout",
+     "unpacked int8 codes but the config format is 'pack-quantized'", False),
+    ("manifest_lists_missing_file", "int8",
+     _manifest(lambda m: m["files"].append({"name": "ghost.json", "bytes": 1, "sha256": "0"})), "manifest",
+     "ghost.json is listed but missing", True),
+    ("manifest_size_differs", "int8", _file_record(lambda r: r.update(bytes=r["bytes"] + 1)), "manifest",
+     "manifest says", True),
+    ("manifest_tensor_shape_differs", "int8",
+     _manifest(lambda m: m["tensors"]["model.norm.weight"].update(shape=[1])), "manifest",
+     "'model.norm.weight' is", True),
+    ("manifest_tensor_not_stored", "int8", _manifest(lambda m: m["tensors"].update(ghost=m["tensors"]["model.norm.weight"])),
+     "manifest", "'ghost' is in the manifest but not in the shards", True),
+    ("manifest_misses_a_weights_file", "int8", _manifest(lambda m: m.update(
+        files=[r for r in m["files"] if r["name"] != "model.safetensors"])), "manifest",
+     "model.safetensors is not in the manifest", True),
+    ("manifest_not_json", "int8", lambda f, r: (f / "qexport.json").write_text("{"), "manifest", "qexport.json", True),
+    ("predicted_file_bytes_differ", "int8", _file_record(lambda r: r.update(predicted_bytes=r["predicted_bytes"] - 8)),
+     "bytes", "predicted", True),
+    ("predicted_tensor_bytes_differ", "int8",
+     _manifest(lambda m: m["tensors"]["model.norm.weight"].update(predicted_bytes=2)), "bytes",
+     "'model.norm.weight' stores", True),
+]
+
+
+@pytest.fixture(scope="module")
+def file_fault_folder(sources, tmp_path_factory):
+    def get(fault_id, fmt, plant, keep):
+        ref, root = sources("qwen3")
+        folder = tmp_path_factory.mktemp("file-fault") / fault_id
+        shutil.copytree(root / fmt, folder)
+        if not keep:
+            (folder / "qexport.json").unlink()
+        plant(folder, ref)
+        return folder, ref
+    return get
+
+
+@pytest.mark.parametrize("fault_id,fmt,plant,check,phrase,keep", FILE_FAULTS, ids=[f[0] for f in FILE_FAULTS])
+def test_file_fault_fails_its_check_naming_it(file_fault_folder, fault_id, fmt, plant, check, phrase, keep):
+    folder, ref = file_fault_folder(fault_id, fmt, plant, keep)
+    [result] = verify(folder, ref, only=[check]).checks
+    assert not result.passed and phrase in result.detail, result.detail
+
+
+def test_dense_export_with_a_quantization_config_fails_layout(sources, tmp_path):
+    ref, root = sources("qwen3")
+    folder = tmp_path / "fp16"
+    shutil.copytree(root / "fp16", folder)
+    qc = json.loads((root / "int4" / "config.json").read_text())["quantization_config"]
+    defects.edit_json(folder / "config.json", lambda c: c.update(quantization_config=qc))
+    [result] = verify(folder, ref, only=["layout"]).checks
+    assert not result.passed and "no module is stored quantized" in result.detail
+
+
+def test_min_quantized_ratio_floor_just_above_int4_g128_fails_and_just_below_passes(sources):
+    # int4 g128 with fp16 scales and int64 weight_shape: 3.879x vs fp16 on this fixture (4.125 bits + 16 bytes a
+    # module), measured by the check itself; an opt-in floor 0.001 above fails, 0.001 below passes.
+    ref, root = sources("qwen3")
+    ratio = verify(root / "int4", ref, only=["bytes"]).checks[0].metrics["quantized_ratio"]
+    assert 3.87 < ratio < 3.88
+    high = verify(root / "int4", ref, thresholds={**vars(DEFAULTS["int4"]), "min_quantized_ratio": ratio + 1e-3},
+                  only=["bytes"]).checks[0]
+    assert not high.passed and "compress" in high.detail
+    low = {**vars(DEFAULTS["int4"]), "min_quantized_ratio": ratio - 1e-3}
+    assert verify(root / "int4", ref, thresholds=low, only=["bytes"]).checks[0].passed
