@@ -33,8 +33,11 @@ def mutmut(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def module_pattern(path: str) -> str:
-    """qexport/verify/layout_checks.py -> the mutant-name glob mutmut matches: qexport.verify.layout_checks.*"""
-    return path.removesuffix(".py").replace("/", ".") + ".*"
+    """qexport/verify/layout_checks.py -> the mutant-name glob mutmut matches: qexport.verify.layout_checks.*;
+    qexport/verify/layout_checks.py::check_layout -> only that function's mutants."""
+    path, _, function = path.partition("::")
+    module = path.removesuffix(".py").replace("/", ".")
+    return f"{module}.x_{function}__mutmut_*" if function else f"{module}.*"
 
 
 def results(modules: list[str] | None) -> dict[str, dict[str, int | None]]:
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="mutate and test the given modules, then write bench/MUTATION.md")
-    run.add_argument("modules", nargs="*", help="module files, e.g. qexport/thresholds.py (default: all)")
+    run.add_argument("modules", nargs="*", help="module files, e.g. qexport/thresholds.py, or one function of one: "
+                     "qexport/verify/layout_checks.py::check_layout (default: all of qexport/)")
     run.add_argument("--max-children", type=int, default=2)
     run.add_argument("--note", default="", help="a line for the summary (machine, load, what was left out)")
     summary = sub.add_parser("summary", help="write bench/MUTATION.md from the results in mutants/")
@@ -97,7 +101,8 @@ def main(argv=None) -> int:
         wall = time.monotonic() - start
     else:
         wall = None if args.wall_minutes is None else args.wall_minutes * 60
-    OUT.write_text(summarise(args.modules or None, wall, args.note))
+    files = sorted({m.partition("::")[0] for m in args.modules}) or None
+    OUT.write_text(summarise(files, wall, args.note))
     print(f"wrote {OUT}")
     return 0
 
