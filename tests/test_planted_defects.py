@@ -490,3 +490,30 @@ def test_min_quantized_ratio_floor_just_above_int4_g128_fails_and_just_below_pas
     assert not high.passed and "compress" in high.detail
     low = {**vars(DEFAULTS["int4"]), "min_quantized_ratio": ratio - 1e-3}
     assert verify(root / "int4", ref, thresholds=low, only=["bytes"]).checks[0].passed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# qexport/thresholds.py survivors of mutation testing (bench/MUTATION.md)
+
+
+def test_threshold_errors_name_the_option_they_came_from():
+    from qexport.errors import InputError
+    from qexport.thresholds import parse_overrides
+
+    with pytest.raises(InputError, match=r"^--threshold: 'bogus=1' is not NAME=VALUE"):
+        parse_overrides(["bogus=1"])
+    with pytest.raises(InputError, match=r"^--qexport-threshold: 'min_top1=x': 'x' is not a number"):
+        parse_overrides(["min_top1=x"], option="--qexport-threshold")
+
+
+def test_unknown_format_gets_the_fp16_thresholds():
+    from qexport.thresholds import thresholds_for
+
+    assert thresholds_for("bf16") == DEFAULTS["fp16"]
+    assert thresholds_for("int8", {"min_top1": None}).min_top1 is None
+
+
+def test_regression_allowance_is_absolute_plus_relative_to_the_baseline():
+    from qexport.thresholds import Regression
+
+    assert Regression(higher_is_better=True, abs_tol=0.01, rel_tol=0.1).allowed(-2.0) == pytest.approx(0.21)
