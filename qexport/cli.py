@@ -151,6 +151,10 @@ def _add_verify(sub):
                    help="record the results in EXPORT's README.md model card and qexport.json (qexport exports)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress on stderr (default: each check's name as it starts, its time as it ends)")
+    p.add_argument("--engine", action="append", default=[], metavar="vllm[=PYTHON]",
+                   help="also run the export in this engine (check engine_vllm): vLLM in its own interpreter, "
+                        "default $QEXPORT_VLLM_PYTHON or ~/.cache/qexport/vllm-venv/bin/python; if it cannot "
+                        "run, the check fails")
     p.set_defaults(run=_run_verify)
 
 
@@ -173,11 +177,13 @@ def _run_verify(args) -> int:
     from .errors import VerificationFailed
     from .html_report import to_json, verification_html, write_text
     from .thresholds import parse_overrides
+    from .engines.runner import parse_engine
     from .verify import check_baseline, load_baseline, record_in_card, verify
 
     overrides = parse_overrides(args.threshold)
+    engines = [parse_engine(value) for value in args.engine]
     baseline = load_baseline(args.baseline) if args.baseline else None
-    result = verify(args.export, args.reference, overrides,
+    result = verify(args.export, args.reference, overrides, engines=engines,
                     progress=None if args.quiet else _VerifyProgress(sys.stderr))
     if baseline is not None:
         result.add(check_baseline(result.metrics, baseline))
@@ -202,7 +208,9 @@ def _run_verify(args) -> int:
                                  + "; ".join(f"{c.name}: {c.detail}" for c in failures))
     changed = f"; {len(result.thresholds_changed)} threshold(s) not at their defaults" if result.thresholds_changed \
         else ""
-    print(f"all {len(result.checks)} checks passed ({result.format}{changed})")
+    skipped = [c.name for c in result.checks if c.skipped]
+    print(f"all {len(result.checks) - len(skipped)} checks passed ({result.format}{changed})"
+          + (f"; {len(skipped)} skipped (not passed, not failed): {', '.join(skipped)}" if skipped else ""))
     return 0
 
 

@@ -1,13 +1,16 @@
 """pytest plugin (entry point `pytest11: qexport`): a one-line CI gate, and the report hooks of qexport's own suite.
 
     pytest --qexport-model PATH [--qexport-formats int8 int4] [--qexport-keep DIR] [--qexport-threshold NAME=VALUE]
+           [--qexport-engine vllm[=PYTHON]]
     pytest --qexport-export OUT/int4 [OUT2/int8 ...] --qexport-reference SRC
     ... --qexport-only          (the gate alone: the folder's own tests are not collected)
 
 exports the model at PATH in each format (to a temporary folder, or DIR/<format> with --qexport-keep), or takes
 existing export folders, and runs every `qexport verify` check on each, one test item per (target, check), named
 `qexport[int4]::functional` etc. Thresholds come from the format defaults (qexport.thresholds), then the
-`qexport_thresholds` ini lines, then `--qexport-threshold` options. Without a gate option the plugin adds no tests.
+`qexport_thresholds` ini lines, then `--qexport-threshold` options. `--qexport-engine vllm` adds the item
+`qexport[FMT]::engine_vllm` (vLLM in its own interpreter; see qexport.engines.runner); an engine that cannot run
+fails its item. Without a gate option the plugin adds no tests.
 
 Under pytest-xdist each export is made once per session (a file lock in the controller's folder, which every worker
 shares) and all items of one target run on one worker (xdist's loadgroup), which exports, loads and computes the
@@ -52,6 +55,8 @@ def pytest_addoption(parser):
                     help="run only the gate's items: the folder's own tests are neither collected nor run")
     group.addoption("--qexport-threshold", action="append", default=[], metavar="NAME=VALUE",
                     help="override a threshold, e.g. max_kld_mean=0.05 (repeatable; see qexport.thresholds)")
+    group.addoption("--qexport-engine", action="append", default=[], metavar="vllm[=PYTHON]",
+                    help="also run each export in this engine (item engine_vllm; repeatable)")
     group.addoption("--qexport-json", metavar="PATH", default=None,
                     help="write the summary rows and per-test metrics as JSON (default: next to --html)")
     parser.addini("qexport_formats", type="args", default=["int8", "int4"],
@@ -231,6 +236,9 @@ class Gate:
             for fmt in formats:
                 get_format(fmt)  # InputError naming an unknown format
             self.targets = {fmt: Target(fmt, fmt=fmt) for fmt in dict.fromkeys(formats)}
+        from .engines.runner import parse_engine
+
+        self.engines = [parse_engine(value) for value in config.getoption("qexport_engine")]
         self.keep = Path(keep) if keep is not None else None
         workerinput = getattr(config, "workerinput", {})
         self.worker = workerinput.get("workerid", "main")
@@ -284,7 +292,9 @@ class Gate:
             try:
                 if "error" in made:
                     raise CheckFailed(made["error"])
-                self._contexts[label] = Context(made["folder"], self.reference, self.overrides)
+                ctx = Context(made["folder"], self.reference, self.overrides)
+                ctx.engines = {spec.name: spec for spec in self.engines}
+                self._contexts[label] = ctx
             except Exception as e:  # InputError (not a model folder, ...) and anything else
                 self._contexts[label] = e
         return self._contexts[label]
@@ -292,11 +302,12 @@ class Gate:
     def check(self, label: str, check: str):
         """The CheckResult of one check on the target (each item runs its own; they share the context)."""
         if (label, check) not in self._results:
-            from .verify import CHECK_NAMES, CHECKS, _run_one
+            from .verify import CHECK_NAMES, CHECKS, ENGINE_CHECKS, _run_one
 
             ctx = self.context(label)
+            functions = {**dict(zip(CHECK_NAMES, CHECKS)), **{name: f for f, name in ENGINE_CHECKS.values()}}
             self._results[label, check] = ctx if isinstance(ctx, Exception) else \
-                _run_one(CHECKS[CHECK_NAMES.index(check)], check, ctx)
+                _run_one(functions[check], check, ctx)
         return self._results[label, check]
 
     def cleanup(self) -> None:
@@ -385,16 +396,18 @@ def pytest_collection_modifyitems(session, config, items):
     gate = config.stash.get(_GATE, None)
     if gate is None:
         return
-    from .verify import CHECK_NAMES
+    from .verify import CHECK_NAMES, ENGINE_CHECKS, applies
 
     if config.getoption("qexport_only"):
         # Gate only: whatever the folder's own tests are, none runs (pytest_ignore_collect skipped collecting most).
         if items:
             config.hook.pytest_deselected(items=list(items))
             items.clear()
+    engine_names = [ENGINE_CHECKS[e.name][1] for e in gate.engines]
     added = []
-    for label in gate.targets:
-        for check in CHECK_NAMES:
+    for label, target in gate.targets.items():
+        folders = [gate.reference] + ([target.folder] if target.folder is not None else [])
+        for check in [c for c in CHECK_NAMES if applies(c, *folders)] + engine_names:
             name = f"qexport[{label}]::{check}"
             # Under xdist every item of one target goes to the same worker (xdist's loadgroup `@group` suffix):
             # that worker alone exports, loads and computes reference outputs for it; targets run in parallel.

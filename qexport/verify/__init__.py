@@ -22,6 +22,7 @@ from ..thresholds import Thresholds
 from .baseline import check_baseline, load_baseline  # noqa: F401  (public API)
 from .config_checks import check_config_keys, check_model_type, check_quantization_config
 from .context import CheckResult, Context, _fail, _listing, detect_format, has_tokenizer, open_tensors, weights_args  # noqa: F401
+from .engine_checks import check_engine_sentence_transformers, check_engine_vllm
 from .file_checks import check_side_files, check_tokenizer, check_tokenizer_files
 from .functional_checks import (check_finite_outputs, check_functional, check_functional_vs_rtn, check_reload,
                                 check_reload_matches_dequant)
@@ -32,13 +33,15 @@ CHECKS: list[Callable[[Context], CheckResult]] = [
     check_model_type, check_config_keys, check_quantization_config, check_shards, check_manifest,
     check_tensor_names, check_layout, check_bytes, check_weights, check_tokenizer_files, check_side_files,
     check_tokenizer, check_reload, check_reload_matches_dequant, check_finite_outputs, check_functional,
-    check_functional_vs_rtn,
+    check_functional_vs_rtn, check_engine_sentence_transformers,
 ]
 CHECK_NAMES = [
     "model_type", "config_keys", "quantization_config", "shards", "manifest", "tensor_names", "layout", "bytes",
     "weights_sqnr", "tokenizer_files", "side_files", "tokenizer", "reload", "reload_matches_dequant",
-    "finite_outputs", "functional", "functional_vs_rtn",
+    "finite_outputs", "functional", "functional_vs_rtn", "engine_sentence_transformers",
 ]
+# Engines that run only when asked (`--engine NAME[=PYTHON]`): name -> (check, row name).
+ENGINE_CHECKS: dict[str, tuple[Callable[[Context], CheckResult], str]] = {"vllm": (check_engine_vllm, "engine_vllm")}
 
 # The thresholds each check compares against; reports show them beside the check's result. Encoders use
 # the cosine bounds, causal LMs the KLD and top-1 bounds (see `_thresholds_of`).
@@ -205,19 +208,31 @@ class Verification:
                 "checks": [c.as_dict() for c in self.checks]}
 
 
+def applies(check_name: str, *folders: Path) -> bool:
+    """Whether a check has a row for these folders: sentence-transformers only for its own folders."""
+    if check_name == "engine_sentence_transformers":
+        return any((Path(folder) / "modules.json").is_file() for folder in folders)
+    return True
+
+
 # progress(name, index, total, elapsed, result): called when a check starts (result None) and when it ends (its
 # CheckResult); index counts from 1 over the checks that run, elapsed is seconds since verify() started.
 Progress = Callable[[str, int, int, float, "CheckResult | None"], None]
 
 
 def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresholds | dict | None = None,
-           only: list[str] | None = None, progress: Progress | None = None) -> Verification:
-    """Run the checks (all, or those named in `only`) and return them with the headline metrics."""
+           only: list[str] | None = None, engines=(), progress: Progress | None = None) -> Verification:
+    """Run the checks (all, or those named in `only`) and return them with the headline metrics.
+
+    `engines`: EngineSpecs (qexport.engines.runner.parse_engine) whose checks run too, e.g. engine_vllm."""
     import time
 
     start = time.perf_counter()
     ctx = Context(export_dir, reference_dir, thresholds)
-    chosen = [(check, name) for check, name in zip(CHECKS, CHECK_NAMES) if only is None or name in only]
+    ctx.engines = {spec.name: spec for spec in engines}
+    chosen = [(check, name) for check, name in zip(CHECKS, CHECK_NAMES)
+              if (only is None or name in only) and applies(name, ctx.export, ctx.reference.folder)]
+    chosen += [ENGINE_CHECKS[engine] for engine in ctx.engines if only is None or ENGINE_CHECKS[engine][1] in only]
     results = []
     for index, (check, name) in enumerate(chosen, 1):
         if progress is not None:
