@@ -504,6 +504,8 @@ def test_threshold_errors_name_the_option_they_came_from():
         parse_overrides(["bogus=1"])
     with pytest.raises(InputError, match=r"^--qexport-threshold: 'min_top1=x': 'x' is not a number"):
         parse_overrides(["min_top1=x"], option="--qexport-threshold")
+    with pytest.raises(InputError, match=r"'0.9=1' is not a number"):  # the name ends at the first '='
+        parse_overrides(["min_top1=0.9=1"])
 
 
 def test_unknown_format_gets_the_fp16_thresholds():
