@@ -500,8 +500,10 @@ def test_threshold_errors_name_the_option_they_came_from():
     from qexport.errors import InputError
     from qexport.thresholds import parse_overrides
 
-    with pytest.raises(InputError, match=r"^--threshold: 'bogus=1' is not NAME=VALUE"):
+    with pytest.raises(InputError, match=r"^--threshold: 'bogus=1' is not NAME=VALUE with NAME one of "
+                                         r"cosine_vs_rtn_slack, dense_min_sqnr_db, "):
         parse_overrides(["bogus=1"])
+    assert parse_overrides(["max-kld-mean=0.05"]) == {"max_kld_mean": 0.05}  # dashes as on the command line
     with pytest.raises(InputError, match=r"^--qexport-threshold: 'min_top1=x': 'x' is not a number"):
         parse_overrides(["min_top1=x"], option="--qexport-threshold")
     with pytest.raises(InputError, match=r"'0.9=1' is not a number"):  # the name ends at the first '='
