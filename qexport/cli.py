@@ -227,12 +227,30 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (`qexport inspect --json | head`): stop quietly, as `cat` does.
+
+    What is still buffered can never be written; pointing stdout at /dev/null keeps the interpreter's final flush
+    from printing a second error. Exit status 141 = 128 + SIGPIPE, what a shell reports for a tool killed by it.
+    """
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import InputError, VerificationFailed
 
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a reader that stopped early (`| head`) shows here, while BrokenPipeError is caught
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except InputError as e:
         print(f"qexport: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code

@@ -19,8 +19,8 @@ import struct
 from pathlib import Path
 
 from .card import CARD_FILE, MANIFEST_FILE, layer_type
-from .errors import InputError
-from .safetensors_io import DTYPES, MAX_HEADER_BYTES, TensorEntry, nbytes, read_header
+from .errors import InputError, not_a_model_folder
+from .safetensors_io import ITEMSIZES, MAX_HEADER_BYTES, TensorEntry, nbytes, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -68,7 +68,7 @@ def _header(path: Path, problems: list[str]) -> tuple[dict[str, TensorEntry], in
     for name, info in raw.items():
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if dtype not in DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):
+            if dtype not in ITEMSIZES or not all(isinstance(d, int) and d >= 0 for d in shape):
                 raise ValueError
             entries[name] = TensorEntry(name, path, dtype, tuple(shape), int(start), int(end))
         except (KeyError, TypeError, ValueError):
@@ -264,6 +264,8 @@ def inspect_folder(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
+    if (error := not_a_model_folder(folder, "inspect")) is not None:
+        raise error
     problems: list[str] = []
     config = _load_json(folder / "config.json", problems)
     if config is None and not (folder / "config.json").exists():
