@@ -137,7 +137,7 @@ def _num(value) -> str:
 
 
 def _ratio(value) -> str:
-    return "–" if value is None else f"{value:.3f}×"
+    return "–" if value is None else f"{format_value(value)}×"
 
 
 def _is_causal_lm(config: dict) -> bool:
@@ -264,7 +264,7 @@ def _size_section(manifest: dict) -> list[str]:
               f"| bytes of quantized weights (with scales and shapes) | {s['quantized_bytes']:,} |",
               f"| ratio vs fp16, quantized weights | {_ratio(s['quantized_ratio_vs_fp16'])} |",
               "| bits per quantized weight | "
-              + ("–" if s["bits_per_quantized_weight"] is None else f"{s['bits_per_quantized_weight']:.3f}")
+              + _num(s["bits_per_quantized_weight"])
               + " |", ""]
     return lines
 

@@ -32,6 +32,7 @@ from .errors import InputError
 from .formats import Format, get_format
 from .formats.base import nonfinite_error
 from .safetensors_io import StreamWriter, file_bytes, nbytes, sha256_file
+from .sizes import size_summary
 
 log = logging.getLogger("qexport")
 
@@ -346,9 +347,7 @@ def _file_record(path: Path, root: Path) -> dict:
 def build_manifest(source, plan: FormatPlan, options, source_files, files, tensors_info) -> dict:
     quantized_weights = sum(math.prod(source.entries[t.source].shape) for t in plan.tensors if t.quantize)
     quantized_bytes = sum(t["stored_bytes"] for t in tensors_info.values() if t["quantized"])
-    tensor_bytes = sum(t["stored_bytes"] for t in tensors_info.values())
-    # What the same tensors take as fp16: dense ones as stored, quantized weights at 2 bytes each.
-    fp16_bytes = tensor_bytes - quantized_bytes + 2 * quantized_weights
+    dense = [(t["dtype"], t["shape"], t["stored_bytes"]) for t in tensors_info.values() if not t["quantized"]]
     return {
         "qexport_version": __version__,
         "format": plan.fmt.name,
@@ -363,13 +362,7 @@ def build_manifest(source, plan: FormatPlan, options, source_files, files, tenso
         "summary": {
             "total_bytes": sum(f["bytes"] for f in files),
             "weight_bytes": sum(f["bytes"] for f in files if f["name"].endswith(".safetensors")),
-            "tensor_bytes": tensor_bytes,
-            "fp16_tensor_bytes": fp16_bytes,
-            "ratio_vs_fp16": fp16_bytes / tensor_bytes,
-            "quantized_weights": quantized_weights,
-            "quantized_bytes": quantized_bytes,
-            "quantized_ratio_vs_fp16": (2 * quantized_weights / quantized_bytes) if quantized_bytes else None,
-            "bits_per_quantized_weight": (8 * quantized_bytes / quantized_weights) if quantized_weights else None,
+            **size_summary(dense, quantized_weights, quantized_bytes),
         },
         "tensors": tensors_info,
     }

@@ -9,26 +9,8 @@ import json
 import math
 from pathlib import Path
 
-from .report import format_value
+from .report import SUMMARY_COLUMNS, format_value
 
-# Columns of the summary table, in order, with their headings. Rows may carry any subset.
-SUMMARY_COLUMNS = {
-    "model": "model",
-    "format": "format",
-    "weight_bytes": "bytes",
-    "file_ratio": "ratio (files)",
-    "quantized_ratio": "ratio (quantized)",
-    "bits_per_quantized_weight": "bits / q-weight",
-    "sqnr_min_db": "SQNR min dB",
-    "sqnr_median_db": "SQNR median dB",
-    "kld_mean": "KLD mean",
-    "kld_p99": "KLD p99",
-    "top1": "top-1",
-    "cosine": "cosine",
-    "reload_ok": "reload ok",
-    "passed": "all checks",
-    "thresholds": "thresholds",
-}
 
 STYLE = """
 table.qexport {border-collapse: collapse; font: 13px sans-serif; margin: 8px 0}

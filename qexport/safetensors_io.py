@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 # `qexport inspect` stays torch-free (importing torch costs seconds); the torch dtypes come with DTYPES below.
 ITEMSIZES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
 
