@@ -66,10 +66,10 @@ def pickle_advice(folder: Path) -> str:
         cls, note = "AutoModel", (" (config.json names no architecture this transformers knows: replace AutoModel by "
                                   "the class of the model's task, e.g. AutoModelForCausalLM, or the head is lost)")
     src, out = str(folder).rstrip("/"), f"{str(folder).rstrip('/')}-safetensors"
-    ignore = ", ".join(repr(p) for p in PICKLE_PATTERNS)
+    ignore = ", ".join(f'"{p}"' for p in PICKLE_PATTERNS)  # double quotes: the code goes in '...' on a shell line
     code = (f"import shutil, sys; from transformers import {cls} as M; "
             f"shutil.copytree(sys.argv[1], sys.argv[2], ignore=shutil.ignore_patterns({ignore})); "
-            "M.from_pretrained(sys.argv[1], dtype='auto').save_pretrained(sys.argv[2])")
+            'M.from_pretrained(sys.argv[1], dtype="auto").save_pretrained(sys.argv[2])')
     return (f"qexport never unpickles weights (loading a pickle can run code). Convert a copy you trust to "
             f"safetensors with its own class {cls}, keeping the tokenizer and other files{note}, then export that: "
             f"python -c {shlex.quote(code)} {shlex.quote(src)} {shlex.quote(out)}")
