@@ -348,7 +348,10 @@ def render_card(manifest: dict, config: dict, source_readme: str | None = None,
     title = _title(manifest, config)
     base = manifest["source"].get("base_model")
     origin = f"`{base}`" if base else f"a `{manifest.get('model_type')}` model"
-    what = (f"This folder holds the `{manifest['format']}` export of {origin}, written by qexport "
+    # `original` is the internal format of `qexport merge` (tensors unchanged): no "export" a user asked for.
+    holds = f"{origin}, unquantized" if manifest["format"] == "original" else \
+        f"the `{manifest['format']}` export of {origin}"
+    what = (f"This folder holds {holds}, written by qexport "
             f"{manifest['qexport_version']}"
             + (f" in the compressed-tensors `{config['quantization_config'].get('format')}` layout, which "
                "transformers and vLLM load natively." if config.get("quantization_config") else

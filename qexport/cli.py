@@ -24,9 +24,10 @@ def _add_export(sub):
     p.add_argument("--out", required=True, metavar="OUT", help="output folder; each format goes to OUT/<format>")
     _add_merge_inputs(p, base_option=False)
     p.add_argument("--formats", nargs="+", default=["fp16", "int8", "int4"], metavar="FMT",
-                   help="formats to write (default: fp16 int8 int4)")
+                   help="formats to write, in any case (default: fp16 int8 int4)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
-    p.add_argument("--workers", type=int, default=1, help="threads encoding tensors (output is identical for any N)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="threads encoding tensors (default 1; the output is identical for any N)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep Linear weights holding NaN/Inf dense instead of refusing the export")
     _add_writing_options(p, overwrite_help="replace existing OUT/<format> folders")
@@ -120,7 +121,10 @@ def _add_demo(sub):
                        description="Builds a tiny Qwen3 model (no download), exports it in every format, reloads "
                                    "each export through transformers and prints a table.")
     p.add_argument("--out", default="qexport-demo", help="working folder (default ./qexport-demo)")
-    p.add_argument("--preset", default="qwen3", help="tiny model preset (qwen3, qwen3-tied, llama, qwen3-100m, ...)")
+    from .tiny import PRESETS
+
+    p.add_argument("--preset", default="qwen3", metavar="PRESET",
+                   help=f"tiny model preset: {', '.join(PRESETS)} (default qwen3)")
     p.set_defaults(run=_run_demo)
 
 
@@ -144,6 +148,9 @@ def _add_verify(sub):
     p.add_argument("--threshold", action="extend", nargs="+", default=[], metavar="NAME=VALUE",
                    help="override thresholds, e.g. --threshold max_kld_mean=0.05 min_top1=none (a finite number, "
                         "or none to disable; reports mark loosened and disabled thresholds)")
+    p.add_argument("--name", metavar="NAME",
+                   help="the model's name in reports (default: config.json's _name_or_path, the source README's "
+                        "model_name, else the folder name)")
     p.add_argument("--write-card", action="store_true",
                    help="record the results in EXPORT's README.md model card and qexport.json (qexport exports)")
     p.set_defaults(run=_run_verify)
@@ -152,6 +159,7 @@ def _add_verify(sub):
 def _run_verify(args) -> int:
     from .errors import VerificationFailed
     from .html_report import to_json, verification_html, write_text
+    from .report import model_name
     from .thresholds import parse_overrides
     from .verify import check_baseline, load_baseline, record_in_card, verify
 
@@ -162,7 +170,7 @@ def _run_verify(args) -> int:
         result.add(check_baseline(result.metrics, baseline))
     for check in result.checks:
         print(f"{check.status:>7}  {check.name:<24} {check.detail}")
-    data = result.as_dict()
+    data = {"model": model_name(args.reference, args.name), **result.as_dict()}
     if args.json:
         write_text(args.json, to_json(data))
     if args.report:

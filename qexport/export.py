@@ -29,7 +29,7 @@ from .architecture import Architecture, inspect_architecture
 from .card import CARD_FILE, base_model_id, write_card
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from .errors import InputError
-from .formats import Format, get_format
+from .formats import Format, format_name, get_format
 from .formats.base import nonfinite_error
 from .safetensors_io import StreamWriter, file_bytes, nbytes, sha256_file
 from .sizes import size_summary
@@ -52,6 +52,11 @@ class ExportOptions:
     allow_nonfinite: bool = False
     ignore: tuple[str, ...] = ("lm_head",)  # module names (or trailing name parts) that always stay dense
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
+
+    def __post_init__(self):
+        # Format names in any case (`--formats INT4`), once, as registered names: folders, manifests and checks
+        # all see `int4`. An unknown name is refused here, before any work.
+        object.__setattr__(self, "formats", tuple(dict.fromkeys(format_name(n) for n in self.formats)))
 
 
 class TensorSource(Protocol):
@@ -368,6 +373,18 @@ def build_manifest(source, plan: FormatPlan, options, source_files, files, tenso
     }
 
 
+def dense_linears_warning(fmt_name: str, dense_linears: dict[str, str], shown: int = 3) -> str:
+    """One line for all the Linear weights a format keeps dense (hundreds on a real model with an odd group size):
+    per reason the count and the first few names; the full list is in the config's ignore and the manifest."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in dense_linears.items():
+        by_reason.setdefault(why, []).append(name.removesuffix(".weight"))
+    parts = [f"{why}: {len(names)} ({', '.join(names[:shown])}{', ...' if len(names) > shown else ''})"
+             for why, names in by_reason.items()]
+    return (f"{fmt_name}: {len(dense_linears)} Linear weight(s) stay dense; {'; '.join(parts)} (all listed in "
+            "config.json's ignore and qexport.json's dense_linears)")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Folders: check the destination before writing, write to a temporary sibling, rename into place when complete.
 
@@ -419,8 +436,6 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     temporary folders and renamed into place only when all of them are complete.
     """
     out = Path(out)
-    for name in dict.fromkeys(options.formats):
-        get_format(name)  # an unknown name is refused before any work
     if options.group_size <= 0 or options.group_size % 8:
         raise InputError(f"--group-size: {options.group_size} must be a positive multiple of 8")
     if options.workers < 1:
@@ -448,8 +463,8 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     )
     plans = [plan_format(source, arch, fmt, options, nonfinite) for fmt in formats]
     for plan in plans:
-        for name, why in plan.dense_linears.items():
-            log.warning("%s: %s stays dense: %s", plan.fmt.name, name, why)
+        if plan.dense_linears:
+            log.warning("%s", dense_linears_warning(plan.fmt.name, plan.dense_linears))
 
     created = [d for d in (out, *out.parents) if not d.exists()]  # folders this export creates, deepest first
     clean_stale(out)

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from .report import SUMMARY_COLUMNS, format_value
+from .report import SUMMARY_COLUMNS, format_value, model_name
 
 
 STYLE = """
@@ -136,8 +136,8 @@ def verification_html(result: dict) -> str:
     sqnr = next((c["metrics"].get("per_tensor_sqnr_db") for c in result["checks"] if c["name"] == "weights_sqnr"),
                 None)
     plot = svg_histogram(list(sqnr.values()), threshold=result["thresholds"].get("min_sqnr_db")) if sqnr else ""
-    row = {"model": Path(result["reference"]).name, **result["metrics"], "passed": result["passed"],
-           "thresholds": "; ".join(changed) or "defaults"}
+    row = {"model": result.get("model") or model_name(result["reference"]), **result["metrics"],
+           "passed": result["passed"], "thresholds": "; ".join(changed) or "defaults", "path": result["reference"]}
     entries = result.get("threshold_entries") or [
         {"name": k, "value": v, "default": v, "status": "default"} for k, v in result["thresholds"].items()]
     notes = "".join(f"<li class='fail'>{html.escape(t)}</li>" for t in changed)

@@ -177,13 +177,14 @@ class Gate:
         from .thresholds import parse_overrides
 
         self.model = Path(config.getoption("qexport_model"))
-        self.formats = config.getoption("qexport_formats") or config.getini("qexport_formats")
+        from .formats import format_name
+
+        # Any case, as on the command line; an unknown name is an InputError naming the option it came from.
+        option = "--qexport-formats" if config.getoption("qexport_formats") else "ini qexport_formats"
+        self.formats = list(dict.fromkeys(
+            format_name(f, option) for f in config.getoption("qexport_formats") or config.getini("qexport_formats")))
         self.overrides = {**parse_overrides(config.getini("qexport_thresholds"), "qexport_thresholds"),
                           **parse_overrides(config.getoption("qexport_threshold"), "--qexport-threshold")}
-        from .formats import get_format
-
-        for fmt in self.formats:
-            get_format(fmt)  # InputError naming an unknown format
         self._tmp: Path | None = None
         self._results: dict[str, object] = {}
 
@@ -232,7 +233,10 @@ class QexportCheckItem(pytest.Item):
         Recorder(self).metrics(**scalars)
         row = {k: v for k, v in result.metrics.items() if k != "format"}
         sqnr = next((c.metrics.get("per_tensor_sqnr_db") for c in result.checks if c.name == "weights_sqnr"), None)
-        Recorder(self).row(self.config.stash[_GATE].model.name, self.fmt, passed=result.passed,
+        from .report import model_name
+
+        gate = self.config.stash[_GATE]
+        Recorder(self).row(model_name(gate.model), self.fmt, path=str(gate.model), passed=result.passed,
                            sqnr_values=list(sqnr.values()) if sqnr else None,
                            sqnr_threshold=result.thresholds.min_sqnr_db,
                            thresholds="; ".join(result.thresholds_changed) or "defaults", **row)

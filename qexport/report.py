@@ -38,10 +38,45 @@ SUMMARY_COLUMNS = {
 
 # What the columns mean, for the line under a table a newcomer reads.
 COLUMN_NOTES = (
-    "bytes: the safetensors files; ratio (whole model): all tensors as a float16 copy would store them / as stored; "
-    "ratio (quantized): the same for the quantized Linear weights alone (with their scales); bits / q-weight: "
-    "stored bits per quantized weight (4.125 for int4 g128)."
+    "bytes: the safetensors files. ratio (whole model): the bytes of all tensors in a float16 copy / as stored.\n"
+    "ratio (quantized): the same for the quantized Linear weights alone, scales included. bits / q-weight: stored\n"
+    "bits per quantized weight (int4 group 128: 4.125; int8 per channel: 8 + 16 / input size)."
 )
+
+
+def model_name(folder, name: str | None = None) -> str:
+    """How reports name a model (the path goes in its own column): `name` if given (`--name`), else config.json's
+    `_name_or_path` (a Hub id such as Qwen/Qwen3-0.6B; the last part of a local path), else the Hub id of a folder in
+    the Hugging Face cache, else the README front matter's `model_name` or first `model-index` name, else the
+    folder's own name."""
+    import json
+    from pathlib import Path
+
+    if name:
+        return name
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        config = None
+    recorded = config.get("_name_or_path") if isinstance(config, dict) else None
+    if isinstance(recorded, str) and recorded.strip():
+        recorded = recorded.strip().rstrip("/")
+        return Path(recorded).name if recorded.startswith((".", "/", "~")) or "\\" in recorded else recorded
+    from .card import _source_front_matter, base_model_id
+
+    if hub_id := base_model_id(folder):
+        return hub_id
+    try:
+        front = _source_front_matter((folder / "README.md").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        front = {}
+    index = front.get("model-index")
+    for candidate in (front.get("model_name"), index[0].get("name") if isinstance(index, list) and index
+                      and isinstance(index[0], dict) else None):
+        if isinstance(candidate, str) and candidate.strip():
+            return candidate.strip()
+    return folder.resolve().name
 
 
 def table(rows: list[dict]) -> str:
