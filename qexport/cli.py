@@ -199,7 +199,7 @@ def _add_inspect(sub):
                                    "checkpoint) from its safetensors headers and JSON files, without loading "
                                    "it: architecture, quantization config, tensors by layer type, totals, and "
                                    "the problems visible from headers. Exit 0 no problems, 1 problems found, "
-                                   "2 not a folder.")
+                                   "2 not a model folder (an export root: its format folders are named).")
     p.add_argument("dir", metavar="DIR", help="a model folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON (every tensor included)")
     p.add_argument("--tensors", action="store_true", help="also list every tensor")
