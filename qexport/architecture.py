@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ class Architecture:
     linear_weights: frozenset[str]  # names of nn.Linear weights (module name + ".weight")
     tied_names: frozenset[str]  # parameters that share storage with another (stored once)
     is_causal_lm: bool
+    # regexes of checkpoint tensors the class drops when loading (transformers' _keys_to_ignore_on_load_unexpected)
+    ignored_unexpected: tuple[str, ...] = ()
 
 
 def build_config(config: dict, config_path: Path | str = "config.json"):
@@ -81,4 +84,7 @@ def inspect_architecture(config: dict, config_path: Path | str = "config.json") 
         else:
             seen[id(param)] = name
     is_causal = type(model).__name__.endswith("ForCausalLM")
-    return Architecture(type(model).__name__, shapes, linear, frozenset(tied), is_causal)
+    ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    # non-persistent buffers (position_ids, inv_freq) that older checkpoints still store: transformers drops them
+    ignored += tuple(f"^{re.escape(name)}$" for name, _ in model.named_buffers() if name not in shapes)
+    return Architecture(type(model).__name__, shapes, linear, frozenset(tied), is_causal, ignored)

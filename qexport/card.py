@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from .report import format_value, human_bytes
+from .safe_fs import write_text_atomic
 
 CARD_FILE = "README.md"
 MANIFEST_FILE = "qexport.json"
@@ -129,7 +130,29 @@ def _source_front_matter(text: str | None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rendering
+# Rendering. Names (tensors, modules, files) and check details come from untrusted input: escaped so that they
+# cannot add lines (a forged **PASSED**), HTML, table cells or NUL bytes to the card.
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _plain(text) -> str:
+    """One line of text for a table cell or sentence: control characters (newlines, NUL) shown as escapes, HTML
+    and cell separators neutralised. Without a line break nothing can start a line of its own (a forged
+    "**PASSED**" headline, a heading, front matter)."""
+    text = _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(text))
+    # "<" before a letter, "/", "!" or "?" could open HTML or a comment; "<= 0.1" in a cell is plain text
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text).replace("|", "\\|")
+
+
+def _code(name) -> str:
+    """A name as inline code; one holding a backtick or control character as escaped HTML code instead."""
+    name = str(name)
+    if "`" in name or _CONTROL.search(name) or name != name.strip():
+        escaped = _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), name)
+        return "<code>" + escaped.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
+            "|", "&#124;") + "</code>"
+    return f"`{name}`".replace("|", "\\|")
 
 
 def _num(value) -> str:
@@ -229,22 +252,22 @@ def _dense_description(manifest: dict, config: dict) -> list[str]:
                 continue
             present = f"{module}.weight" in tensors
             if module == "lm_head" and not present and config.get("tie_word_embeddings") and _is_causal_lm(config):
-                lines.append(f"  - `{module}`: tied to the input embedding (stored once, dense); {LM_HEAD_WHY}")
+                lines.append(f"  - {_code(module)}: tied to the input embedding (stored once, dense); {LM_HEAD_WHY}")
             elif not present:
                 continue  # an ignore pattern this model has no module for (lm_head of an encoder)
             elif module == "lm_head":
-                lines.append(f"  - `{module}`: {LM_HEAD_WHY}")
+                lines.append(f"  - {_code(module)}: {LM_HEAD_WHY}")
             else:
-                lines.append(f"  - `{module}`: in the `ignore` list of this export")
+                lines.append(f"  - {_code(module)}: in the `ignore` list of this export")
         for name, why in manifest.get("dense_linears", {}).items():
-            lines.append(f"  - `{name.removesuffix('.weight')}`: {why}")
+            lines.append(f"  - {_code(name.removesuffix('.weight'))}: {_plain(why)}")
         ignored = {f"{m}.weight" for m in manifest.get("ignore", [])} | set(manifest.get("dense_linears", {}))
         other = [n for n, t in tensors.items() if not t["quantized"] and n not in ignored]
         kinds = list(dict.fromkeys(layer_type(n) for n in other))
         if other:
             lines.append(f"  - everything that is not an `nn.Linear` weight (embeddings, norms, biases): "
                          f"{len(other)} tensors, {sum(tensors[n]['stored_bytes'] for n in other):,} bytes: "
-                         + ", ".join(f"`{k}`" for k in kinds))
+                         + ", ".join(_code(k) for k in kinds))
     return lines
 
 
@@ -253,7 +276,7 @@ def _size_section(manifest: dict) -> list[str]:
     lines = ["## Size", "", "| file | bytes | size |", "|---|---:|---:|"]
     for f in manifest["files"]:
         if f["name"] != CARD_FILE:
-            lines.append(f"| {f['name']} | {f['bytes']:,} | {human_bytes(f['bytes'])} |")
+            lines.append(f"| {_plain(f['name'])} | {f['bytes']:,} | {human_bytes(f['bytes'])} |")
     lines += ["", f"Plus this {CARD_FILE} and {MANIFEST_FILE} (the manifest: sha256 of every file, predicted and "
               "stored bytes of every tensor).", "",
               "| measure | value |", "|---|---:|",
@@ -279,16 +302,16 @@ def _verification_section(verification: dict | None) -> list[str]:
     verdict = "PASSED" if v["passed"] else "FAILED"
     if changed:
         verdict += f" with {len(changed)} threshold(s) loosened, disabled or changed from the defaults"
-    lines.append(f"**{verdict}** ({v['tool']}"
-                 + (f"; reference: {v['reference']}" if v["reference"] else "")
-                 + (f"; inputs: {v['inputs']}" if v["inputs"] else "") + ").")
+    lines.append(f"**{verdict}** ({_plain(v['tool'])}"
+                 + (f"; reference: {_plain(v['reference'])}" if v["reference"] else "")
+                 + (f"; inputs: {_plain(v['inputs'])}" if v["inputs"] else "") + ").")
     if changed:
-        lines += [""] + [f"- {t}" for t in changed]
+        lines += [""] + [f"- {_plain(t)}" for t in changed]
     lines += ["", "| check | value | threshold | result |", "|---|---:|---|---|"]
     for c in v["checks"]:
         result = {True: "pass", False: "**FAIL**", None: "reported"}[c["passed"]]
         cells = [c["name"], _num(c["value"]), c["threshold"] or "–", result]
-        lines.append("| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |")
+        lines.append("| " + " | ".join(_plain(x) for x in cells) + " |")
     return lines + [""]
 
 
@@ -383,7 +406,10 @@ def render_card(manifest: dict, config: dict, source_readme: str | None = None,
 
 
 def _read_config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    from .safe_fs import MAX_CONFIG_BYTES, load_json
+
+    config = load_json(folder / "config.json", "config.json", MAX_CONFIG_BYTES)
+    return config if isinstance(config, dict) else {}
 
 
 def write_card(folder: str | Path, manifest: dict, verification: dict | None = None,
@@ -398,25 +424,51 @@ def write_card(folder: str | Path, manifest: dict, verification: dict | None = N
 
     folder = Path(folder)
     path = folder / CARD_FILE
-    if source_readme is None and path.is_file():
-        source_readme = source_readme_of(path.read_text(encoding="utf-8", errors="replace"))
-    text = render_card(manifest, _read_config(folder), source_readme, verification)
-    path.write_text(text, encoding="utf-8")
+    text = card_text(folder, manifest, verification, source_readme)
+    write_text_atomic(path, text)
     return {"name": CARD_FILE, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def card_text(folder: Path, manifest: dict, verification: dict | None = None, source_readme: str | None = None) -> str:
+    """What `write_card` writes, without writing it."""
+    from .errors import InputError
+    from .safe_fs import MAX_JSON_BYTES, read_bytes
+
+    path = Path(folder) / CARD_FILE
+    if source_readme is None and path.is_file():
+        source_readme = source_readme_of(read_bytes(path, CARD_FILE, MAX_JSON_BYTES).decode("utf-8", "replace"))
+    try:
+        return render_card(manifest, _read_config(Path(folder)), source_readme, verification)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise InputError(f"{Path(folder) / MANIFEST_FILE}: not a complete qexport manifest, cannot render the "
+                         f"card ({type(e).__name__}: {str(e)[:80]})")
 
 
 def update_card_verification(folder: str | Path, results: dict) -> dict:
     """Record verification results in FOLDER/qexport.json, rewrite README.md and its manifest entry; returns
     the updated manifest. `results` is a verification result (see the module docstring)."""
+    import hashlib
+
+    from .errors import InputError
+    from .safe_fs import load_json
+
     folder = Path(folder)
     manifest_path = folder / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = load_json(manifest_path, MANIFEST_FILE)
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), list)
+            and isinstance(manifest.get("summary"), dict)
+            and all(isinstance(f, dict) and isinstance(f.get("bytes"), int) for f in manifest["files"])):
+        raise InputError(f"{manifest_path}: not a qexport manifest (needs files and summary); card not written")
     manifest["verification"] = _normalize(results)
-    record = write_card(folder, manifest)
-    files = [f for f in manifest["files"] if f["name"] != CARD_FILE] + [record]
+    # Everything is computed before anything is written; each file then goes through a temporary file and a
+    # rename, card first: an error (a full disk) leaves the old card and manifest, or the new card and the old
+    # manifest (which `verify` reports), never a truncated file.
+    data = card_text(folder, manifest).encode("utf-8", errors="backslashreplace")
+    record = {"name": CARD_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    files = [f for f in manifest["files"] if f.get("name") != CARD_FILE] + [record]
     manifest["files"] = files
     manifest["summary"]["total_bytes"] = sum(f["bytes"] for f in files)
-    tmp = manifest_path.with_name(f".{MANIFEST_FILE}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(manifest_path)
+    manifest_text = json.dumps(manifest, indent=2) + "\n"
+    write_text_atomic(folder / CARD_FILE, data.decode("utf-8"))
+    write_text_atomic(manifest_path, manifest_text)
     return manifest

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from . import safe_fs
 from .errors import InputError
+from .safe_fs import MAX_CONFIG_BYTES, MAX_JSON_BYTES
 from .safetensors_io import DTYPES, TensorEntry, read_header, sha256_file
 
 SINGLE_FILE = "model.safetensors"
@@ -75,19 +77,13 @@ def pickle_advice(folder: Path) -> str:
             f"python -c {shlex.quote(code)} {shlex.quote(src)} {shlex.quote(out)}")
 
 
-def load_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: {what} not found")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: {what} is not valid JSON ({e})")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read {what}: {e.strerror or e}")
+def load_json(path: Path, what: str, limit: int = MAX_JSON_BYTES):
+    """A JSON file of the model folder: a regular file inside it, size- and nesting-capped (see safe_fs)."""
+    return safe_fs.load_json(path, what, limit)
 
 
 def load_config(folder: Path) -> dict:
-    config = load_json(folder / "config.json", "config.json")
+    config = load_json(folder / "config.json", "config.json", MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise InputError(f"{folder / 'config.json'}: config.json is not a JSON object")
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
@@ -110,7 +106,7 @@ def _index_shards(folder: Path) -> list[str]:
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str) or Path(shard).is_absolute() or Path(shard).name != shard or shard in ("", ".", ".."):
             raise InputError(f"{index_path}: tensor {tensor!r} names shard {shard!r}, which is not a file in this folder")
-        if not (folder / shard).is_file():
+        if not os.path.lexists(folder / shard):
             raise InputError(f"{index_path}: tensor {tensor!r} is in shard {shard!r}, which does not exist")
         if shard not in shards:
             shards.append(shard)
@@ -122,9 +118,10 @@ def _index_shards(folder: Path) -> list[str]:
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a model folder, in index order; refuses pickles and ambiguous layouts."""
-    if (folder / INDEX_FILE).is_file():
+    # lexists, not is_file: a FIFO or a link out named model.safetensors is refused by name when it is opened
+    if os.path.lexists(folder / INDEX_FILE):
         return [folder / name for name in _index_shards(folder)]
-    if (folder / SINGLE_FILE).is_file():
+    if os.path.lexists(folder / SINGLE_FILE):
         return [folder / SINGLE_FILE]
     pickles = [p for p in folder.iterdir() if p.name in PICKLE_NAMES or p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     if pickles:
@@ -154,7 +151,7 @@ class Checkpoint:
         config = load_config(folder)
         files = weight_files(folder)
         entries: dict[str, TensorEntry] = {}
-        index = load_json(folder / INDEX_FILE, INDEX_FILE)["weight_map"] if (folder / INDEX_FILE).is_file() else None
+        index = load_json(folder / INDEX_FILE, INDEX_FILE)["weight_map"] if os.path.lexists(folder / INDEX_FILE) else None
         for path in files:
             for name, entry in read_header(path)[0].items():
                 if name in entries:
@@ -170,7 +167,11 @@ class Checkpoint:
                     raise InputError(f"{folder / INDEX_FILE}: tensor {name!r} is not in shard {shard!r}")
         if not entries:
             raise InputError(f"{files[0]}: holds no tensors")
+        check_layer_counts(config, entries, folder / "config.json")
         return cls(folder, config, files, entries)
+
+    def input_folders(self) -> list[Path]:
+        return [self.folder]
 
     @property
     def names(self) -> list[str]:
@@ -190,7 +191,7 @@ class Checkpoint:
             return torch.empty(entry.shape, dtype=dtype)
         buffer = bytearray(entry.nbytes)
         try:
-            with open(entry.file, "rb", buffering=0) as f:
+            with safe_fs.open_regular(entry.file, buffering=0) as f:
                 got = os.preadv(f.fileno(), [buffer], entry.data_start + entry.start)
         except OSError as e:
             raise InputError(f"{entry.file}: cannot read tensor {name!r}: {e.strerror or e}")
@@ -201,7 +202,7 @@ class Checkpoint:
     def source_files(self) -> list[dict]:
         """config.json and the weight files with their sizes and sha256, for the manifest."""
         paths = [self.folder / "config.json", *self.files]
-        if (self.folder / INDEX_FILE).is_file():
+        if os.path.lexists(self.folder / INDEX_FILE):
             paths.append(self.folder / INDEX_FILE)
         return [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
 
@@ -213,6 +214,36 @@ class Checkpoint:
             for p in self.folder.iterdir()
             if p.name not in skip and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES)
         )
+
+
+    def side_tree(self) -> list[tuple[str, Path]]:
+        """Every side file to copy, as (path relative to the folder, checked real path): see safe_fs.walk_files.
+        Refuses (InputError naming it) a link that leaves the folder, a linked folder or a special file."""
+        tree: list[tuple[str, Path]] = []
+        for side in self.side_files():
+            if side.is_dir():
+                tree += [(f"{side.name}/{rel}", real) for rel, real in safe_fs.walk_files(side, self.folder)]
+            else:
+                tree.append((side.name, safe_fs.check_regular(side, self.folder)))
+        return tree
+
+
+# config keys that count the model's blocks; each block's tensors carry its number in their names
+LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
+                    "num_encoder_layers", "num_decoder_layers")
+
+
+def check_layer_counts(config: dict, entries: dict, config_path: Path) -> None:
+    """A config may not ask for more blocks than the checkpoint holds. Checked before the architecture is built:
+    num_hidden_layers 10**9 would otherwise build a billion meta modules (a hang, not an error)."""
+    present = 1 + max((int(part) for name in entries for part in name.split(".") if part.isdigit()), default=-1)
+    configs = [config] + [v for v in config.values() if isinstance(v, dict)]  # text_config, vision_config, ...
+    for cfg in configs:
+        for key in LAYER_COUNT_KEYS:
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > present:
+                raise InputError(f"{config_path}: {key}={value} but the checkpoint's tensor names number at most "
+                                 f"{present} blocks")
 
 
 def is_float(dtype_name: str) -> bool:

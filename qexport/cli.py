@@ -231,8 +231,48 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = [_add_demo, _add_export, _add_merge, _add_verify, _add_inspect]
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
+MAX_ERROR_CHARS = 500  # one short line, even for a path nested a thousand folders deep
+
+
+def _one_line(error: Exception | str) -> str:
+    text = " ".join(str(error).split())
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    # the head names the file, the tail says what is wrong: cut the middle (a huge tensor name, a deep path)
+    return text[:300] + f" …[{len(text) - 450:,} characters]… " + text[-150:]
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (docker stop, a CI cancel, a closed terminal): unwinds like Ctrl-C, so the same cleanup
+    runs (temporary folders and created parents removed) before exit 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _handle_termination() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, _raise_terminated)
+
+
+def _printable_streams() -> None:
+    """A path the terminal's encoding cannot show (undecodable bytes) is printed escaped, not a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
 
 
 def _stdout_closed() -> int:
@@ -252,7 +292,9 @@ def _stdout_closed() -> int:
 def main(argv: list[str] | None = None) -> int:
     from .errors import InputError, VerificationFailed
 
+    _printable_streams()
     args = build_parser().parse_args(argv)
+    _handle_termination()
     try:
         code = args.run(args)
         sys.stdout.flush()  # a reader that stopped early (`| head`) shows here, while BrokenPipeError is caught
@@ -268,11 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, permission, I/O error while reading or writing: the system's words, one line
         where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         reason = " ".join(str(e.strerror or e).split())
-        print(f"qexport: error: {where or 'I/O error'}: {reason}", file=sys.stderr)
+        message = f"{where or 'I/O error'}: {reason}"
+        print(f"qexport: error: {_one_line(message)}", file=sys.stderr)
+        return 2
+    except RecursionError:  # a structure nested deeper than Python's stack, from some input not capped yet
+        print("qexport: error: input nested too deeply to process (RecursionError)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qexport: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"qexport: terminated by signal {e.signum}", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ Memory follows the largest tensor: shards are written tensor by tensor from a la
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from . import __version__
+from . import __version__, safe_fs
 from .architecture import Architecture, inspect_architecture
 from .card import CARD_FILE, base_model_id, write_card
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
@@ -115,6 +117,12 @@ def check_shapes(source: TensorSource, arch: Architecture) -> None:
         )
     for name, entry in source.entries.items():
         expected = arch.shapes.get(name)
+        if expected is None and name not in arch.tied_names and not any(
+                re.search(p, name) for p in arch.ignored_unexpected):
+            # A tensor the architecture does not have (a config with fewer layers than the checkpoint): copied
+            # as it is, it would reload as an unexpected key, or stay dense where the config says quantized.
+            raise InputError(f"{getattr(entry, 'file', source.folder)}: tensor {name!r} is not part of "
+                             f"{arch.model_class} as config.json describes it")
         if expected is not None and tuple(entry.shape) != expected:
             raise InputError(
                 f"{getattr(entry, 'file', source.folder)}: tensor {name!r} has shape {list(entry.shape)} but "
@@ -251,7 +259,7 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
     """Write one complete export folder; returns its manifest. `source_files` is being hashed in the background."""
     from tqdm import tqdm
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # export() creates and locks it (OwnedFolder)
     fmt = plan.fmt
     tensors_info: dict[str, dict] = {}
 
@@ -309,17 +317,15 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
     files.append(_write_text(folder / "config.json",
                              json.dumps(output_config(source.config, fmt, plan.ignore), indent=2) + "\n"))
     source_readme = None
-    for side in source.side_files():
-        target = folder / side.name
-        if side.name == CARD_FILE and side.is_file():  # the model card written below embeds it
-            source_readme = side.read_text(encoding="utf-8", errors="replace")
+    # Side files: checked regular files inside the source (no link out, no special file), copied byte for byte.
+    for rel, real in side_tree(source):
+        if rel == CARD_FILE:  # the model card written below embeds it
+            source_readme = safe_fs.read_bytes(real, CARD_FILE, safe_fs.MAX_JSON_BYTES).decode("utf-8", "replace")
             continue
-        if side.is_dir():
-            shutil.copytree(side, target)
-            files.extend(_file_record(p, folder) for p in sorted(target.rglob("*")) if p.is_file())
-        else:
-            shutil.copyfile(side, target)
-            files.append(_file_record(target, folder))
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        safe_fs.copy_file(real, target, real.parent)
+        files.append(_file_record(target, folder))
 
     # The card is computed from the manifest's facts and listed in it (it cannot hold its own size or sha).
     hashed_sources = source_files.result()
@@ -328,6 +334,13 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
     manifest = build_manifest(source, plan, options, hashed_sources, files, tensors_info)
     _write_text(folder / "qexport.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def side_tree(source) -> list[tuple[str, Path]]:
+    """The source's side files as (relative path, checked real path); sources without side_tree: top level only."""
+    if hasattr(source, "side_tree"):
+        return source.side_tree()
+    return [(p.name, safe_fs.check_regular(p, source.folder)) for p in source.side_files() if not p.is_dir()]
 
 
 def _close(writer: StreamWriter, plan: FormatPlan) -> dict:
@@ -346,7 +359,8 @@ def _write_text(path: Path, text: str) -> dict:
 
 
 def _file_record(path: Path, root: Path) -> dict:
-    return {"name": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {"name": path.relative_to(root).as_posix(), "bytes": path.stat().st_size,
+            "sha256": sha256_file(path, root=root)}
 
 
 def build_manifest(source, plan: FormatPlan, options, source_files, files, tensors_info) -> dict:
@@ -389,27 +403,79 @@ def dense_linears_warning(fmt_name: str, dense_linears: dict[str, str], shown: i
 # Folders: check the destination before writing, write to a temporary sibling, rename into place when complete.
 
 
-def _pid_alive(pid: int) -> bool:
+class OwnedFolder:
+    """A temporary folder held under an exclusive flock for as long as its writer lives.
+
+    The kernel drops the lock when the writer exits, however it exits (SIGKILL included), and every process on the
+    machine sees it whatever its PID namespace: a temporary folder whose lock can be taken is stale, one whose lock
+    is held belongs to a live run. (A pid check cannot tell a dead writer from one in another container.)"""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        path.mkdir(parents=True)
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _is_stale(folder: Path) -> bool:
+    import fcntl
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
         return False
-    except PermissionError:
-        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: a live run is writing it
+    finally:
+        os.close(fd)
     return True
 
 
-def clean_stale(out: Path) -> None:
-    """Remove temporary folders left by an export that was killed (its process no longer exists)."""
-    if not out.is_dir():
-        return
-    for tmp in out.glob(f".*{TMP_MARK}*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
+def remove_stale(candidates: Iterable[Path]) -> None:
+    """Remove temporary folders whose writer is gone (their lock is free; see OwnedFolder)."""
+    for tmp in candidates:
+        if tmp.is_dir() and not tmp.is_symlink() and _is_stale(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.is_file() and TMP_MARK + "old-" in tmp.name:  # a regular file moved aside by --overwrite
+            tmp.unlink(missing_ok=True)
+
+
+def clean_stale(out: Path) -> None:
+    """Remove temporary folders left by an export that was killed."""
+    if out.is_dir():
+        remove_stale(out.glob(f".*{TMP_MARK}*"))
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    inner, outer = Path(os.path.realpath(inner)), Path(os.path.realpath(outer))
+    return inner == outer or outer in inner.parents
+
+
+def check_not_input(out: Path, targets: Iterable[Path], inputs: Iterable[Path]) -> None:
+    """The input is never modified: refuse an output folder equal to or inside an input (writing into it), and a
+    folder to be replaced that is or holds an input (deleting it)."""
+    targets = list(targets)
+    for folder in inputs:
+        if _inside(out, folder):
+            raise InputError(f"--out {out}: is inside the input {folder}; qexport never writes into its input")
+        for target in targets:
+            if _inside(folder, target):
+                raise InputError(f"--out {out}: replacing {target} would delete the input {folder}")
+
+
+def input_folders(source) -> list[Path]:
+    if hasattr(source, "input_folders"):
+        return list(source.input_folders())
+    return [source.folder]
 
 
 def check_destination(out: Path, formats: Iterable[str], overwrite: bool) -> None:
@@ -447,6 +513,7 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     source_files = in_background(source.source_files)
     arch = inspect_architecture(source.config, source.folder / "config.json")
     check_shapes(source, arch)
+    side_tree(source)  # links out of the folder and special files are refused before anything is written
     compute_dtype = compute_dtype_of(source, arch.linear_weights)
     formats = [get_format(name, group_size=options.group_size, dtype=compute_dtype)
                for name in dict.fromkeys(options.formats)]
@@ -456,6 +523,7 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
                     "int8 / int4 keep bfloat16, and `qexport verify` runs the fp16 export in float16",
                     source.config.get("model_type"))
     check_destination(out, [f.name for f in formats], options.overwrite)
+    check_not_input(out, [out / f.name for f in formats], input_folders(source))
     nonfinite = (
         nonfinite_tensors(source, [n for n in source.names if n in arch.linear_weights])
         if options.allow_nonfinite
@@ -470,12 +538,14 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     clean_stale(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp_dirs = {p.fmt.name: out / f".{p.fmt.name}{TMP_MARK}{os.getpid()}" for p in plans}
+    owned: list[OwnedFolder] = []
     manifests = {}
     try:
         for plan in plans:
+            owned.append(OwnedFolder(tmp_dirs[plan.fmt.name]))
             manifests[plan.fmt.name] = write_format(source, plan, tmp_dirs[plan.fmt.name], options, source_files)
         for name, tmp in tmp_dirs.items():
-            _replace_dir(tmp, out / name)
+            _replace_dir(tmp, out / name, options.overwrite)
     except BaseException:
         for tmp in tmp_dirs.values():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -483,17 +553,33 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
             if d.exists() and not any(d.iterdir()):
                 d.rmdir()
         raise
+    finally:
+        for folder in owned:
+            folder.release()
     return manifests
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
+def _replace_dir(tmp: Path, target: Path, overwrite: bool = True) -> None:
+    """Rename the finished folder into place. Without overwrite the rename itself refuses an existing target
+    (rename onto a non-empty folder fails), so two runs started together cannot both write OUT/<fmt>."""
+    if overwrite and os.path.lexists(target):
         old = target.with_name(f".{target.name}{TMP_MARK}old-{os.getpid()}")
         os.replace(target, old)
         os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+        return
+    if os.path.lexists(target) and not target.is_dir():
+        raise InputError(f"--out {target}: appeared while this export was running (another run?)")
+    try:
+        os.rename(tmp, target)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise InputError(f"--out {target}: appeared while this export was running (another run wrote it); "
+                             f"pass --overwrite to replace it")
+        raise
 
 
 def export_folder(src: str | Path, out: str | Path, options: ExportOptions) -> dict[str, dict]:

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
+import os
 import struct
 from pathlib import Path
 
+from . import safe_fs, untrusted_regex
 from .card import CARD_FILE, MANIFEST_FILE, layer_type
 from .errors import InputError, not_a_model_folder
-from .safetensors_io import ITEMSIZES, MAX_HEADER_BYTES, TensorEntry, nbytes, read_header
+from .safetensors_io import (ITEMSIZES, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE, TensorEntry,
+                             nbytes, read_header)
 from .sizes import size_summary
+
+MAX_LISTED_FILES = 10_000  # files counted in the totals: `inspect /` must answer, not walk the whole disk
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -34,21 +38,26 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Reading, leniently: every reader returns what it could parse and appends what is wrong to `problems`.
 
 
-def _load_json(path: Path, problems: list[str]):
+def _load_json(path: Path, problems: list[str], limit: int = safe_fs.MAX_JSON_BYTES):
+    if not os.path.lexists(path):
+        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        return safe_fs.load_json(path, path.name, limit)
+    except InputError as e:
+        problems.append(_short(str(e).replace(str(path), path.name)))
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        problems.append(f"{path.name}: not readable JSON ({e})")
-        return None
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _header(path: Path, problems: list[str]) -> tuple[dict[str, TensorEntry], int]:
     """Tensor entries of one safetensors file and where its data section starts; malformed entries skipped."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with safe_fs.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 problems.append(f"{path.name}: truncated ({size} bytes, no header length)")
@@ -57,9 +66,18 @@ def _header(path: Path, problems: list[str]) -> tuple[dict[str, TensorEntry], in
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                 problems.append(f"{path.name}: header length {header_len} does not fit the file ({size} bytes)")
                 return {}, 0
-            raw = json.loads(f.read(header_len).decode("utf-8"))
+            text = f.read(header_len)
+            count = text.count(b'"data_offsets"')
+            if count > MAX_TENSORS_PER_FILE:
+                problems.append(f"{path.name}: header lists {count:,} tensors, above qexport's limit of "
+                                f"{MAX_TENSORS_PER_FILE:,} per file; not inspected")
+                return {}, 0
+            raw = json.loads(text.decode("utf-8"))
+    except InputError as e:
+        problems.append(_short(str(e).replace(str(path), path.name)))
+        return {}, 0
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        problems.append(f"{path.name}: header not readable ({type(e).__name__}: {e})")
+        problems.append(_short(f"{path.name}: header not readable ({type(e).__name__}: {e})"))
         return {}, 0
     if not isinstance(raw, dict):
         problems.append(f"{path.name}: header is not a JSON object")
@@ -69,12 +87,14 @@ def _header(path: Path, problems: list[str]) -> tuple[dict[str, TensorEntry], in
     for name, info in raw.items():
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if dtype not in ITEMSIZES or not all(isinstance(d, int) and d >= 0 for d in shape):
+            if (dtype not in ITEMSIZES or not isinstance(shape, list) or len(shape) > MAX_DIMS
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
+                    or not all(isinstance(o, int) and not isinstance(o, bool) for o in (start, end))):
                 raise ValueError
             entries[name] = TensorEntry(name, path, dtype, tuple(shape), int(start), int(end))
         except (KeyError, TypeError, ValueError):
             bad += 1
-            problems.append(f"{path.name}: tensor {name!r}: malformed header entry {info!r:.120}")
+            problems.append(_short(f"{path.name}: tensor {name!r:.120}: malformed header entry {info!r:.120}"))
     if not bad:  # the strict reader adds what only the whole layout shows: sizes, overlaps, gaps, truncation
         try:
             read_header(path)
@@ -85,12 +105,12 @@ def _header(path: Path, problems: list[str]) -> tuple[dict[str, TensorEntry], in
 
 def _weight_files(folder: Path, problems: list[str]) -> tuple[list[Path], dict | None]:
     """The safetensors files and the index's weight_map (None without an index)."""
-    on_disk = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    on_disk = sorted(p for p in folder.glob("*.safetensors") if os.path.lexists(p) and not p.is_dir())
     for p in sorted(folder.iterdir()):
         if p.suffix in PICKLE_SUFFIXES:
             problems.append(f"{p.name}: pickle weights are not inspected (qexport reads safetensors only)")
     index_path = folder / INDEX_FILE
-    if index_path.is_file():
+    if os.path.lexists(index_path):
         index = _load_json(index_path, problems)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
@@ -98,13 +118,17 @@ def _weight_files(folder: Path, problems: list[str]) -> tuple[list[Path], dict |
             return on_disk, None
         shards = list(dict.fromkeys(str(s) for s in weight_map.values()))
         for shard in shards:
-            if not (folder / shard).is_file():
+            if Path(shard).name != shard or shard in ("", ".", ".."):
+                problems.append(_short(f"{INDEX_FILE}: shard {shard!r} is not a file in this folder"))
+                continue
+            if not os.path.lexists(folder / shard):
                 count = sum(1 for s in weight_map.values() if s == shard)
                 problems.append(f"{INDEX_FILE}: shard {shard!r} ({count} tensors) is missing from the folder")
         for stray in on_disk:
             if stray.name not in shards:
                 problems.append(f"{stray.name}: not listed in {INDEX_FILE}")
-        return [folder / s for s in shards if (folder / s).is_file()], weight_map
+        return [folder / s for s in shards if Path(s).name == s and s not in ("", ".", "..")
+                and os.path.lexists(folder / s)], weight_map
     if len(on_disk) > 1 and not (folder / SINGLE_FILE).is_file():
         problems.append(f"{len(on_disk)} safetensors files but no {INDEX_FILE} to say how they fit together")
     if not on_disk:
@@ -119,10 +143,10 @@ def _read_ints(entry: TensorEntry, data_start: int) -> list[int] | None:
     if fmt is None or count > 8 or entry.nbytes != count * struct.calcsize(fmt):
         return None
     try:
-        with open(entry.file, "rb") as f:
+        with safe_fs.open_regular(entry.file) as f:
             f.seek(data_start + entry.start)
             return list(struct.unpack(f"<{count}{fmt}", f.read(entry.nbytes)))
-    except (OSError, struct.error):
+    except (OSError, struct.error, InputError):
         return None
 
 
@@ -130,21 +154,32 @@ def _read_ints(entry: TensorEntry, data_start: int) -> list[int] | None:
 # Quantization config
 
 
-def _matches(pattern: str, module: str) -> bool:
+def _matches(pattern, module: str) -> bool:
+    if not isinstance(pattern, str):
+        return False  # reported once by _quantization_summary
     if pattern.startswith("re:"):
-        return re.match(pattern[3:], module) is not None
+        return untrusted_regex.match(pattern[3:], module, "config.json: quantization_config")
     return module == pattern or module.endswith("." + pattern)
+
+
+def _strings(value) -> list[str]:
+    """A list of strings from a JSON value that should be one (targets, ignore); anything else gives []."""
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _groups(qc: dict) -> dict:
+    groups = qc.get("config_groups")
+    return {str(k): v for k, v in groups.items() if isinstance(v, dict)} if isinstance(groups, dict) else {}
 
 
 def _group_for(qc: dict, module: str) -> tuple[str, dict] | None:
     """The config group whose targets name the module; class targets such as "Linear" match any module."""
-    groups = qc.get("config_groups") or {}
-    named = [(g, spec) for g, spec in groups.items() if isinstance(spec, dict)]
+    named = list(_groups(qc).items())
     for g, spec in named:
-        if any(_matches(t, module) for t in spec.get("targets") or [] if not _is_class(t)):
+        if any(_matches(t, module) for t in _strings(spec.get("targets")) if not _is_class(t)):
             return g, spec
     for g, spec in named:
-        if any(_is_class(t) for t in spec.get("targets") or []):
+        if any(_is_class(t) for t in _strings(spec.get("targets"))):
             return g, spec
     return None
 
@@ -162,13 +197,24 @@ def _quantization_summary(config: dict, problems: list[str]) -> dict | None:
         problems.append("config.json: quantization_config is not an object")
         return None
     groups = []
-    for name, spec in (qc.get("config_groups") or {}).items():
-        weights = (spec or {}).get("weights") or {}
-        groups.append({"group": name, "targets": (spec or {}).get("targets"), "format": (spec or {}).get("format"),
+    if "config_groups" in qc and not isinstance(qc["config_groups"], dict):
+        problems.append("config.json: quantization_config.config_groups is not an object")
+    for name, spec in _groups(qc).items():
+        weights = spec.get("weights") if isinstance(spec.get("weights"), dict) else {}
+        if "targets" in spec and len(_strings(spec["targets"])) != len(spec["targets"] or []):
+            problems.append(f"config.json: config_groups.{name}.targets is not a list of strings")
+        bits = weights.get("num_bits")
+        if bits is not None and not (isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 32):
+            problems.append(_short(f"config.json: config_groups.{name}.weights.num_bits {bits!r} is not an "
+                                   f"integer from 1 to 32"))
+            weights = {**weights, "num_bits": None}
+        groups.append({"group": name, "targets": _strings(spec.get("targets")), "format": spec.get("format"),
                        **{k: weights.get(k) for k in ("num_bits", "type", "strategy", "group_size", "symmetric")}})
+    if "ignore" in qc and len(_strings(qc["ignore"])) != len(qc["ignore"] or []):
+        problems.append("config.json: quantization_config.ignore is not a list of strings")
     summary = {"quant_method": qc.get("quant_method"), "format": qc.get("format"),
                "quantization_status": qc.get("quantization_status"), "groups": groups,
-               "ignore": qc.get("ignore") or []}
+               "ignore": _strings(qc.get("ignore"))}
     if qc.get("quant_method") == "compressed-tensors":
         if "quantization_status" not in qc:
             problems.append("config.json: quantization_config has no quantization_status: transformers then loads "
@@ -181,7 +227,7 @@ def _quantization_summary(config: dict, problems: list[str]) -> dict | None:
 def _effective_format(qc: dict, spec: dict) -> str:
     # Measured with compressed-tensors 0.20: a group without its own format loads as pack-quantized, whatever
     # the top-level format says.
-    return spec.get("format") or "pack-quantized"
+    return str(spec.get("format") or "pack-quantized")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +268,7 @@ def _check_module(parts: dict[str, TensorEntry], shape: list[int] | None, bits: 
                 problems.append(f".weight_packed: shape {list(packed.shape)} contradicts weight_shape "
                                 f"{shape} at {bits} bits (expected {expected})")
     if shape is not None and len(scale.shape) == 2 and spec is not None:
-        weights = spec.get("weights") or {}
+        weights = _weights(spec)
         strategy, group_size = weights.get("strategy"), weights.get("group_size")
         expected = None
         if strategy == "channel":
@@ -238,14 +284,23 @@ def _check_module(parts: dict[str, TensorEntry], shape: list[int] | None, bits: 
         if (packed is not None) != (fmt == "pack-quantized"):
             implied = "" if spec.get("format") else " (its config group has no format of its own)"
             problems.append(f": stored as {stored} but loads as {fmt}{implied}")
-    if qc and any(_matches(p, module) for p in qc.get("ignore") or []):
+    if qc and any(_matches(p, module) for p in _strings(qc.get("ignore"))):
         problems.append(": stored quantized but listed in quantization_config.ignore")
     return problems
 
 
+def _weights(spec: dict | None) -> dict:
+    weights = (spec or {}).get("weights")
+    return weights if isinstance(weights, dict) else {}
+
+
+def _bits(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 32 else None
+
+
 def _kind(parts: dict[str, TensorEntry], shape: list[int] | None, bits: int | None) -> str:
     scale = parts["weight_scale"]
-    if shape is None or not scale.shape:
+    if shape is None or not scale.shape or 0 in scale.shape:
         granularity = "?"
     elif math.prod(scale.shape) == 1:
         granularity = "per tensor"
@@ -268,7 +323,7 @@ def inspect_folder(folder: str | Path) -> dict:
     if (error := not_a_model_folder(folder, "inspect")) is not None:
         raise error
     problems: list[str] = []
-    config = _load_json(folder / "config.json", problems)
+    config = _load_json(folder / "config.json", problems, safe_fs.MAX_CONFIG_BYTES)
     if config is None and not (folder / "config.json").exists():
         problems.append("config.json: missing")
     config = config if isinstance(config, dict) else {}
@@ -304,12 +359,12 @@ def inspect_folder(folder: str | Path) -> dict:
         if "weight_packed" in parts:
             ws = parts.get("weight_shape")
             shape = _read_ints(ws, data_start[ws.file]) if ws is not None else None
-            shape = shape if shape is not None and len(shape) == 2 else None
+            shape = shape if shape is not None and len(shape) == 2 and all(0 < d <= MAX_DIM for d in shape) else None
         else:
             shape = list(parts["weight"].shape) if len(parts["weight"].shape) == 2 else None
         group = _group_for(qc, module) if qc else None
         spec = group[1] if group else None
-        bits = ((spec or {}).get("weights") or {}).get("num_bits")
+        bits = _bits(_weights(spec).get("num_bits"))
         if bits is None and "weight_packed" in parts and shape:
             cols = parts["weight_packed"].shape[1] if len(parts["weight_packed"].shape) == 2 else 0
             bits = 32 * cols // shape[1] if cols and (32 * cols) % shape[1] == 0 else None
@@ -329,12 +384,15 @@ def inspect_folder(folder: str | Path) -> dict:
         problems.append(f"{len(modules)} modules are stored quantized but config.json has no quantization_config: "
                         "transformers will not decompress them")
 
+    all_files, truncated = _listed_files(folder)
+    if truncated:
+        problems.append(f"more than {MAX_LISTED_FILES:,} files under the folder: totals count the first "
+                        f"{MAX_LISTED_FILES:,}")
     tensors = [{"name": n, "file": e.file.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes,
                 "quantized": n in quantized_names} for n, e in entries.items()]
     layer_types = _layer_types(entries, quantized_names, module_rows)
-    problems += _manifest_problems(folder)
+    problems += _manifest_problems(folder, all_files)
     weight_file_bytes = sum(p.stat().st_size for p in files)
-    all_files = [p for p in folder.rglob("*") if p.is_file()]
     sizes = size_summary([(e.dtype, e.shape, e.nbytes) for n, e in entries.items() if n not in quantized_names],
                          sum(r["weights"] for r in module_rows.values()), sum(r["bytes"] for r in module_rows.values()))
     return {
@@ -387,7 +445,21 @@ def _layer_types(entries, quantized_names, module_rows) -> list[dict]:
     return out
 
 
-def _manifest_problems(folder: Path) -> list[str]:
+def _listed_files(folder: Path) -> tuple[list[Path], bool]:
+    """Regular files under the folder (links not followed, unreadable folders skipped), at most MAX_LISTED_FILES."""
+    found: list[Path] = []
+    for current, dirs, names in os.walk(folder, onerror=lambda e: None, followlinks=False):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(current) / name
+            if not path.is_symlink() and path.is_file():
+                found.append(path)
+                if len(found) >= MAX_LISTED_FILES:
+                    return found, True
+    return found, False
+
+
+def _manifest_problems(folder: Path, all_files: list[Path]) -> list[str]:
     """A qexport manifest names every file with its size: compare (sizes only, no hashing)."""
     problems: list[str] = []
     manifest = _load_json(folder / MANIFEST_FILE, problems)
@@ -395,15 +467,23 @@ def _manifest_problems(folder: Path) -> list[str]:
         return problems
     listed = set()
     for f in manifest["files"]:
+        if not isinstance(f, dict):
+            problems.append(_short(f"{MANIFEST_FILE}: file entry {f!r:.80} is not an object"))
+            continue
         path = folder / str(f.get("name"))
+        try:
+            safe_fs.resolve_inside(path, folder)
+        except InputError:
+            problems.append(_short(f"{f.get('name')!r:.120}: listed in {MANIFEST_FILE} but outside the folder"))
+            continue
         listed.add(path)
         if not path.is_file():
             problems.append(f"{f.get('name')}: listed in {MANIFEST_FILE} but missing")
         elif path.stat().st_size != f.get("bytes"):
             problems.append(f"{f.get('name')}: {path.stat().st_size} bytes, {MANIFEST_FILE} says {f.get('bytes')}")
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path not in listed and path.name != MANIFEST_FILE:
-            problems.append(f"{path.relative_to(folder).as_posix()}: not listed in {MANIFEST_FILE}")
+    for path in all_files:
+        if path not in listed and path.name != MANIFEST_FILE:
+            problems.append(_short(f"{path.relative_to(folder).as_posix()}: not listed in {MANIFEST_FILE}"))
     return problems
 
 
@@ -415,7 +495,7 @@ def format_report(report: dict, all_tensors: bool = False) -> str:
     from .report import format_ratio, format_value, human_bytes, table
 
     t = report["totals"]
-    arch = ", ".join(report["architectures"] or []) or "?"
+    arch = ", ".join(map(str, report["architectures"] if isinstance(report["architectures"], list) else [])) or "?"
     lines = [report["folder"], f"  architecture   {arch} (model_type {report['model_type'] or '?'})"]
     q = report["quantization"]
     if q is None:

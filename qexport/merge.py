@@ -15,16 +15,16 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import safe_fs, untrusted_regex
 from .checkpoint import Checkpoint, load_json
 from .errors import InputError
-from .export import TMP_MARK, ExportOptions, _pid_alive, _replace_dir, export
+from .export import TMP_MARK, ExportOptions, OwnedFolder, _replace_dir, check_not_input, export, remove_stale
 from .safetensors_io import DTYPES, TensorEntry, read_header, sha256_file
 
 log = logging.getLogger("qexport")
@@ -61,15 +61,22 @@ def _source_records(prefix: str, paths: list[Path]) -> list[dict]:
 # LoRA
 
 
-def pattern_value(patterns: dict, module: str, default):
-    """peft's rank_pattern / alpha_pattern lookup: the first key whose regex matches the end of the module name."""
+def pattern_value(patterns: dict, module: str, default, where: str = ADAPTER_CONFIG):
+    """peft's rank_pattern / alpha_pattern lookup: the first key whose regex matches the end of the module name.
+    Keys are untrusted regular expressions: matched with a length and time bound (untrusted_regex)."""
     for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return patterns[key]
-        except re.error as e:
-            raise InputError(f"{ADAPTER_CONFIG}: pattern {key!r} is not a valid regular expression ({e})")
+        if untrusted_regex.match(rf"(.*\.)?({key})$", module, f"{where}: key {str(key)[:80]!r}"):
+            return patterns[key]
     return default
+
+
+def _positive_number(value) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 @dataclass(frozen=True)
@@ -105,13 +112,13 @@ class Adapter:
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"--lora {folder}: not a folder")
-        config = load_json(folder / ADAPTER_CONFIG, ADAPTER_CONFIG)
+        config = load_json(folder / ADAPTER_CONFIG, ADAPTER_CONFIG, safe_fs.MAX_CONFIG_BYTES)
         if not isinstance(config, dict):
             raise InputError(f"{folder / ADAPTER_CONFIG}: not a JSON object")
         file = folder / ADAPTER_WEIGHTS
-        if not file.is_file():
+        if not os.path.lexists(file):
             pickle = folder / "adapter_model.bin"
-            if pickle.is_file():
+            if os.path.lexists(pickle):
                 raise InputError(f"{pickle}: pickle adapter refused; qexport never unpickles weights; save the "
                                  f"adapter with peft's save_pretrained(dir, safe_serialization=True)")
             raise InputError(f"{file}: adapter weights not found")
@@ -124,7 +131,7 @@ class Adapter:
         from safetensors import safe_open
 
         if self._handle is None:
-            self._handle = safe_open(str(self.file), framework="pt")
+            self._handle = safe_open(str(safe_fs.check_regular(self.file)), framework="pt")
         return self._handle.get_tensor(key)
 
     def check_config(self) -> None:
@@ -142,11 +149,21 @@ class Adapter:
             raise InputError(f"{path}: init_lora_weights='mica': the MiCA variant is not supported")
         for key in ("r", "lora_alpha"):
             value = self.config.get(key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise InputError(f"{path}: {key}={json.dumps(value)} is not a positive number")
+            if not _positive_number(value):
+                raise InputError(f"{path}: {key}={json.dumps(value)[:40]} is not a positive finite number")
         for key in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(self.config.get(key) or {}, dict):
+            patterns = self.config.get(key) or {}
+            if not isinstance(patterns, dict):
                 raise InputError(f"{path}: {key} is not a JSON object")
+            for pattern, value in patterns.items():
+                if key == "rank_pattern" and not (isinstance(value, int) and not isinstance(value, bool)
+                                                  and value > 0):
+                    raise InputError(f"{path}: {key}[{pattern[:80]!r}]={json.dumps(value)[:40]} is not a "
+                                     f"positive integer")
+                if key == "alpha_pattern" and not _positive_number(value):
+                    raise InputError(f"{path}: {key}[{pattern[:80]!r}]={json.dumps(value)[:40]} is not a "
+                                     f"positive number")
+
 
     def modules(self, base: Checkpoint) -> dict[str, LoraModule]:
         """Every adapted module, checked against the base: kind from the architecture, shapes, ranks, pairs."""
@@ -189,8 +206,9 @@ class Adapter:
             else:
                 raise InputError(f"{self.file}: key {any_key!r}: LoRA on {type(target).__name__} {module!r} is not "
                                  f"supported (Linear, Conv1D and Embedding are)")
-            rank = pattern_value(rank_pattern, module, self.config["r"])
-            alpha = pattern_value(alpha_pattern, module, self.config["lora_alpha"])
+            where = str(self.folder / ADAPTER_CONFIG)
+            rank = pattern_value(rank_pattern, module, self.config["r"], f"{where}: rank_pattern")
+            alpha = pattern_value(alpha_pattern, module, self.config["lora_alpha"], f"{where}: alpha_pattern")
             scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
             lora = LoraModule(module, kind, keys["A"], keys["B"], rank, alpha, scale, keys.get("base_layer"))
             self._check_shapes(lora, base)
@@ -254,13 +272,24 @@ class LoraMergedSource:
         delta = self.adapter.read(lora.b).float() @ self.adapter.read(lora.a).float()
         if lora.kind != "linear":
             delta = delta.T
+        delta.mul_(lora.scale)
+        low, high = torch.aminmax(delta) if delta.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+        if not (torch.isfinite(low) and torch.isfinite(high)):  # the adapter's fault, not the base's
+            raise InputError(f"{self.adapter.file}: keys {lora.a!r} / {lora.b!r}: scale * B @ A holds NaN or Inf "
+                             f"for {lora.module!r} (NaN/Inf in the adapter, or values too large for fp32)")
         # The operation order of peft's get_delta_weight and merge (W + (B @ A) * scale), so that equal inputs give
         # equal fp32 sums; in place, to hold one fp32 copy of W at a time.
-        merged = w.to(torch.float32, copy=True).add_(delta.mul_(lora.scale))  # copy: never write into the mmap
+        merged = w.to(torch.float32, copy=True).add_(delta)  # copy: never write into the mmap
         return merged.to(DTYPES[self.entries[name].dtype])
 
     def side_files(self) -> list[Path]:
         return self.base.side_files()
+
+    def side_tree(self) -> list[tuple[str, Path]]:
+        return self.base.side_tree()
+
+    def input_folders(self) -> list[Path]:
+        return [self.base.folder, self.adapter.folder]
 
     def source_files(self) -> list[dict]:
         base = [{**r, "name": f"base/{r['name']}"} for r in self.base.source_files()]
@@ -280,9 +309,13 @@ def normalized_weights(weights: list[float] | None, count: int) -> list[float]:
     for i, w in enumerate(weights):
         if not math.isfinite(w) or w < 0:
             raise InputError(f"--weights: weight {i + 1} is {w}; weights must be finite and non-negative")
-    total = math.fsum(weights)
-    if total <= 0:
+    if max(weights) <= 0:
         raise InputError("--weights: all weights are zero")
+    try:
+        total = math.fsum(weights)
+    except OverflowError:  # 1e308 + 1e308: the same ratios, scaled down first
+        weights = [w / max(weights) for w in weights]
+        total = math.fsum(weights)
     return [w / total for w in weights]
 
 
@@ -356,6 +389,12 @@ class AveragedSource:
     def side_files(self) -> list[Path]:
         return self.checkpoints[0].side_files()
 
+    def side_tree(self) -> list[tuple[str, Path]]:
+        return self.checkpoints[0].side_tree()
+
+    def input_folders(self) -> list[Path]:
+        return [c.folder for c in self.checkpoints]
+
     def source_files(self) -> list[dict]:
         return [{**r, "name": f"model{i + 1}/{r['name']}"}
                 for i, c in enumerate(self.checkpoints) for r in c.source_files()]
@@ -381,11 +420,7 @@ def open_source(src: str | Path | None = None, *, lora: str | Path | None = None
 
 
 def input_folders(source) -> list[Path]:
-    if isinstance(source, LoraMergedSource):
-        return [source.base.folder, source.adapter.folder]
-    if isinstance(source, AveragedSource):
-        return [c.folder for c in source.checkpoints]
-    return [source.folder]
+    return source.input_folders()
 
 
 def merge_folder(source, out: str | Path, *, max_shard_size: int = 5 * 10**9, overwrite: bool = False,
@@ -398,19 +433,20 @@ def merge_folder(source, out: str | Path, *, max_shard_size: int = 5 * 10**9, ov
         raise InputError(f"--out {out}: exists and is not a folder")
     if out.exists() and not overwrite:
         raise InputError(f"--out {out}: already exists (pass --overwrite to replace it)")
-    for folder in input_folders(source):
-        if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
-            raise InputError(f"--out {out}: would replace the input {folder}")
+    check_not_input(out, [out], input_folders(source))
     parent = out.absolute().parent
-    for stale in parent.glob(f".{out.name}{TMP_MARK}*") if parent.is_dir() else []:
-        pid = stale.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    if parent.is_dir():
+        remove_stale(parent.glob(f".{out.name}{TMP_MARK}*"))
     work = parent / f".{out.name}{TMP_MARK}{os.getpid()}"
     options = ExportOptions(formats=("original",), max_shard_size=max_shard_size, progress=progress)
+    owned = None
     try:
+        if parent.is_dir():  # otherwise export() reports why it cannot create it
+            owned = OwnedFolder(work)
         manifest = export(source, work, options)["original"]
-        _replace_dir(work / "original", out)
+        _replace_dir(work / "original", out, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if owned is not None:
+            owned.release()
     return manifest

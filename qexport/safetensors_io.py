@@ -11,12 +11,14 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from . import safe_fs
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -27,6 +29,10 @@ if TYPE_CHECKING:
 ITEMSIZES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+# Tensors in one safetensors header. The largest public checkpoints hold a few thousand per shard (DeepSeek-V3:
+# about 91k over 163 shards); 10^6 one-byte tensors took minutes and 2 GB to plan. Counted before parsing.
+MAX_TENSORS_PER_FILE = 65_536
+MAX_DIMS, MAX_DIM = 8, 2**40
 
 
 def _torch_dtypes() -> dict[str, torch.dtype]:
@@ -73,14 +79,15 @@ class TensorEntry:
         return self.end - self.start
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+def read_header(path: Path, root: Path | None = None) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Parse and check a safetensors header: JSON, known dtypes, sizes, and offsets that tile the data section.
 
     Returns the tensors by name and the `__metadata__` dict. Raises InputError naming the file and tensor.
+    The file must be a regular file inside `root` (default: its own folder); see safe_fs.
     """
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with safe_fs.open_regular(path, root) as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise InputError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
@@ -92,12 +99,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                     f"{path}: safetensors header length {header_len} is larger than the file ({size} bytes)"
                 )
             raw = f.read(header_len)
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found")
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}")
+    count = raw.count(b'"data_offsets"')  # an upper bound on the entries, without building them
+    if count > MAX_TENSORS_PER_FILE:
+        raise InputError(f"{path}: header lists {count:,} tensors, above qexport's limit of "
+                         f"{MAX_TENSORS_PER_FILE:,} per file")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"{path}: safetensors header is not JSON ({type(e).__name__}: {e})")
+        raise InputError(f"{path}: safetensors header is not JSON ({type(e).__name__}: {str(e)[:200]})")
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -151,7 +164,11 @@ def _entry(path: Path, name: str, info) -> TensorEntry:
     if not isinstance(dtype, str) or dtype not in ITEMSIZES:
         raise InputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise InputError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        raise InputError(f"{path}: tensor {name!r}: shape {str(shape)[:100]} is not a list of non-negative integers")
+    if len(shape) > MAX_DIMS or any(d > MAX_DIM for d in shape):
+        # a zero-size tensor passes the byte count whatever its other dimensions; torch cannot build [0, 2**70]
+        raise InputError(f"{path}: tensor {name!r}: shape {str(shape)[:100]} has more than {MAX_DIMS} dimensions "
+                         f"or a dimension above 2**40")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
@@ -240,9 +257,10 @@ def _naming(path: Path):
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
-def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
+def sha256_file(path: Path, chunk: int = 16 * 2**20, root: Path | None = None) -> str:
+    """sha256 of a regular file inside `root` (default: its own folder)."""
     sha = hashlib.sha256()
-    with open(path, "rb") as f:
+    with safe_fs.open_regular(path, root) as f:
         while block := f.read(chunk):
             sha.update(block)
     return sha.hexdigest()

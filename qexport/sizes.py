@@ -19,7 +19,7 @@ def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
             number, factor = stripped, 1
         try:
             value = int(float(number) * factor) if "." in number else int(number) * factor
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: 1e400GB is infinite
             raise InputError(f"{option}: {text!r} is not a size (write e.g. 5GB, 500MB, 400KB or a byte count)")
     if value <= 0:
         raise InputError(f"{option}: {text!r} must be a positive size")

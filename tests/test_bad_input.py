@@ -16,6 +16,8 @@ import pytest
 
 from fixtures.bad_inputs import LINEAR, RECIPES, UNPICKLED_MARKER, manifest_problems, nan_in_norm, nan_in_weight, \
     tree_sha256
+from qexport.architecture import inspect_architecture
+from qexport.checkpoint import load_config
 from qexport.cli import main
 
 
@@ -99,7 +101,9 @@ def test_allow_nonfinite_keeps_the_weight_dense_and_the_export_reloads(good_mode
         config = json.loads((folder / "config.json").read_text())
         assert module in config["quantization_config"]["ignore"]
         # every other Linear is still quantized: only the poisoned one stayed dense
-        assert sum(t["quantized"] for t in manifest["tensors"].values()) > 0
+        quantized = {t["source"] for t in manifest["tensors"].values() if t["quantized"]}
+        linears = inspect_architecture(load_config(src)).linear_weights - {"lm_head.weight"}
+        assert quantized == linears - {LINEAR}
     model, info = load_model(out / "int4")
     assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
     assert model.get_submodule(module).weight.isnan().sum() == 1  # the recipe sets exactly one element

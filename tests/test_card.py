@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -95,10 +96,21 @@ def test_card_size_table_equals_manifest_files(qwen3_export, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_card_summary_equals_manifest_summary(qwen3_export, fmt):
+def test_card_summary_equals_manifest_summary(qwen3_export, qwen3_src, fmt):
     out, manifests = qwen3_export
     s = manifests[fmt]["summary"]
     rows = table_rows(card_of(out / fmt), "measure")
+    # The manifest's numbers, recomputed without qexport's export code: headers on disk and the architecture.
+    from qexport.architecture import inspect_architecture
+    from qexport.safetensors_io import read_header
+
+    entries = read_header(out / fmt / "model.safetensors")[0]
+    linears = [n for n in inspect_architecture(load_config(qwen3_src)).linear_weights if n != "lm_head.weight"]
+    quantized = [e for n, e in entries.items() if n.endswith((".weight_packed", ".weight_scale", ".weight_shape"))]
+    assert s["tensor_bytes"] == sum(e.nbytes for e in entries.values())
+    assert s["quantized_bytes"] == sum(e.nbytes for e in quantized)
+    source = read_header(qwen3_src / "model.safetensors")[0]
+    assert s["quantized_weights"] == (0 if fmt == "fp16" else sum(math.prod(source[n].shape) for n in linears))
     assert integer(rows["bytes of all tensors"]) == s["tensor_bytes"]
     assert integer(rows["the same tensors in float16"]) == s["fp16_tensor_bytes"]
     assert rows["ratio vs fp16, whole model"] == f"{format_value(s['ratio_vs_fp16'])}×"

@@ -8,6 +8,7 @@ embeddings and norms stay dense; they are reported next to the quantized ratios.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -76,12 +77,38 @@ def test_int4_g128_costs_4_125_bits_per_quantized_weight(qwen3_src, exports):
     assert s["bits_per_quantized_weight"] == pytest.approx(4.125 + shape_bits, abs=1e-9)
 
 
-def test_int8_costs_8_bits_plus_one_fp16_scale_per_row(exports):
+def test_int8_costs_8_bits_plus_one_16_bit_scale_per_row_and_a_shape(exports):
     _, manifests = exports
     tensors = manifests["int8"]["tensors"]
-    for name, info in tensors.items():
-        if info["quantized"] and info["dtype"] == "I8":
-            rows, cols = info["shape"]
-            scale = tensors[name.removesuffix(".weight") + ".weight_scale"]
-            bits = 8 * (info["stored_bytes"] + scale["stored_bytes"]) / (rows * cols)
-            assert bits == pytest.approx(8 + 16 / cols), name
+    packed = [name for name, info in tensors.items() if name.endswith(".weight_packed")]
+    assert len(packed) == 14  # 7 Linears in each of the 2 blocks, lm_head dense
+    for name in packed:
+        module = name.removesuffix(".weight_packed")
+        rows, cols = tensors[name]["shape"][0], tensors[name]["shape"][1] * 4
+        stored = sum(tensors[f"{module}.{leaf}"]["stored_bytes"] for leaf in ("weight_packed", "weight_scale",
+                                                                               "weight_shape"))
+        assert 8 * stored / (rows * cols) == pytest.approx(8 + 16 / cols + 8 * 16 / (rows * cols)), name
+
+
+def test_scales_stored_wider_than_the_model_dtype_fail_bytes(tmp_path, qwen3_src, exports):
+    # transformers loads fp32 scales in a bf16 model without complaint; they cost 4.25 instead of 4.125 bits.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = exports
+    folder = Path(shutil.copytree(out / "int4", tmp_path / "int4"))
+    (folder / "qexport.json").unlink()  # as another tool would write it: only the files say what was stored
+    tensors = {n: (t.float() if n.endswith(".weight_scale") else t)
+               for n, t in load_file(folder / "model.safetensors").items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    result = check_bytes(Context(folder, qwen3_src))
+    assert not result.passed and "its config predicts" in result.detail
+
+
+def test_ratio_floor_is_opt_in_and_fails_a_scheme_below_it(qwen3_src, export_model):
+    # int4 g32: 4 + 16/32 = 4.5 bits -> 3.56x vs fp16, a legitimate scheme that costs bytes.
+    out, _ = export_model(qwen3_src, formats=("int4",), group_size=32)
+    assert check_bytes(Context(out / "int4", qwen3_src)).passed
+    result = check_bytes(Context(out / "int4", qwen3_src, {"min_quantized_ratio": 3.85}))
+    assert not result.passed and "need >= 3.850x" in result.detail

@@ -65,7 +65,7 @@ class Format(ABC):
 
     def dense_dtype(self, dtype: str) -> str:
         """The safetensors dtype `dense` stores a source dtype as."""
-        return STORED_NAMES[self.dtype] if dtype in ("F64", "F32", "F16", "BF16") else dtype
+        return STORED_NAMES[self.dtype] if dtype.startswith(("F", "BF")) else dtype  # float8 too
 
     def why_not_quantizable(self, name: str, shape: tuple[int, ...]) -> str | None:
         """Why a Linear weight of this shape must stay dense in this format, or None if it can be quantized."""

@@ -11,14 +11,13 @@ anything wrong inside the export is a failed check (exit 1).
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .. import safe_fs, untrusted_regex
 from ..checkpoint import INDEX_FILE, Checkpoint, weight_files
 from ..errors import InputError, not_a_model_folder
 from ..safetensors_io import read_header
@@ -32,6 +31,7 @@ TOKENIZER_FILES = (
 )
 # Keys an exporter is expected to change in config.json; every other source key must survive unchanged.
 CHANGED_BY_EXPORT = ("dtype", "torch_dtype", "quantization_config", "transformers_version")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PACKED_FORMATS = ("pack-quantized",)
 UNPACKED_FORMATS = ("naive-quantized", "int-quantized")
 
@@ -89,7 +89,14 @@ class Context:
             raise InputError(f"{self.export}: export is not a folder")
         if (error := not_a_model_folder(self.export, "verify")) is not None:
             raise error
+        pickles = sorted(p.name for p in self.export.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise InputError(f"{self.export / pickles[0]}: pickle weights in the export; verify never lets "
+                             f"transformers unpickle a file (convert to safetensors first)")
+        # Nothing outside the two folders is read, by us or by transformers: links out and special files refused.
+        safe_fs.walk_files(self.export, self.export)
         self.reference = Checkpoint.open(reference_dir)
+        safe_fs.walk_files(self.reference.folder, self.reference.folder)
         if "quantization_config" in self.reference.config:
             raise InputError(f"{self.reference.folder / 'config.json'}: --reference is itself quantized; "
                              "pass the source model the export was made from")
@@ -104,6 +111,8 @@ class Context:
         except InputError as e:
             self.ckpt_error = str(e)
         self.qc = (self.config or {}).get("quantization_config")
+        # transformers and compressed-tensors match these with `re`, without a time limit, when reloading
+        untrusted_regex.check_quantization_config(self.qc, f"{self.export / 'config.json'}: quantization_config")
         self.format = detect_format(self.config, self.manifest)
         self.defaults = thresholds_for(self.format)  # what reports compare the thresholds in use with
         if isinstance(thresholds, Thresholds):
@@ -219,12 +228,14 @@ def json_equal(a, b) -> bool:
 
 
 def _read_json_object(path: Path):
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    import os
+
+    if not os.path.lexists(path):
         return None, f"{path.name} is missing"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"{path.name} is not readable JSON ({e})"
+    try:
+        value = safe_fs.load_json(path, path.name)
+    except InputError as e:
+        return None, " ".join(str(e).replace(str(path), path.name).split())[:300]
     if not isinstance(value, dict):
         return None, f"{path.name} is not a JSON object"
     return value, None
@@ -235,8 +246,10 @@ def open_tensors(folder: Path, config: dict) -> Checkpoint:
     files = weight_files(folder)
     index_path = folder / INDEX_FILE
     index = None
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
+    if index_path.exists():
+        index = safe_fs.load_json(index_path, INDEX_FILE)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise InputError(f"{INDEX_FILE}: no weight_map object")
     entries = {}
     for path in files:
         for name, entry in read_header(path)[0].items():
@@ -250,7 +263,8 @@ def open_tensors(folder: Path, config: dict) -> Checkpoint:
         for name, shard in index["weight_map"].items():
             if name not in entries:
                 raise InputError(f"{INDEX_FILE}: tensor {name!r} is not in shard {shard!r}")
-        total = (index.get("metadata") or {}).get("total_size")
+        metadata = index.get("metadata")
+        total = metadata.get("total_size") if isinstance(metadata, dict) else None
         actual = sum(e.nbytes for e in entries.values())
         if isinstance(total, int) and total != actual:
             raise InputError(f"{INDEX_FILE}: metadata.total_size {total} but the shards hold {actual} tensor bytes")
@@ -262,9 +276,10 @@ def open_tensors(folder: Path, config: dict) -> Checkpoint:
 def detect_format(config: dict | None, manifest: dict | None) -> str:
     """fp16 (dense), int8 or int4 from the quantization_config; the manifest's word when the config says nothing."""
     qc = (config or {}).get("quantization_config")
-    if isinstance(qc, dict):
-        bits = {g.get("weights", {}).get("num_bits") for g in (qc.get("config_groups") or {}).values()
-                if isinstance(g, dict) and isinstance(g.get("weights"), dict)}
+    if isinstance(qc, dict) and isinstance(qc.get("config_groups"), dict):
+        bits = {g["weights"].get("num_bits") for g in qc["config_groups"].values()
+                if isinstance(g, dict) and isinstance(g.get("weights"), dict)
+                and isinstance(g["weights"].get("num_bits"), int)}
         if 4 in bits:
             return "int4"
         if 8 in bits:
@@ -279,9 +294,11 @@ def has_tokenizer(folder: Path) -> bool:
 
 
 def _matches(module: str, patterns, linear: bool) -> bool:
-    for pattern in patterns or []:
+    for pattern in patterns if isinstance(patterns, list) else []:
+        if not isinstance(pattern, str):
+            continue
         if pattern.startswith("re:"):
-            if re.fullmatch(pattern[3:], module):
+            if untrusted_regex.match(pattern[3:], module, "config.json: quantization_config", full=True):
                 return True
         elif pattern == "Linear" and linear:
             return True
@@ -294,9 +311,11 @@ def weights_args(qc: dict, module: str, linear: bool = True) -> dict | None:
     """The `weights` quantization args of the config group targeting `module`, or None if it is not targeted."""
     if _matches(module, qc.get("ignore"), linear):
         return None
-    for group in (qc.get("config_groups") or {}).values():
-        if _matches(module, group.get("targets"), linear):
-            return group.get("weights")
+    groups = qc.get("config_groups")
+    for group in groups.values() if isinstance(groups, dict) else []:
+        if isinstance(group, dict) and _matches(module, group.get("targets"), linear):
+            weights = group.get("weights")
+            return weights if isinstance(weights, dict) else None
     return None
 
 

@@ -40,11 +40,11 @@ def _read_json(path: Path):
         return None
 
 
-def same_content(ref: Path, ours: Path) -> bool:
+def same_content(ref: Path, ours: Path, ref_root: Path | None = None, our_root: Path | None = None) -> bool:
     """Identical bytes, or (JSON files) the same JSON value once `transformers_version` is set aside: another
     tool's `save_pretrained` re-serialises generation_config.json and stamps its own version, which is not a
     change of content. NaN equals NaN."""
-    if sha256_file(ref) == sha256_file(ours):
+    if sha256_file(ref, root=ref_root) == sha256_file(ours, root=our_root):
         return True
     if ref.suffix != ".json":
         return False
@@ -75,7 +75,8 @@ def _compare_files(ctx: Context, name: str, wanted: Callable[[str], bool]) -> Ch
     missing = [rel for rel in ref if not (ctx.export / rel).is_file()]
     present = [rel for rel in ref if rel not in missing]
     rewritten = [rel for rel in present if rel in REWRITTEN_BY_EXPORT]
-    changed = [rel for rel in present if rel not in rewritten and not same_content(ref[rel], ctx.export / rel)]
+    changed = [rel for rel in present if rel not in rewritten and not same_content(
+        ref[rel], ctx.export / rel, ctx.reference.folder, ctx.export)]
     changed += [rel for rel in rewritten if not _card_keeps_source_readme(ref[rel], ctx.export / rel)]
     metrics = {"missing": missing, "changed": changed, "allowed_to_differ": rewritten}
     if missing or changed:
