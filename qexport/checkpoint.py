@@ -67,7 +67,8 @@ def pickle_advice(folder: Path) -> str:
     if cls is None:
         cls, note = "AutoModel", (" (config.json names no architecture this transformers knows: replace AutoModel by "
                                   "the class of the model's task, e.g. AutoModelForCausalLM, or the head is lost)")
-    src, out = str(folder).rstrip("/"), f"{str(folder).rstrip('/')}-safetensors"
+    src = str(folder).rstrip("/")
+    src, out = (src, f"{src}-safetensors") if len(src) <= 200 else ("SRC", "SRC-safetensors")  # the line stays short
     ignore = ", ".join(f'"{p}"' for p in PICKLE_PATTERNS)  # double quotes: the code goes in '...' on a shell line
     code = (f"import shutil, sys; from transformers import {cls} as M; "
             f"shutil.copytree(sys.argv[1], sys.argv[2], ignore=shutil.ignore_patterns({ignore})); "
@@ -125,7 +126,7 @@ def weight_files(folder: Path) -> list[Path]:
         return [folder / SINGLE_FILE]
     pickles = [p for p in folder.iterdir() if p.name in PICKLE_NAMES or p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     if pickles:
-        raise InputError(f"{pickles[0]}: pickle checkpoint refused; {pickle_advice(folder)}")
+        raise InputError(f"{pickles[0]}: pickle checkpoint refused", advice=pickle_advice(folder))
     others = sorted(folder.glob("*.safetensors"))
     if len(others) == 1:
         return others

@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except InputError as e:
-        print(f"qexport: error: {_one_line(e)}", file=sys.stderr)
+        advice = f"; {' '.join(e.advice.split())}" if getattr(e, "advice", None) else ""  # bounded: never cut
+        print(f"qexport: error: {_one_line(e.args[0] if e.args else e)}{advice}", file=sys.stderr)
         return e.exit_code
     except VerificationFailed as e:
         print(f"qexport: verification failed: {_one_line(e)}", file=sys.stderr)

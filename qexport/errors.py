@@ -2,9 +2,19 @@
 
 
 class InputError(Exception):
-    """Bad input or usage. The message is one line naming the file, tensor or option and the problem."""
+    """Bad input or usage. The message is one line naming the file, tensor or option and the problem.
+
+    `advice` is what to do instead, when that is a command to copy (the pickle refusal's conversion): bounded text
+    the command line prints whole after the message, which it shortens if a huge path or name makes it long."""
 
     exit_code = 2
+
+    def __init__(self, message: str, advice: str | None = None):
+        super().__init__(message)
+        self.advice = advice
+
+    def __str__(self) -> str:
+        return str(self.args[0]) + (f"; {self.advice}" if self.advice else "")
 
 
 class VerificationFailed(Exception):
