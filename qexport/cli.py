@@ -118,8 +118,8 @@ def _run_merge(args) -> int:
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="build a tiny Qwen3 model locally, export fp16/int8/int4, reload and compare",
-                       description="Builds a tiny Qwen3 model (no download), exports it in every format, reloads "
-                                   "each export through transformers and prints a table.")
+                       description="Builds a tiny model (no download), exports it in every format, runs "
+                                   "`qexport verify` on each export and prints a table with each format's verdict.")
     p.add_argument("--out", default="qexport-demo", help="working folder (default ./qexport-demo)")
     from .tiny import PRESETS
 
@@ -199,7 +199,7 @@ def _add_inspect(sub):
                                    "checkpoint) from its safetensors headers and JSON files, without loading "
                                    "it: architecture, quantization config, tensors by layer type, totals, and "
                                    "the problems visible from headers. Exit 0 no problems, 1 problems found, "
-                                   "2 not a model folder (an export root: its format folders are named).")
+                                   "2 not a folder, or an export root (its format folders are named).")
     p.add_argument("dir", metavar="DIR", help="a model folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON (every tensor included)")
     p.add_argument("--tensors", action="store_true", help="also list every tensor")

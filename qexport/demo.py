@@ -21,8 +21,8 @@ real gate. Trained models have peaked distributions and agree far more often (ll
 
 
 def _bounds() -> str:
-    from .thresholds import DEFAULTS
     from .report import format_value
+    from .thresholds import DEFAULTS
 
     return "; ".join(f"{fmt} KLD mean <= {format_value(t.max_kld_mean)}, top-1 >= {format_value(t.min_top1)}"
                      for fmt, t in DEFAULTS.items())

@@ -320,7 +320,8 @@ def inspect_folder(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
-    if (error := not_a_model_folder(folder, "inspect")) is not None:
+    # An export root names its format folders (exit 2); any other folder is described, problems and all.
+    if (error := not_a_model_folder(folder, "inspect", only_with_models=True)) is not None:
         raise error
     problems: list[str] = []
     config = _load_json(folder / "config.json", problems, safe_fs.MAX_CONFIG_BYTES)
