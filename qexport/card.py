@@ -226,16 +226,35 @@ def _quantized_description(manifest: dict, config: dict) -> str:
     else:
         stored = f"{bits}-bit signed integers, one per int{bits} (`weight`)"
     if weights.get("strategy") == "group":
+        choice = {"auto": f" (chosen automatically: the largest of 128, 64, 32 that every quantized Linear's "
+                          f"input size divides by)", "given": " (given with `--group-size`)"}
         scales = f"one {manifest['parameters'].get('scale_dtype', 'float16')} scale per group of " \
-                 f"{weights['group_size']} input columns (`weight_scale`)"
+                 f"{weights['group_size']} input columns (`weight_scale`)" \
+                 + choice.get(manifest["parameters"].get("group_size_choice"), "")
     else:
         scales = f"one {manifest['parameters'].get('scale_dtype', 'float16')} scale per output channel " \
                  f"(`weight_scale`)"
-    symmetric = "symmetric, no zero point" if weights.get("symmetric") else "asymmetric, with zero points"
+    if weights.get("symmetric", True):
+        arithmetic = f"symmetric, no zero point, scale = absmax / {(2 ** bits - 1) / 2}"
+    else:
+        arithmetic = (f"asymmetric: scale = (max − min) / {2 ** bits - 1} over each group's range (widened to "
+                      f"include 0), with a {bits}-bit zero point per group packed {32 // bits} per int32 word "
+                      f"along the output dimension (`weight_zero_point`); w ≈ (q − zero point) · scale")
     return (f"- **Quantized**: {count} `nn.Linear` weights, {manifest['summary']['quantized_weights']:,} "
-            f"weights in all: {stored} and {scales}; {symmetric}, scale = absmax / {(2 ** bits - 1) / 2}, round "
-            f"half to even. Activations stay 16-bit ({manifest['parameters'].get('scheme')}): transformers "
-            f"dequantizes on load, vLLM runs its own kernels.")
+            f"weights in all: {stored} and {scales}; {arithmetic}, round half to even. Activations stay 16-bit "
+            f"({manifest['parameters'].get('scheme')}): transformers dequantizes on load, vLLM runs its own "
+            f"kernels.")
+
+
+def quantized_share_line(summary: dict) -> str | None:
+    """How much of the Linears this export targets is quantized, or None for a manifest without the counts."""
+    share = summary.get("quantized_linear_share")
+    if summary.get("linear_weights") is None or share is None:
+        return None
+    dense = summary["linear_weights"] - summary["quantized_linears"]
+    return (f"- **Quantized share**: {summary['quantized_linears']} of {summary['linear_weights']} targeted "
+            f"`nn.Linear` weights, {100 * share:.1f}% of their bytes"
+            + (f" ({dense} kept dense, listed below)" if dense else "") + ".")
 
 
 def _dense_description(manifest: dict, config: dict) -> list[str]:
@@ -386,6 +405,9 @@ def render_card(manifest: dict, config: dict, source_readme: str | None = None,
              f"# {title}", "", what, "", "## What is stored", ""]
     if _is_quantized(manifest):
         lines.append(_quantized_description(manifest, config))
+        share = quantized_share_line(manifest["summary"])
+        if share:
+            lines.append(share)
     lines += _dense_description(manifest, config)
     if _is_quantized(manifest):
         lines += ["", "Which tensors are `nn.Linear` weights was read from the model's structure (instantiated "

@@ -25,7 +25,10 @@ def _add_export(sub):
     _add_merge_inputs(p, base_option=False)
     p.add_argument("--formats", nargs="+", default=["fp16", "int8", "int4"], metavar="FMT",
                    help="formats to write, in any case (default: fp16 int8 int4)")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input (default 128)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size along the input. Default: the largest of 128, 64, 32 that every Linear's "
+                        "input size divides by (one per model). Given: exactly that; Linears whose input does not "
+                        "divide by it stay dense, with a warning")
     p.add_argument("--workers", type=int, default=1,
                    help="threads encoding tensors (default 1; the output is identical for any N)")
     p.add_argument("--allow-nonfinite", action="store_true",
@@ -153,6 +156,10 @@ def _add_verify(sub):
                         "model_name, else the folder name)")
     p.add_argument("--write-card", action="store_true",
                    help="record the results in EXPORT's README.md model card and qexport.json (qexport exports)")
+    p.add_argument("--engine", action="append", default=[], metavar="vllm[=PYTHON]",
+                   help="also run the export in this engine (check engine_vllm): vLLM in its own interpreter, "
+                        "default $QEXPORT_VLLM_PYTHON or ~/.cache/qexport/vllm-venv/bin/python; if it cannot "
+                        "run, the check fails")
     p.set_defaults(run=_run_verify)
 
 
@@ -161,11 +168,13 @@ def _run_verify(args) -> int:
     from .html_report import to_json, verification_html, write_text
     from .report import model_name
     from .thresholds import parse_overrides
+    from .engines.runner import parse_engine
     from .verify import check_baseline, load_baseline, record_in_card, verify
 
     overrides = parse_overrides(args.threshold)
+    engines = [parse_engine(value) for value in args.engine]
     baseline = load_baseline(args.baseline) if args.baseline else None
-    result = verify(args.export, args.reference, overrides)
+    result = verify(args.export, args.reference, overrides, engines=engines)
     if baseline is not None:
         result.add(check_baseline(result.metrics, baseline))
     for check in result.checks:
@@ -189,7 +198,9 @@ def _run_verify(args) -> int:
                                  + "; ".join(f"{c.name}: {c.detail}" for c in failures))
     changed = f"; {len(result.thresholds_changed)} threshold(s) not at their defaults" if result.thresholds_changed \
         else ""
-    print(f"all {len(result.checks)} checks passed ({result.format}{changed})")
+    skipped = [c.name for c in result.checks if c.skipped]
+    print(f"all {len(result.checks) - len(skipped)} checks passed ({result.format}{changed})"
+          + (f"; {len(skipped)} skipped (not passed, not failed): {', '.join(skipped)}" if skipped else ""))
     return 0
 
 

@@ -49,7 +49,11 @@ def dequantize_module(tensors: dict[str, torch.Tensor], num_bits: int, dtype=Non
     group_size = None if groups == 1 else cols // groups
     codes = q.to(scale.dtype)
     if "weight_zero_point" in tensors:
-        zp = tensors["weight_zero_point"].reshape(rows if scale.shape[0] == rows else 1, -1).to(scale.dtype)
+        zp = tensors["weight_zero_point"]
+        zp_rows = rows if scale.shape[0] == rows else 1
+        if zp.dtype == torch.int32:  # pack-quantized: packed along the output dimension (packed_dim=0)
+            zp = unpack_int32(zp.t().contiguous(), num_bits, zp_rows).t()
+        zp = zp.reshape(zp_rows, -1).to(scale.dtype)
         codes = (quant._grouped(codes, group_size) - zp.unsqueeze(-1)).reshape(rows, cols)
     return quant.dequantize(codes, scale, group_size)
 

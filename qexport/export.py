@@ -47,7 +47,9 @@ class ExportOptions:
     """Everything `qexport export` takes, one field per command-line option."""
 
     formats: tuple[str, ...] = ("fp16", "int8", "int4")
-    group_size: int = 128
+    # None: the largest of AUTO_GROUP_SIZES that every quantizable Linear's input divides by (one per model).
+    # A number: that group size exactly; Linears whose input does not divide by it stay dense, with a warning.
+    group_size: int | None = None
     max_shard_size: int = 5 * 10**9
     workers: int = 1
     overwrite: bool = False
@@ -142,6 +144,28 @@ def all_finite(w: torch.Tensor) -> bool:
 
 def nonfinite_tensors(source: TensorSource, names: Iterable[str]) -> set[str]:
     return {n for n in names if not all_finite(source.read(n))}
+
+
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+def quantizable_linears(source: TensorSource, arch: Architecture, ignore: Iterable[str]) -> dict[str, tuple]:
+    """Linear weight -> shape for every nn.Linear weight the export targets (stored, 2-D, not ignored)."""
+    return {name: tuple(source.entries[name].shape) for name in source.names
+            if name in arch.linear_weights and name not in arch.tied_names
+            and not _ignored(_module(name), ignore) and len(source.entries[name].shape) == 2}
+
+
+def choose_group_size(shapes: Iterable[tuple], candidates: tuple[int, ...] = AUTO_GROUP_SIZES) -> int:
+    """The group size of a model: the largest candidate that every input size divides by, else the candidate
+    that quantizes the most weights (ties to the larger group); the rest then stay dense, with a warning."""
+    shapes = list(shapes)
+    covered = {g: sum(math.prod(s) for s in shapes if s[1] % g == 0) for g in candidates}
+    total = sum(math.prod(s) for s in shapes)
+    for g in candidates:
+        if covered[g] == total:
+            return g
+    return max(candidates, key=lambda g: (covered[g], g))
 
 
 def plan_format(source: TensorSource, arch: Architecture, fmt: Format, options: ExportOptions,
@@ -367,10 +391,16 @@ def build_manifest(source, plan: FormatPlan, options, source_files, files, tenso
     quantized_weights = sum(math.prod(source.entries[t.source].shape) for t in plan.tensors if t.quantize)
     quantized_bytes = sum(t["stored_bytes"] for t in tensors_info.values() if t["quantized"])
     dense = [(t["dtype"], t["shape"], t["stored_bytes"]) for t in tensors_info.values() if not t["quantized"]]
+    # The Linears this export targets: those quantized and those that had to stay dense (group size, NaN, dtype).
+    targeted = [t.source for t in plan.tensors if t.quantize or t.source in plan.dense_linears]
+    linear_elements = sum(math.prod(source.entries[n].shape) for n in targeted)
+    parameters = {**plan.fmt.parameters(), "max_shard_size": options.max_shard_size}
+    if parameters.get("weights", {}).get("strategy") == "group":
+        parameters["group_size_choice"] = "auto" if options.group_size is None else "given"
     return {
         "qexport_version": __version__,
         "format": plan.fmt.name,
-        "parameters": {**plan.fmt.parameters(), "max_shard_size": options.max_shard_size},
+        "parameters": parameters,
         "model_type": source.config.get("model_type"),
         # A merged source (qexport.merge) adds what was merged: method, inputs, weights or LoRA scales.
         "source": {"files": source_files, **({"merge": source.merge} if getattr(source, "merge", None) else {}),
@@ -382,6 +412,10 @@ def build_manifest(source, plan: FormatPlan, options, source_files, files, tenso
             "total_bytes": sum(f["bytes"] for f in files),
             "weight_bytes": sum(f["bytes"] for f in files if f["name"].endswith(".safetensors")),
             **size_summary(dense, quantized_weights, quantized_bytes),
+            "linear_weights": len(targeted),  # nn.Linear weights targeted (all but ignore, e.g. lm_head)
+            "quantized_linears": sum(1 for t in plan.tensors if t.quantize),
+            # share of the targeted Linears' weights (and so of their fp16 bytes) that is quantized
+            "quantized_linear_share": quantized_weights / linear_elements if linear_elements else None,
         },
         "tensors": tensors_info,
     }
@@ -502,7 +536,7 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     temporary folders and renamed into place only when all of them are complete.
     """
     out = Path(out)
-    if options.group_size <= 0 or options.group_size % 8:
+    if options.group_size is not None and (options.group_size <= 0 or options.group_size % 8):
         raise InputError(f"--group-size: {options.group_size} must be a positive multiple of 8")
     if options.workers < 1:
         raise InputError(f"--workers: {options.workers} must be at least 1")
@@ -515,7 +549,10 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     check_shapes(source, arch)
     side_tree(source)  # links out of the folder and special files are refused before anything is written
     compute_dtype = compute_dtype_of(source, arch.linear_weights)
-    formats = [get_format(name, group_size=options.group_size, dtype=compute_dtype)
+    group_size = options.group_size
+    if group_size is None:
+        group_size = choose_group_size(quantizable_linears(source, arch, options.ignore).values())
+    formats = [get_format(name, group_size=group_size, dtype=compute_dtype)
                for name in dict.fromkeys(options.formats)]
     if compute_dtype == "bfloat16" and "fp16" in options.formats and source.config.get("model_type") in \
             FP16_OVERFLOW_FAMILIES:

@@ -407,7 +407,7 @@ def inspect_folder(folder: str | Path) -> dict:
         "tensors": tensors,
         "totals": {
             "files": len(all_files),
-            "file_bytes": sum(p.stat().st_size for p in all_files),
+            "file_bytes": sum(_size(p) for p in all_files),
             "weight_file_bytes": weight_file_bytes,
             "tensors": len(entries),
             "quantized_modules": len(modules),
@@ -444,6 +444,14 @@ def _layer_types(entries, quantized_names, module_rows) -> list[dict]:
         row["bits_per_weight"] = 8 * row["bytes"] / row["quantized_weights"] if row["quantized_weights"] else None
         out.append(row)
     return out
+
+
+def _size(path: Path) -> int:
+    """Bytes of a listed file, 0 if it vanished since it was listed (/proc, a folder being written)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _listed_files(folder: Path) -> tuple[list[Path], bool]:

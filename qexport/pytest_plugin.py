@@ -1,11 +1,14 @@
 """pytest plugin (entry point `pytest11: qexport`): a one-line CI gate, and the report hooks of qexport's own suite.
 
     pytest --qexport-model PATH [--qexport-formats int8 int4] [--qexport-threshold max_kld_mean=0.05 ...]
+           [--qexport-engine vllm[=PYTHON]]
 
 exports the model at PATH to a temporary folder in each format and runs every `qexport verify` check on it, one
 test item per (format, check), named `qexport[int4]::functional` etc. Thresholds come from the format defaults
 (qexport.thresholds), then the `qexport_thresholds` ini lines, then `--qexport-threshold` options.
-Without --qexport-model the plugin adds no tests.
+`--qexport-engine vllm` adds the item `qexport[FMT]::engine_vllm` (vLLM in its own interpreter; see
+qexport.engines.runner); an engine that cannot run fails its item. Without --qexport-model the plugin adds no
+tests.
 
 Reports (always on): tests record numbers through the `qexport_report` fixture; they appear as per-test extras in
 pytest-html and as rows of a pandas summary table (per model x format) above the results table. Rows travel in
@@ -35,6 +38,8 @@ def pytest_addoption(parser):
                     help="formats to export and check (default: ini qexport_formats, else int8 int4)")
     group.addoption("--qexport-threshold", action="append", default=[], metavar="NAME=VALUE",
                     help="override a threshold, e.g. max_kld_mean=0.05 (repeatable; see qexport.thresholds)")
+    group.addoption("--qexport-engine", action="append", default=[], metavar="vllm[=PYTHON]",
+                    help="also run each export in this engine (item engine_vllm; repeatable)")
     group.addoption("--qexport-json", metavar="PATH", default=None,
                     help="write the summary rows and per-test metrics as JSON (default: next to --html)")
     parser.addini("qexport_formats", type="args", default=["int8", "int4"],
@@ -185,6 +190,9 @@ class Gate:
             format_name(f, option) for f in config.getoption("qexport_formats") or config.getini("qexport_formats")))
         self.overrides = {**parse_overrides(config.getini("qexport_thresholds"), "qexport_thresholds"),
                           **parse_overrides(config.getoption("qexport_threshold"), "--qexport-threshold")}
+        from .engines.runner import parse_engine
+
+        self.engines = [parse_engine(value) for value in config.getoption("qexport_engine")]
         self._tmp: Path | None = None
         self._results: dict[str, object] = {}
 
@@ -200,7 +208,8 @@ class Gate:
                     self._tmp = Path(tempfile.mkdtemp(prefix="qexport-gate-"))
                 out = self._tmp / fmt
                 export_folder(self.model, out, ExportOptions(formats=(fmt,), progress=False))
-                self._results[fmt] = verify(out / fmt, self.model, self.overrides, only=checks)
+                self._results[fmt] = verify(out / fmt, self.model, self.overrides, only=checks,
+                                            engines=self.engines)
             except Exception as e:  # InputError and anything else: every item of this format reports it
                 self._results[fmt] = e
         return self._results[fmt]
@@ -259,11 +268,12 @@ def pytest_collection_modifyitems(session, config, items):
     gate = config.stash.get(_GATE, None)
     if gate is None:
         return
-    from .verify import CHECK_NAMES
+    from .verify import CHECK_NAMES, ENGINE_CHECKS, applies
 
+    names = [c for c in CHECK_NAMES if applies(c, gate.model)] + [ENGINE_CHECKS[e.name][1] for e in gate.engines]
     added = []
     for fmt in gate.formats:
-        for check in CHECK_NAMES:
+        for check in names:
             name = f"qexport[{fmt}]::{check}"
             added.append(QexportCheckItem.from_parent(session, name=name, nodeid=name, fmt=fmt, check=check))
     items.extend(added)

@@ -58,16 +58,51 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int | None) ->
     return (grouped * scales.unsqueeze(-1)).reshape(q.shape)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Pack int4 codes [out, in] (int8 storage, values in [-8, 7]) into int32 words [out, in // 8].
+def compute_asymmetric_qparams(w: torch.Tensor, num_bits: int, group_size: int | None,
+                               dtype=SCALE_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric scales (in `dtype`) and int8 zero points of a 2-D weight, per channel or per group.
 
-    Each code is stored as q + 8; element j of a row sits at bits 4 * (j mod 8) of word j // 8.
+    Each block's range is widened to include 0; scale = (max - min) / (2^b - 1) and zero point =
+    round(clamp(qmin - min / scale, qmin, qmax)), every step in `dtype` as compressed-tensors 0.20 computes it
+    (`calculate_qparams`, zp_dtype int8). An all-zero block gets scale eps and zero point 0.
+    """
+    qmin, qmax = qrange(num_bits)
+    grouped = _grouped(w.to(dtype), group_size)
+    low = grouped.amin(dim=-1).clamp(max=0)
+    high = grouped.amax(dim=-1).clamp(min=0)
+    scales = (high - low) / torch.tensor(qmax - qmin, dtype=dtype)
+    zero_points = (qmin - low / scales).clamp(qmin, qmax).nan_to_num_(0.0)  # 0 / 0 for an all-zero block
+    scales = torch.where(scales == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype), scales)
+    return scales, zero_points.round().to(torch.int8)
+
+
+def quantize_asymmetric(w: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, num_bits: int,
+                        group_size: int | None) -> torch.Tensor:
+    """Integer codes (int8 storage) round(clamp(w / scale + zero point)), the sum in the scale dtype."""
+    qmin, qmax = qrange(num_bits)
+    scaled = _grouped(w.to(scales.dtype), group_size) / scales.unsqueeze(-1)
+    scaled += zero_points.to(scales.dtype).unsqueeze(-1)
+    return scaled.round_().clamp_(qmin, qmax).to(torch.int8).reshape(w.shape)
+
+
+def dequantize_asymmetric(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                          group_size: int | None) -> torch.Tensor:
+    """(q - zero point) * scale in the scale dtype."""
+    codes = _grouped(q.to(scales.dtype), group_size) - zero_points.to(scales.dtype).unsqueeze(-1)
+    return (codes * scales.unsqueeze(-1)).reshape(q.shape)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 codes [out, in] (int8 storage, values in [-8, 7]) into int32 words [out, ceil(in / 8)].
+
+    Each code is stored as q + 8; element j of a row sits at bits 4 * (j mod 8) of word j // 8. A row whose length
+    does not divide by 8 ends in a word padded with zero bits (as compressed-tensors pads).
     """
     rows, cols = q.shape
-    if cols % 8:
-        raise ValueError(f"input size {cols} does not divide by 8, the int4 values per int32 word")
     # Little-endian: byte k of a word holds elements 2k (low nibble) and 2k + 1 (high nibble) of its eight.
     nibbles = q.view(torch.uint8) + 8  # wraps modulo 256: -8..7 become 0..15
+    if cols % 8:
+        nibbles = torch.nn.functional.pad(nibbles, (0, 8 - cols % 8))
     packed_bytes = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
     return packed_bytes.contiguous().view(torch.int32) if _LITTLE_ENDIAN else _pack_words(nibbles)
 
@@ -77,6 +112,17 @@ def _pack_words(nibbles: torch.Tensor) -> torch.Tensor:
     rows, cols = nibbles.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
     return (nibbles.to(torch.int32).reshape(rows, cols // 8, 8) << shifts).sum(dim=-1, dtype=torch.int32)
+
+
+def pack_int4_columns(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 codes [out, groups] along the output dimension into int32 words [ceil(out / 8), groups]: how
+    compressed-tensors stores zero points (`pack_to_int32(..., packed_dim=0)`)."""
+    return pack_int4(q.t().contiguous()).t().contiguous()
+
+
+def unpack_int4_columns(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """Inverse of `pack_int4_columns`: int32 words [ceil(rows / 8), groups] to int4 codes [rows, groups]."""
+    return unpack_int4(packed.t().contiguous(), rows).t().contiguous()
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ SUMMARY_COLUMNS = {
     "file_ratio": "ratio (whole model)",
     "quantized_ratio": "ratio (quantized)",
     "bits_per_quantized_weight": "bits / q-weight",
+    "linears_quantized": "Linears quantized",
     "sqnr_min_db": "SQNR min dB",
     "sqnr_median_db": "SQNR median dB",
     "kld_mean": "KLD mean",
@@ -40,7 +41,8 @@ SUMMARY_COLUMNS = {
 COLUMN_NOTES = (
     "bytes: the safetensors files. ratio (whole model): the bytes of all tensors in a float16 copy / as stored.\n"
     "ratio (quantized): the same for the quantized Linear weights alone, scales included. bits / q-weight: stored\n"
-    "bits per quantized weight (int4 group 128: 4.125; int8 per channel: 8 + 16 / input size)."
+    "bits per quantized weight (int4 group 128: 4.125; int8 per channel: 8 + 16 / input size). Linears quantized:\n"
+    "quantized / targeted nn.Linear weights (lm_head stays dense by design), their share of the bytes, group size."
 )
 
 
@@ -119,7 +121,19 @@ def export_rows(manifests: dict[str, dict]) -> list[dict]:
              "weight_bytes": m["summary"]["weight_bytes"],
              "file_ratio": m["summary"]["ratio_vs_fp16"],
              "quantized_ratio": m["summary"]["quantized_ratio_vs_fp16"],
-             "bits_per_quantized_weight": m["summary"]["bits_per_quantized_weight"]} for name, m in manifests.items()]
+             "bits_per_quantized_weight": m["summary"]["bits_per_quantized_weight"],
+             "linears_quantized": _linears_quantized(m["summary"], m.get("parameters", {}))}
+            for name, m in manifests.items()]
+
+
+def _linears_quantized(summary: dict, parameters: dict) -> str | None:
+    """'168/168 (100% of bytes), g64' for a quantizing format; None for one that quantizes nothing."""
+    if not summary.get("linear_weights") or not parameters.get("weights"):
+        return None
+    text = (f"{summary['quantized_linears']}/{summary['linear_weights']} "
+            f"({100 * summary['quantized_linear_share']:.0f}% of bytes)")
+    group = parameters["weights"].get("group_size")
+    return text + (f", g{group}" if parameters["weights"].get("strategy") == "group" else "")
 
 
 def print_export_summary(manifests: dict[str, dict], out) -> None:

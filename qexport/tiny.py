@@ -60,8 +60,13 @@ def build_tokenizer(vocab_size: int = 512):
 
 
 def build_tiny_model(out: str | Path, preset: str = "qwen3", *, dtype: str = "bfloat16", seed: int = 0,
-                     max_shard_size: str | int = "5GB", overrides: dict | None = None) -> Path:
-    """Build a randomly initialised model from a preset and save it as a Hugging Face folder with a tokenizer."""
+                     max_shard_size: str | int = "5GB", overrides: dict | None = None,
+                     norm_noise: float = 0.0) -> Path:
+    """Build a randomly initialised model from a preset and save it as a Hugging Face folder with a tokenizer.
+
+    `overrides` replace config keys (e.g. initializer_range); `norm_noise` > 0 multiplies every normalization
+    weight (initialised to ones) by 1 + norm_noise * N(0, 1), so that logits are less uniform than random init's.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -70,6 +75,11 @@ def build_tiny_model(out: str | Path, preset: str = "qwen3", *, dtype: str = "bf
     config = AutoConfig.for_model(model_type, **spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    if norm_noise:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name and param.dim() == 1:
+                    param.mul_(1 + norm_noise * torch.randn(param.shape, dtype=torch.float32).to(param.dtype))
     out = Path(out)
     # transformers draws a "Writing model shards" bar on stderr even for one small file: noise in the demo's output.
     from transformers.utils import logging as hf_logging

@@ -103,12 +103,14 @@ def test_tied_embeddings_are_stored_once_without_lm_head(qwen3_tied_src, export_
         assert not [n for n in names if n.startswith("lm_head")], fmt
 
 
-def test_linear_whose_input_does_not_divide_by_group_size_stays_dense_with_warning(build_model, tmp_path, caplog):
+def test_linear_whose_input_does_not_divide_by_a_given_group_size_stays_dense_with_warning(build_model, tmp_path,
+                                                                                           caplog):
     from qexport.export import ExportOptions, export_folder
 
     src = build_model("qwen3", intermediate_size=320)  # down_proj input 320 is not a multiple of 128
     with caplog.at_level(logging.WARNING, logger="qexport"):
-        manifests = export_folder(src, tmp_path / "out", ExportOptions(formats=("int4",), progress=False))
+        manifests = export_folder(src, tmp_path / "out", ExportOptions(formats=("int4",), group_size=128,
+                                                                       progress=False))
     down = "model.layers.0.mlp.down_proj"
     assert f"{down}.weight" in manifests["int4"]["dense_linears"]
     assert any(down in r.getMessage() and "group size 128" in r.getMessage() for r in caplog.records)

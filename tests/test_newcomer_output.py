@@ -10,7 +10,7 @@ import pytest
 
 from qexport.cli import build_parser, main
 from qexport.export import ExportOptions
-from qexport.formats import format_name
+from qexport.formats import format_name, user_formats
 from qexport.report import model_name
 
 pytest_plugins = ["pytester"]
@@ -30,13 +30,14 @@ def test_export_accepts_upper_case_formats_and_writes_lower_case_folders(qwen3_s
 def test_unknown_format_lists_only_user_formats(capsys):
     assert main(["export", "SRC", "--out", "OUT", "--formats", "int3"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "qexport: error: --formats: unknown format 'int3' (known: fp16, int8, int4)"
+    assert err.strip() == f"qexport: error: --formats: unknown format 'int3' (known: {', '.join(user_formats())})"
+    assert user_formats()[:3] == ["fp16", "int8", "int4"] and "original" not in user_formats()
 
 
 def test_gate_unknown_format_names_the_plugin_option(pytester, qwen3_src):
     result = pytester.runpytest(f"--qexport-model={qwen3_src}", "--qexport-formats", "INT3", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--qexport-formats: unknown format 'INT3' (known: fp16, int8, int4)*"])
+    result.stderr.fnmatch_lines([f"*--qexport-formats: unknown format 'INT3' (known: {', '.join(user_formats())})*"])
 
 
 def test_odd_group_size_warns_once_with_a_count_and_the_first_names(qwen3_src, tmp_path, caplog):

@@ -207,7 +207,7 @@ def test_card_of_a_default_verification_shows_each_checks_threshold(capsys, tmp_
     assert code == 0, out
     card = (folder / "README.md").read_text()
     assert "**PASSED** (" in card
-    assert "min_sqnr_db 13" in card and "min_top1 0.5" in card
+    assert "min_sqnr_db 13" in card and "max_kld_vs_rtn 1.5" in card
 
 
 def test_histogram_has_axis_labels_and_a_threshold_marker():

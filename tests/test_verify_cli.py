@@ -189,7 +189,7 @@ def test_nibbles_in_wrong_order_fail_weights_and_functional(capsys, tmp_path, qw
     edit_tensors(export / "model.safetensors", _reverse_nibbles)
     code, out = run(capsys, export, "--reference", qwen3_src)
     assert code == 1
-    assert {"weights_sqnr", "functional"} <= failed_checks(out)
+    assert {"weights_sqnr", "functional_vs_rtn"} <= failed_checks(out)
 
 
 def test_scales_off_by_25_percent_on_one_tensor_fails_weights_sqnr(capsys, tmp_path, qwen3_src, qwen3_out):

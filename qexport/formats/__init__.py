@@ -1,10 +1,10 @@
-"""Output formats by name. Importing this package registers fp16, int8, int4 and original.
+"""Output formats by name. Importing this package registers fp16, int8, int4, int4-asym and original.
 
 Names are case-insensitive (`--formats INT4` is int4). `original` (every tensor unchanged: what `qexport merge`
 writes) is internal: accepted, but not offered in messages or help.
 """
 
-from . import fp16, int4, int8, original  # noqa: F401  (registration)
+from . import fp16, int4, int4_asym, int8, original  # noqa: F401  (registration)
 from .base import REGISTRY, Format
 
 INTERNAL_FORMATS = ("original",)

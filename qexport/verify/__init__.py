@@ -22,8 +22,10 @@ from ..thresholds import Thresholds
 from .baseline import check_baseline, load_baseline  # noqa: F401  (public API)
 from .config_checks import check_config_keys, check_model_type, check_quantization_config
 from .context import CheckResult, Context, _fail, _listing, detect_format, has_tokenizer, open_tensors, weights_args  # noqa: F401
+from .engine_checks import check_engine_sentence_transformers, check_engine_vllm
 from .file_checks import check_side_files, check_tokenizer, check_tokenizer_files
-from .functional_checks import check_finite_outputs, check_functional, check_reload, check_reload_matches_dequant
+from .functional_checks import (check_finite_outputs, check_functional, check_functional_vs_rtn, check_reload,
+                                check_reload_matches_dequant)
 from .layout_checks import check_bytes, check_layout, check_manifest, check_shards, check_tensor_names
 from .weight_checks import check_weights
 
@@ -31,20 +33,25 @@ CHECKS: list[Callable[[Context], CheckResult]] = [
     check_model_type, check_config_keys, check_quantization_config, check_shards, check_manifest,
     check_tensor_names, check_layout, check_bytes, check_weights, check_tokenizer_files, check_side_files,
     check_tokenizer, check_reload, check_reload_matches_dequant, check_finite_outputs, check_functional,
+    check_functional_vs_rtn, check_engine_sentence_transformers,
 ]
 CHECK_NAMES = [
     "model_type", "config_keys", "quantization_config", "shards", "manifest", "tensor_names", "layout", "bytes",
     "weights_sqnr", "tokenizer_files", "side_files", "tokenizer", "reload", "reload_matches_dequant",
-    "finite_outputs", "functional",
+    "finite_outputs", "functional", "functional_vs_rtn", "engine_sentence_transformers",
 ]
+# Engines that run only when asked (`--engine NAME[=PYTHON]`): name -> (check, row name).
+ENGINE_CHECKS: dict[str, tuple[Callable[[Context], CheckResult], str]] = {"vllm": (check_engine_vllm, "engine_vllm")}
 
 # The thresholds each check compares against; reports show them beside the check's result. Encoders use
-# min_cosine, causal LMs the KLD and top-1 bounds (see `_thresholds_of`).
+# the cosine bounds, causal LMs the KLD and top-1 bounds (see `_thresholds_of`).
 CHECK_THRESHOLDS: dict[str, tuple[str, ...]] = {
     "bytes": ("min_quantized_ratio",),
     "weights_sqnr": ("min_sqnr_db", "dense_min_sqnr_db"),
     "reload_matches_dequant": ("reload_max_abs_diff",),
     "functional": ("max_kld_mean", "max_kld_p99", "min_top1", "min_cosine"),
+    "functional_vs_rtn": ("max_kld_vs_rtn", "kld_vs_rtn_slack", "max_top1_drop_vs_rtn", "max_cosine_gap_vs_rtn",
+                          "cosine_vs_rtn_slack"),
 }
 # Which bound a metric is judged by: an infinite value on the wrong side of an enabled bound cannot pass, whatever
 # the check's own comparison says. (SQNR +inf, an exact tensor, is on the right side of its lower bound.)
@@ -70,6 +77,8 @@ def _thresholds_of(name: str, ctx: Context) -> tuple[str, ...]:
     names = CHECK_THRESHOLDS.get(name, ())
     if name == "functional":
         names = tuple(n for n in names if (n != "min_cosine") == ctx.is_causal)
+    elif name == "functional_vs_rtn":
+        names = tuple(n for n in names if ("cosine" not in n) == ctx.is_causal)
     return names
 
 
@@ -146,8 +155,10 @@ def threshold_text(field: str, value, default, status: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Running and summarising.
 
-SUMMARY_KEYS = ("weight_bytes", "file_ratio", "quantized_ratio", "bits_per_quantized_weight", "sqnr_min_db",
-                "sqnr_median_db", "kld_mean", "kld_p99", "kld_max", "top1", "cosine", "max_abs_diff", "reload_ok")
+SUMMARY_KEYS = ("weight_bytes", "file_ratio", "quantized_ratio", "bits_per_quantized_weight",
+                "quantized_linear_share", "sqnr_min_db", "sqnr_median_db", "kld_mean", "kld_p99", "kld_max", "top1",
+                "cosine", "max_abs_diff", "reload_ok", "ppl_reference", "ppl_export", "rtn_kld_mean", "rtn_top1",
+                "rtn_ppl", "kld_ratio_vs_rtn")
 
 
 @dataclass
@@ -197,12 +208,26 @@ class Verification:
                 "checks": [c.as_dict() for c in self.checks]}
 
 
+def applies(check_name: str, *folders: Path) -> bool:
+    """Whether a check has a row for these folders: sentence-transformers only for its own folders."""
+    if check_name == "engine_sentence_transformers":
+        return any((Path(folder) / "modules.json").is_file() for folder in folders)
+    return True
+
+
 def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresholds | dict | None = None,
-           only: list[str] | None = None) -> Verification:
-    """Run the checks (all, or those named in `only`) and return them with the headline metrics."""
+           only: list[str] | None = None, engines=()) -> Verification:
+    """Run the checks (all, or those named in `only`) and return them with the headline metrics.
+
+    `engines`: EngineSpecs (qexport.engines.runner.parse_engine) whose checks run too, e.g. engine_vllm."""
     ctx = Context(export_dir, reference_dir, thresholds)
+    ctx.engines = {spec.name: spec for spec in engines}
     results = []
     for check, name in zip(CHECKS, CHECK_NAMES):
+        if (only is None or name in only) and applies(name, ctx.export, ctx.reference.folder):
+            results.append(_run_one(check, name, ctx))
+    for engine in ctx.engines:
+        check, name = ENGINE_CHECKS[engine]
         if only is None or name in only:
             results.append(_run_one(check, name, ctx))
     return Verification(ctx.export, ctx.reference.folder, ctx.format, ctx.thresholds, results, ctx.defaults)

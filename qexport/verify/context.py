@@ -122,30 +122,41 @@ class Context:
         self._load = None  # (dtype, (model, loading_info)): one transformers load of the export at a time
         self.load_errors: dict[torch.dtype, str] = {}
         self._inputs = None
+        self.input_kind = None  # "text", "sentences" or "random", set by inputs()
+        self.candidate = None  # (outputs, which model, its dtype) of the export, set by check_functional
 
     @property
     def is_causal(self) -> bool:
         return self.arch.is_causal_lm
 
     def inputs(self) -> dict[str, torch.Tensor]:
-        """Fixed inputs: token ids for causal LMs; real sentences through the reference tokenizer for encoders."""
-        from ..functional import encode_sentences, fixed_token_ids
+        """Fixed inputs, tokenized with the reference's tokenizer when it has one (`input_kind` says which):
+        "text": the shipped English text in windows (causal LM); "sentences": real sentences (encoder);
+        "random": seeded random token ids (no tokenizer)."""
+        from ..functional import encode_sentences, fixed_token_ids, text_windows
 
         if self._inputs is None:
-            if not self.is_causal and has_tokenizer(self.reference.folder):
-                self._inputs = encode_sentences(self.reference.folder)
+            folder = self.reference.folder
+            if has_tokenizer(folder) and self.is_causal:
+                ids, self.input_kind = text_windows(folder), "text"
+            elif has_tokenizer(folder):
+                self._inputs, self.input_kind = encode_sentences(folder), "sentences"
+                return self._inputs
             else:
                 ids = fixed_token_ids(int(self.reference.config.get("vocab_size") or 1000))
-                self._inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                self.input_kind = "random"
+            self._inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         return self._inputs
 
-    def outputs(self, model) -> torch.Tensor:
-        """Logits [B, T, V] (causal LM) or mask-pooled embeddings [B, H] (encoder) on the fixed inputs."""
+    def outputs(self, model, windows: int | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (causal LM) or mask-pooled embeddings [B, H] (encoder) on the fixed inputs
+        (the first `windows` rows only, when given)."""
         from ..functional import model_outputs, pooled_embeddings
 
+        inputs = {k: v[:windows] for k, v in self.inputs().items()}
         if self.is_causal:
-            return model_outputs(model, self.inputs()["input_ids"])
-        return pooled_embeddings(model, self.inputs())
+            return model_outputs(model, inputs["input_ids"])
+        return pooled_embeddings(model, inputs)
 
     def reference_outputs(self) -> torch.Tensor:
         key = (str(self.reference.folder.resolve()), (self.reference.folder / "config.json").stat().st_mtime_ns,
@@ -157,6 +168,21 @@ class Context:
             _REFERENCE_OUTPUTS.clear()  # one reference at a time: bounded memory
             _REFERENCE_OUTPUTS[key] = self.outputs(model)
         return _REFERENCE_OUTPUTS[key]
+
+    def rtn_outputs(self, dtype=torch.float32) -> torch.Tensor:
+        """Outputs of the reference quantized by round-to-nearest with the export's declared scheme
+        (reference_quant.rtn_model); cached per reference and scheme. Raises UnsupportedScheme."""
+        import json as _json
+
+        from .reference_quant import rtn_model
+
+        key = (str(self.reference.folder.resolve()), (self.reference.folder / "config.json").stat().st_mtime_ns,
+               _json.dumps(self.qc, sort_keys=True, default=str), str(dtype))
+        if key not in _RTN_OUTPUTS:
+            model = rtn_model(self.reference.folder, self.qc, dtype=dtype)
+            _RTN_OUTPUTS.clear()  # one at a time: bounded memory
+            _RTN_OUTPUTS[key] = self.outputs(model)
+        return _RTN_OUTPUTS[key]
 
     @property
     def config_dtype(self) -> torch.dtype:
@@ -207,10 +233,17 @@ class Context:
         from ..dequant import dequantized_state_dict
         from ..functional import model_from_state_dict
 
+        if isinstance(self.qc, dict) and self.qc.get("dequantize"):
+            # transformers' dequantize route (CompressedTensorsConfig dequantize=True) multiplies codes and scales in
+            # the scale dtype while loading, then casts: do the same to compare bit for bit.
+            dense = dequantized_state_dict(self.ckpt, self.config_dtype)
+            return model_from_state_dict(self.reference.config,
+                                         {n: t.float() if t.is_floating_point() else t for n, t in dense.items()})
         return model_from_state_dict(self.reference.config, dequantized_state_dict(self.ckpt))
 
 
 _REFERENCE_OUTPUTS: dict = {}
+_RTN_OUTPUTS: dict = {}
 
 
 def json_equal(a, b) -> bool:

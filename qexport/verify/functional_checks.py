@@ -1,6 +1,13 @@
-"""Checks that load the export through transformers and compare its outputs with the reference's."""
+"""Checks that load the export through transformers and compare its outputs with the reference's.
+
+`functional` holds the export to absolute bounds (a user's quality floor); `functional_vs_rtn` holds it to what its
+own declared scheme achieves by plain round-to-nearest on the same reference (reference_quant), which is what
+separates a broken export from a small or random model on which the scheme itself is lossy.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,8 +35,9 @@ def check_reload_matches_dequant(ctx: Context) -> CheckResult:
     ctx.reload()
     if ctx.loaded is None or ctx.ckpt is None:
         return _skip(name, "needs a reloaded model and readable shards")
-    loaded = ctx.outputs(ctx.loaded[0])
-    ours = ctx.outputs(ctx.dequantized_model())
+    # Equality needs no statistics: one window of the text is enough (and a fraction of the compute).
+    loaded = ctx.outputs(ctx.loaded[0], windows=1)
+    ours = ctx.outputs(ctx.dequantized_model(), windows=1)
     diff = (loaded - ours).abs().max().item()
     limit = ctx.thresholds.reload_max_abs_diff
     metrics = {"reload_vs_dequant_max_abs": diff, "bit_exact": bool(torch.equal(loaded, ours))}
@@ -37,6 +45,38 @@ def check_reload_matches_dequant(ctx: Context) -> CheckResult:
         return _fail(name, f"reloaded outputs differ from our dequantization by {diff:.3g} (> {limit:g})", **metrics)
     return _ok(name, "reloaded outputs " + ("equal our dequantization bit for bit" if metrics["bit_exact"]
                                             else f"within {diff:.3g} of our dequantization"), **metrics)
+
+
+def _candidate(ctx: Context):
+    """(outputs, which model, its dtype) of the export: transformers' reload in the dtype config.json names,
+    else our own dequantization."""
+    if ctx.candidate is None:
+        loaded = ctx.user_load()  # in the dtype config.json names: the numbers users will see
+        if loaded is not None:
+            model, source = loaded[0], f"reloaded model ({str(ctx.config_dtype).removeprefix('torch.')})"
+        elif ctx.ckpt is not None:
+            model, source = ctx.dequantized_model(), "own dequantization (reload failed)"
+        else:
+            return None
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        ctx.candidate = (ctx.outputs(model), source, dtype)
+    return ctx.candidate
+
+
+def _nonfinite(metrics: dict) -> list[str]:
+    return [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+def _ratio(value: float, reference: float) -> float:
+    """value / reference; 1 when both are 0 (as close as the reference), +inf when only the reference is 0."""
+    if reference > 0:
+        return value / reference
+    return 1.0 if value <= 0 else float("inf")
+
+
+def _input_metrics(ctx: Context) -> dict:
+    ids = ctx.inputs()["input_ids"]
+    return {"inputs": ctx.input_kind, "windows": int(ids.shape[0]), "tokens": int(ids.numel())}
 
 
 def check_finite_outputs(ctx: Context) -> CheckResult:
@@ -69,19 +109,26 @@ def check_finite_outputs(ctx: Context) -> CheckResult:
 
 
 def check_functional(ctx: Context) -> CheckResult:
-    """Next-token KLD / top-1 (causal LM) or pooled-embedding cosine (encoder) vs the reference model."""
-    from ..functional import compare
+    """Next-token KLD / top-1 / perplexity (causal LM) or pooled-embedding cosine (encoder) vs the reference,
+    against the absolute thresholds; any non-finite metric fails."""
+    from ..functional import compare, perplexity
 
     name = "functional"
-    loaded = ctx.user_load()  # in the dtype config.json names: the numbers users will see
-    if loaded is not None:
-        model, source = loaded[0], f"reloaded model ({str(ctx.config_dtype).removeprefix('torch.')})"
-    elif ctx.ckpt is not None:
-        model, source = ctx.dequantized_model(), "own dequantization (reload failed)"
-    else:
+    candidate = _candidate(ctx)
+    if candidate is None:
         return _skip(name, "no model: reload failed and shards unreadable")
-    agreement = compare(ctx.reference_outputs(), ctx.outputs(model))
-    metrics = {k: v for k, v in agreement.as_dict().items() if v is not None}
+    outputs, source, _ = candidate
+    reference = ctx.reference_outputs()
+    metrics = {k: v for k, v in compare(reference, outputs).as_dict().items() if v is not None}
+    if ctx.is_causal and ctx.input_kind == "text":
+        ids = ctx.inputs()["input_ids"]
+        metrics["ppl_reference"] = perplexity(reference, ids)
+        metrics["ppl_export"] = perplexity(outputs, ids)
+    bad = _nonfinite(metrics)
+    metrics.update(_input_metrics(ctx))
+    if bad:
+        return _fail(name, f"{source}: non-finite metrics: " + ", ".join(f"{k} {metrics[k]}" for k in bad),
+                     **metrics)
     thr = ctx.thresholds
     bounds = [("kld_mean", thr.max_kld_mean, False), ("kld_p99", thr.max_kld_p99, False),
               ("top1", thr.min_top1, True)] if ctx.is_causal else [("cosine", thr.min_cosine, True)]
@@ -90,9 +137,76 @@ def check_functional(ctx: Context) -> CheckResult:
         value = metrics.get(key)
         if limit is None or value is None:
             continue
-        if (value < limit) if at_least else (value > limit):
+        if not ((value >= limit) if at_least else (value <= limit)):
             problems.append(f"{key} {value:.4g} {'<' if at_least else '>'} {limit:g}")
-    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k, _, _ in bounds if k in metrics)
+    shown = [f"{k} {metrics[k]:.4g}" for k, _, _ in bounds if k in metrics]
+    if "ppl_export" in metrics:
+        shown.append(f"ppl {metrics['ppl_export']:.4g} (reference {metrics['ppl_reference']:.4g})")
+    where = f"{source} on {metrics['tokens']} tokens of {ctx.input_kind}"
     if problems:
-        return _fail(name, f"{source}: " + "; ".join(problems), **metrics)
-    return _ok(name, f"{source}: {shown}", **metrics)
+        return _fail(name, f"{where}: " + "; ".join(problems), **metrics)
+    return _ok(name, f"{where}: " + ", ".join(shown), **metrics)
+
+
+def check_functional_vs_rtn(ctx: Context) -> CheckResult:
+    """The export is about as close to the reference as round-to-nearest of its own declared scheme, or closer.
+
+    Causal LM: KLD_export <= max_kld_vs_rtn * KLD_rtn + kld_vs_rtn_slack and top1_export >= top1_rtn -
+    max_top1_drop_vs_rtn. Encoder: (1 - cos_export) <= max_cosine_gap_vs_rtn * (1 - cos_rtn) + cosine_vs_rtn_slack.
+    """
+    from ..functional import compare, perplexity
+    from .reference_quant import UnsupportedScheme
+
+    name = "functional_vs_rtn"
+    if not isinstance(ctx.qc, dict) or not ctx.qc.get("config_groups"):
+        return _skip(name, "no quantization_config: a dense export has no scheme to reproduce")
+    candidate = _candidate(ctx)
+    if candidate is None:
+        return _skip(name, "no model: reload failed and shards unreadable")
+    outputs, source, dtype = candidate
+    try:
+        rtn = ctx.rtn_outputs(dtype)
+    except UnsupportedScheme as e:
+        return _skip(name, f"no round-to-nearest reference for the declared scheme: {e}")
+    reference = ctx.reference_outputs()
+    ours, theirs = compare(reference, outputs), compare(reference, rtn)
+    thr = ctx.thresholds
+    metrics, problems, shown = {}, [], []
+    if ctx.is_causal:
+        metrics = {"kld_mean": ours.kld_mean, "top1": ours.top1, "rtn_kld_mean": theirs.kld_mean,
+                   "rtn_kld_p99": theirs.kld_p99, "rtn_top1": theirs.top1}
+        if ctx.input_kind == "text":
+            metrics["rtn_ppl"] = perplexity(rtn, ctx.inputs()["input_ids"])
+        metrics["kld_ratio_vs_rtn"] = _ratio(ours.kld_mean, theirs.kld_mean)
+        metrics["top1_drop_vs_rtn"] = theirs.top1 - ours.top1
+        bad = _nonfinite({k: v for k, v in metrics.items() if k != "kld_ratio_vs_rtn"})
+        ratio = f"{metrics['kld_ratio_vs_rtn']:.3g}x"
+        if not bad and thr.max_kld_vs_rtn is not None:
+            limit = thr.max_kld_vs_rtn * theirs.kld_mean + thr.kld_vs_rtn_slack
+            text = (f"KLD {ours.kld_mean:.4g} = {ratio} round-to-nearest's {theirs.kld_mean:.4g} "
+                    f"(limit {thr.max_kld_vs_rtn:g}x + {thr.kld_vs_rtn_slack:g})")
+            (shown if ours.kld_mean <= limit else problems).append(text)
+        if not bad and thr.max_top1_drop_vs_rtn is not None:
+            text = (f"top-1 {ours.top1:.4g} vs round-to-nearest's {theirs.top1:.4g} "
+                    f"(may drop {thr.max_top1_drop_vs_rtn:g})")
+            (shown if ours.top1 >= theirs.top1 - thr.max_top1_drop_vs_rtn else problems).append(text)
+    else:
+        gap, rtn_gap = 1 - ours.cosine, 1 - theirs.cosine
+        metrics = {"cosine": ours.cosine, "rtn_cosine": theirs.cosine,
+                   "cosine_gap_ratio_vs_rtn": _ratio(gap, rtn_gap)}
+        bad = _nonfinite({k: v for k, v in metrics.items() if k != "cosine_gap_ratio_vs_rtn"})
+        if not bad and thr.max_cosine_gap_vs_rtn is not None:
+            limit = thr.max_cosine_gap_vs_rtn * rtn_gap + thr.cosine_vs_rtn_slack
+            text = (f"1 - cosine {gap:.4g} = {metrics['cosine_gap_ratio_vs_rtn']:.3g}x round-to-nearest's "
+                    f"{rtn_gap:.4g} (limit {thr.max_cosine_gap_vs_rtn:g}x + {thr.cosine_vs_rtn_slack:g})")
+            (shown if gap <= limit else problems).append(text)
+    metrics.update(_input_metrics(ctx))
+    if bad:
+        return _fail(name, f"{source}: non-finite metrics: " + ", ".join(f"{k} {metrics[k]}" for k in bad),
+                     **metrics)
+    if problems:
+        return _fail(name, f"{source}: worse than round-to-nearest of its own scheme: " + "; ".join(problems),
+                     **metrics)
+    if not shown:
+        return _ok(name, f"{source}: no relative bound set", **metrics)
+    return _ok(name, f"{source}: " + "; ".join(shown), **metrics)

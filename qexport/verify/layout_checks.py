@@ -135,6 +135,16 @@ def _module_layout(ctx: Context, module: str, parts: dict[str, str]) -> list[str
     else:
         problems.append(f"{module}: weight_scale without weight or weight_packed")
     scale = entries.get(parts.get("weight_scale", ""))
+    if args.get("symmetric", True) is False and scale is not None and len(scale.shape) == 2:
+        zp = entries.get(parts.get("weight_zero_point", ""))
+        # pack-quantized packs zero points along the output dimension; naive / int-quantized store one per group
+        want = ("I32", (math.ceil(rows * bits / 32), scale.shape[1])) if "weight_packed" in parts \
+            else (None, (rows, scale.shape[1]))
+        if zp is None:
+            problems.append(f"{module}: asymmetric (symmetric: false) but no weight_zero_point")
+        elif tuple(zp.shape) != want[1] or want[0] not in (None, zp.dtype):
+            problems.append(f"{module}.weight_zero_point is {zp.dtype} {list(zp.shape)}, expected "
+                            f"{want[0] or ''} {list(want[1])}".replace("  ", " "))
     if scale is not None:
         if strategy == "group" and group_size:
             want = (rows, cols // group_size) if cols % group_size == 0 else None
@@ -239,12 +249,19 @@ def check_bytes(ctx: Context) -> CheckResult:
         if stored > predicted:
             problems.append(f"{module}: stores {stored} bytes, its config predicts {predicted}")
         q_weights, q_bytes, q_predicted = q_weights + rows * cols, q_bytes + stored, q_predicted + predicted
+    # Share of the body's Linear weights stored quantized (all nn.Linear weights but the output head, lm_head,
+    # which stays dense by convention): a g128 export of a hidden-576 model would show most of them dense here.
+    body = {n: math.prod(ctx.reference.entries[n].shape) for n in ctx.arch.linear_weights - ctx.arch.tied_names
+            if n in ctx.reference.entries and n.removesuffix(".weight").rpartition(".")[2] != "lm_head"}
+    quantized_body = [n for n in body if n.removesuffix(".weight") in quantized]
     in_modules = {p for module, parts in quantized.items() if f"{module}.weight" in ctx.reference.entries
                   for p in parts.values()}
     sizes = size_summary([(e.dtype, e.shape, e.nbytes) for n, e in entries.items() if n not in in_modules],
                          q_weights, q_bytes)
     # The names the verify metrics (baselines, reports) have always used for the shared definitions in qexport.sizes.
-    metrics = {"weight_bytes": sum(p.stat().st_size for p in ctx.ckpt.files), "file_ratio": sizes["ratio_vs_fp16"],
+    metrics = {"linear_weights": len(body), "quantized_linears": len(quantized_body),
+               "quantized_linear_share": sum(body[n] for n in quantized_body) / sum(body.values()) if body else None,
+               "weight_bytes": sum(p.stat().st_size for p in ctx.ckpt.files), "file_ratio": sizes["ratio_vs_fp16"],
                "quantized_weights": q_weights, "quantized_bytes": q_bytes,
                "quantized_ratio": sizes["quantized_ratio_vs_fp16"],
                "bits_per_quantized_weight": sizes["bits_per_quantized_weight"]}
@@ -261,6 +278,9 @@ def check_bytes(ctx: Context) -> CheckResult:
         return _fail(name, "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""), problems=problems,
                      **metrics)
     ratio = f"quantized {format_ratio(metrics['quantized_ratio'])}, " if q_bytes else ""
+    if q_bytes and body:
+        ratio = (f"{len(quantized_body)}/{len(body)} Linears quantized "
+                 f"({100 * metrics['quantized_linear_share']:.1f}% of their bytes), {ratio}")
     return _ok(name, f"stored == predicted; {ratio}whole model {format_ratio(metrics['file_ratio'])} vs fp16",
                **metrics)
 
