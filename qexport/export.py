@@ -265,7 +265,14 @@ def compute_dtype_of(source: "TensorSource", linear_weights: Iterable[str] = ())
     return "bfloat16" if dtypes == {"BF16"} else "float16"
 
 
-def output_config(config: dict, fmt: Format, ignore: list[str]) -> dict:
+def output_config(config: dict, fmt: Format, ignore: list[str], sentence_transformers: bool = False) -> dict:
+    """The export's config.json: the source's keys, the compute dtype, and the format's quantization_config.
+
+    A sentence-transformers folder (modules.json) gets `dequantize: true`: sentence-transformers calls the model's
+    `forward` directly, which skips the hook compressed-tensors decompresses through on the first call, so without
+    it `SentenceTransformer(export)` fails ('Linear' object has no attribute 'weight'). With it transformers
+    decompresses while loading; the stored files are the same and vLLM ignores the key.
+    """
     out = dict(config)
     dtype = fmt.config_dtype  # None: the format stores tensors in the source dtype
     if dtype is not None:
@@ -274,7 +281,7 @@ def output_config(config: dict, fmt: Format, ignore: list[str]) -> dict:
         out["dtype"] = dtype
     qc = fmt.quantization_config(sorted(set(ignore)))
     if qc is not None:
-        out["quantization_config"] = qc
+        out["quantization_config"] = {**qc, "dequantize": True} if sentence_transformers else qc
     return out
 
 
@@ -339,7 +346,8 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
         }
         files.append(_write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n"))
     files.append(_write_text(folder / "config.json",
-                             json.dumps(output_config(source.config, fmt, plan.ignore), indent=2) + "\n"))
+                             json.dumps(output_config(source.config, fmt, plan.ignore, any(
+                                 side.name == "modules.json" for side in source.side_files())), indent=2) + "\n"))
     source_readme = None
     # Side files: checked regular files inside the source (no link out, no special file), copied byte for byte.
     for rel, real in side_tree(source):
