@@ -1,14 +1,20 @@
 """pytest plugin (entry point `pytest11: qexport`): a one-line CI gate, and the report hooks of qexport's own suite.
 
-    pytest --qexport-model PATH [--qexport-formats int8 int4] [--qexport-threshold max_kld_mean=0.05 ...]
+    pytest --qexport-model PATH [--qexport-formats int8 int4] [--qexport-keep DIR] [--qexport-threshold NAME=VALUE]
            [--qexport-engine vllm[=PYTHON]]
+    pytest --qexport-export OUT/int4 [OUT2/int8 ...] --qexport-reference SRC
+    ... --qexport-only          (the gate alone: the folder's own tests are not collected)
 
-exports the model at PATH to a temporary folder in each format and runs every `qexport verify` check on it, one
-test item per (format, check), named `qexport[int4]::functional` etc. Thresholds come from the format defaults
-(qexport.thresholds), then the `qexport_thresholds` ini lines, then `--qexport-threshold` options.
-`--qexport-engine vllm` adds the item `qexport[FMT]::engine_vllm` (vLLM in its own interpreter; see
-qexport.engines.runner); an engine that cannot run fails its item. Without --qexport-model the plugin adds no
-tests.
+exports the model at PATH in each format (to a temporary folder, or DIR/<format> with --qexport-keep), or takes
+existing export folders, and runs every `qexport verify` check on each, one test item per (target, check), named
+`qexport[int4]::functional` etc. Thresholds come from the format defaults (qexport.thresholds), then the
+`qexport_thresholds` ini lines, then `--qexport-threshold` options. `--qexport-engine vllm` adds the item
+`qexport[FMT]::engine_vllm` (vLLM in its own interpreter; see qexport.engines.runner); an engine that cannot run
+fails its item. Without a gate option the plugin adds no tests.
+
+Under pytest-xdist each export is made once per session (a file lock in the controller's folder, which every worker
+shares) and all items of one target run on one worker (xdist's loadgroup), which exports, loads and computes the
+reference outputs for it once; different targets run on different workers.
 
 Reports (always on): tests record numbers through the `qexport_report` fixture; they appear as per-test extras in
 pytest-html and as rows of a pandas summary table (per model x format) above the results table. Rows travel in
@@ -21,6 +27,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +44,15 @@ def pytest_addoption(parser):
                     help="export this model folder and run the qexport verification checks on it")
     group.addoption("--qexport-formats", nargs="+", metavar="FMT", default=None,
                     help="formats to export and check (default: ini qexport_formats, else int8 int4)")
+    group.addoption("--qexport-export", nargs="+", metavar="DIR", default=None,
+                    help="check these existing export folders (OUT/int4, or OUT for each format folder in it) "
+                         "instead of exporting; needs --qexport-reference")
+    group.addoption("--qexport-reference", metavar="SRC", default=None,
+                    help="the source model the --qexport-export folders were made from")
+    group.addoption("--qexport-keep", metavar="DIR", default=None,
+                    help="export into DIR/<format> and keep it (default: a temporary folder, deleted at the end)")
+    group.addoption("--qexport-only", action="store_true", default=False,
+                    help="run only the gate's items: the folder's own tests are neither collected nor run")
     group.addoption("--qexport-threshold", action="append", default=[], metavar="NAME=VALUE",
                     help="override a threshold, e.g. max_kld_mean=0.05 (repeatable; see qexport.thresholds)")
     group.addoption("--qexport-engine", action="append", default=[], metavar="vllm[=PYTHON]",
@@ -124,16 +141,18 @@ _COLLECTED = pytest.StashKey[_Collected]()
 def pytest_configure(config):
     collected = config.stash[_COLLECTED] = _Collected()
     config.pluginmanager.register(collected, f"qexport-collected-{id(config)}")
-    model = config.getoption("qexport_model", None)
-    if model is not None:
+    if config.getoption("qexport_model", None) is not None or config.getoption("qexport_export", None):
         from .errors import InputError
 
-        if not Path(model).is_dir():
-            raise pytest.UsageError(f"--qexport-model {model}: not a folder")
         try:
             config.stash[_GATE] = Gate(config)
         except InputError as e:
             raise pytest.UsageError(str(e))
+    elif config.getoption("qexport_only", False):
+        raise pytest.UsageError("--qexport-only runs the gate alone: give --qexport-model or --qexport-export")
+    elif config.getoption("qexport_reference", None) or config.getoption("qexport_keep", None):
+        raise pytest.UsageError("--qexport-reference / --qexport-keep belong to a gate: give --qexport-export or "
+                                "--qexport-model")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -169,54 +188,158 @@ def pytest_sessionfinish(session):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The CI gate: --qexport-model
+# The CI gate: --qexport-model (export, then check) or --qexport-export (check existing folders)
 
 
 _GATE = pytest.StashKey["Gate"]()
+_GATE_DIR = "qexport_gate_dir"  # workerinput key: the controller's folder every xdist worker shares
+_GROUPED = "qexport_grouped"  # workerinput key: the controller schedules the gate's items by target
+
+
+@dataclass
+class Target:
+    """One export the gate checks: `label` names its items (`qexport[label]::check`) and its summary row."""
+
+    label: str
+    fmt: str | None = None  # --qexport-model: the format the gate exports
+    folder: Path | None = None  # --qexport-export: the existing folder
 
 
 class Gate:
-    """Exports the user's model once per format (per process) and runs the verification on it."""
+    """The gate's targets, and per process: each target's export (made once per session, shared by every xdist
+    worker through a file lock) and one verification context, so each item runs only its own check."""
 
     def __init__(self, config):
+        from .formats import format_name
         from .thresholds import parse_overrides
 
-        self.model = Path(config.getoption("qexport_model"))
-        from .formats import format_name
-
-        # Any case, as on the command line; an unknown name is an InputError naming the option it came from.
-        option = "--qexport-formats" if config.getoption("qexport_formats") else "ini qexport_formats"
-        self.formats = list(dict.fromkeys(
-            format_name(f, option) for f in config.getoption("qexport_formats") or config.getini("qexport_formats")))
+        model, exports = config.getoption("qexport_model"), config.getoption("qexport_export")
+        reference, keep = config.getoption("qexport_reference"), config.getoption("qexport_keep")
+        if model is not None and exports:
+            raise pytest.UsageError("--qexport-export checks existing folders: give their source with "
+                                    "--qexport-reference, not --qexport-model")
+        if exports and reference is None:
+            raise pytest.UsageError("--qexport-export needs --qexport-reference SRC (the model it was made from)")
+        if exports and keep is not None:
+            raise pytest.UsageError("--qexport-keep keeps what --qexport-model exports; --qexport-export exports "
+                                    "nothing")
+        self.reference = Path(model if model is not None else reference)
+        if not self.reference.is_dir():
+            option = "--qexport-model" if model is not None else "--qexport-reference"
+            raise pytest.UsageError(f"{option} {self.reference}: not a folder")
         self.overrides = {**parse_overrides(config.getini("qexport_thresholds"), "qexport_thresholds"),
                           **parse_overrides(config.getoption("qexport_threshold"), "--qexport-threshold")}
+        if exports:
+            self.targets = _export_targets([Path(e) for e in exports])
+        else:
+            # Any case, as on the command line; an unknown name is an InputError naming the option it came from.
+            option = "--qexport-formats" if config.getoption("qexport_formats") else "ini qexport_formats"
+            formats = [format_name(f, option)
+                       for f in config.getoption("qexport_formats") or config.getini("qexport_formats")]
+            self.targets = {fmt: Target(fmt, fmt=fmt) for fmt in dict.fromkeys(formats)}
         from .engines.runner import parse_engine
 
         self.engines = [parse_engine(value) for value in config.getoption("qexport_engine")]
-        self._tmp: Path | None = None
-        self._results: dict[str, object] = {}
+        self.keep = Path(keep) if keep is not None else None
+        workerinput = getattr(config, "workerinput", {})
+        self.worker = workerinput.get("workerid", "main")
+        self.grouped = bool(workerinput.get(_GROUPED))
+        shared = workerinput.get(_GATE_DIR)
+        # The controller (or a serial run) owns the shared folder; a worker on another machine (--tx ssh) cannot
+        # see it and uses its own.
+        self.owns_dir = shared is None or not Path(shared).is_dir()
+        self.dir = Path(tempfile.mkdtemp(prefix="qexport-gate-")) if self.owns_dir else Path(shared)
+        self._exports: dict[str, dict] = {}
+        self._contexts: dict[str, object] = {}
+        self._results: dict[tuple[str, str], object] = {}
 
-    def result(self, fmt: str, checks: list[str] | None = None):
-        """The Verification of `fmt` (or the exception that prevented it), computed on first use for `checks`
-        (the items selected in this session, so `-k functional` does not run every check)."""
-        if fmt not in self._results:
+    def export(self, label: str) -> dict:
+        """{"folder": ..., "by": worker, "seconds": ...} for the target's export, or {"error": ...}. The first
+        process to get here exports (under a file lock in the shared folder); the others read its record."""
+        if label not in self._exports:
+            target = self.targets[label]
+            if target.folder is not None:
+                self._exports[label] = {"folder": str(target.folder)}
+                return self._exports[label]
+            from filelock import FileLock
+
+            record = self.dir / f"export-{label}.json"
+            with FileLock(str(self.dir / f"export-{label}.lock")):
+                if not record.exists():
+                    record.write_text(json.dumps(self._export_now(target)))
+                self._exports[label] = json.loads(record.read_text())
+        return self._exports[label]
+
+    def _export_now(self, target: Target) -> dict:
+        from .export import ExportOptions, export_folder
+
+        root = self.keep if self.keep is not None else self.dir / "exports"
+        start = time.perf_counter()
+        try:
+            # --qexport-keep DIR: DIR/<fmt> is this gate's to write; an earlier gate's export there is replaced.
+            export_folder(self.reference, root, ExportOptions(formats=(target.fmt,), progress=False,
+                                                              overwrite=self.keep is not None))
+        except Exception as e:  # every item of this format reports it
+            return {"error": f"export failed: {type(e).__name__}: {e}"}
+        return {"folder": str(root / target.fmt), "by": self.worker,
+                "seconds": round(time.perf_counter() - start, 3)}
+
+    def context(self, label: str):
+        """The verification Context of the target's export (or the exception that prevented it), per process."""
+        if label not in self._contexts:
+            from .verify import Context
+
+            made = self.export(label)
             try:
-                from .export import ExportOptions, export_folder
-                from .verify import verify
+                if "error" in made:
+                    raise CheckFailed(made["error"])
+                ctx = Context(made["folder"], self.reference, self.overrides)
+                ctx.engines = {spec.name: spec for spec in self.engines}
+                self._contexts[label] = ctx
+            except Exception as e:  # InputError (not a model folder, ...) and anything else
+                self._contexts[label] = e
+        return self._contexts[label]
 
-                if self._tmp is None:
-                    self._tmp = Path(tempfile.mkdtemp(prefix="qexport-gate-"))
-                out = self._tmp / fmt
-                export_folder(self.model, out, ExportOptions(formats=(fmt,), progress=False))
-                self._results[fmt] = verify(out / fmt, self.model, self.overrides, only=checks,
-                                            engines=self.engines)
-            except Exception as e:  # InputError and anything else: every item of this format reports it
-                self._results[fmt] = e
-        return self._results[fmt]
+    def check(self, label: str, check: str):
+        """The CheckResult of one check on the target (each item runs its own; they share the context)."""
+        if (label, check) not in self._results:
+            from .verify import CHECK_NAMES, CHECKS, ENGINE_CHECKS, _run_one
+
+            ctx = self.context(label)
+            functions = {**dict(zip(CHECK_NAMES, CHECKS)), **{name: f for f, name in ENGINE_CHECKS.values()}}
+            self._results[label, check] = ctx if isinstance(ctx, Exception) else \
+                _run_one(functions[check], check, ctx)
+        return self._results[label, check]
 
     def cleanup(self) -> None:
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._contexts.clear()
+        if self.owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _export_targets(folders: list[Path]) -> dict[str, Target]:
+    """One target per model folder; a folder holding format folders (qexport's OUT) stands for each of them."""
+    found = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise pytest.UsageError(f"--qexport-export {folder}: not a folder")
+        if (folder / "config.json").exists() or any(folder.glob("*.safetensors")):
+            found.append(folder)
+            continue
+        inner = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "config.json").is_file())
+        if not inner:
+            raise pytest.UsageError(f"--qexport-export {folder}: not a model folder (no config.json, no "
+                                    f"*.safetensors, no model folders inside)")
+        found.extend(inner)
+    names = [f.name for f in found]
+    targets = {}
+    for folder in found:
+        # Items and rows are named by the folder (OUT/int4 -> int4); two folders of the same name by their parents.
+        label = folder.name if names.count(folder.name) == 1 else f"{folder.parent.name}-{folder.name}"
+        if label in targets:
+            raise pytest.UsageError(f"--qexport-export {folder}: given twice")
+        targets[label] = Target(label, folder=folder)
+    return targets
 
 
 class CheckFailed(Exception):
@@ -226,29 +349,37 @@ class CheckFailed(Exception):
 class QexportCheckItem(pytest.Item):
     def __init__(self, *, fmt: str, check: str, **kwargs):
         super().__init__(**kwargs)
-        self.fmt, self.check = fmt, check
+        self.fmt, self.check = fmt, check  # fmt: the target's label (its format, for --qexport-model)
 
     def runtest(self):
-        from .verify import Verification
+        from .verify import threshold_entries
 
-        wanted = [i.check for i in self.session.items if isinstance(i, QexportCheckItem) and i.fmt == self.fmt]
-        result = self.config.stash[_GATE].result(self.fmt, wanted)
-        if not isinstance(result, Verification):
-            raise CheckFailed(f"export or verification of {self.fmt} failed: {type(result).__name__}: {result}")
-        check = next(c for c in result.checks if c.name == self.check)
+        gate = self.config.stash[_GATE]
+        made = gate.export(self.fmt)
+        if "by" in made:  # the gate exported it: which process, how long (once per session, whatever -n says)
+            Recorder(self).metrics(export=made["folder"], exported_by=made["by"], export_seconds=made["seconds"])
+        check = gate.check(self.fmt, self.check)
+        if isinstance(check, CheckFailed):  # the export failed
+            raise check
+        if isinstance(check, Exception):
+            raise CheckFailed(f"verification of {self.fmt} failed: {type(check).__name__}: {check}")
+        ctx = gate.context(self.fmt)
         scalars = {k: v for k, v in check.metrics.items() if not isinstance(v, (dict, list))}
         if check.thresholds:  # the bounds this check used, loosened or disabled ones marked as such
             scalars["thresholds"] = "; ".join(e["text"] for e in check.thresholds)
         Recorder(self).metrics(**scalars)
-        row = {k: v for k, v in result.metrics.items() if k != "format"}
-        sqnr = next((c.metrics.get("per_tensor_sqnr_db") for c in result.checks if c.name == "weights_sqnr"), None)
+        # This check's part of the summary row; the report merges the parts of every item (and every worker).
+        from .verify import SUMMARY_KEYS
+
+        changed = [e["text"] for e in threshold_entries(ctx.thresholds, ctx.defaults) if e["status"] != "default"]
+        sqnr = check.metrics.get("per_tensor_sqnr_db") if check.name == "weights_sqnr" else None
         from .report import model_name
 
-        gate = self.config.stash[_GATE]
-        Recorder(self).row(model_name(gate.model), self.fmt, path=str(gate.model), passed=result.passed,
+        Recorder(self).row(model_name(gate.reference), self.fmt, path=str(gate.reference), passed=check.passed,
                            sqnr_values=list(sqnr.values()) if sqnr else None,
-                           sqnr_threshold=result.thresholds.min_sqnr_db,
-                           thresholds="; ".join(result.thresholds_changed) or "defaults", **row)
+                           sqnr_threshold=ctx.thresholds.min_sqnr_db,
+                           thresholds="; ".join(changed) or "defaults",
+                           **{k: check.metrics[k] for k in SUMMARY_KEYS if k in check.metrics})
         if check.skipped:
             pytest.skip(check.detail)
         if not check.passed:
@@ -270,15 +401,50 @@ def pytest_collection_modifyitems(session, config, items):
         return
     from .verify import CHECK_NAMES, ENGINE_CHECKS, applies
 
-    names = [c for c in CHECK_NAMES if applies(c, gate.model)] + [ENGINE_CHECKS[e.name][1] for e in gate.engines]
+    if config.getoption("qexport_only"):
+        # Gate only: whatever the folder's own tests are, none runs (pytest_ignore_collect skipped collecting most).
+        if items:
+            config.hook.pytest_deselected(items=list(items))
+            items.clear()
+    engine_names = [ENGINE_CHECKS[e.name][1] for e in gate.engines]
     added = []
-    for fmt in gate.formats:
-        for check in names:
-            name = f"qexport[{fmt}]::{check}"
-            added.append(QexportCheckItem.from_parent(session, name=name, nodeid=name, fmt=fmt, check=check))
+    for label, target in gate.targets.items():
+        folders = [gate.reference] + ([target.folder] if target.folder is not None else [])
+        for check in [c for c in CHECK_NAMES if applies(c, *folders)] + engine_names:
+            name = f"qexport[{label}]::{check}"
+            # Under xdist every item of one target goes to the same worker (xdist's loadgroup `@group` suffix):
+            # that worker alone exports, loads and computes reference outputs for it; targets run in parallel.
+            nodeid = f"{name}@qexport-{label}" if gate.grouped else name
+            added.append(QexportCheckItem.from_parent(session, name=name, nodeid=nodeid, fmt=label, check=check))
     items.extend(added)
     # Report them as collected, so that "collected N items" and -k / --deselect counts include them.
     config.hook.pytest_collectreport(report=pytest.CollectReport("qexport", "passed", None, added))
+
+
+def pytest_ignore_collect(collection_path, config):
+    if config.getoption("qexport_only", False) and config.stash.get(_GATE, None) is not None:
+        return True  # --qexport-only: the folder's own tests are not even imported
+    return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist controller, per worker: the shared gate folder, and whether the gate's items are grouped."""
+    gate = node.config.stash.get(_GATE, None)
+    if gate is not None:
+        node.workerinput[_GATE_DIR] = str(gate.dir)
+        node.workerinput[_GROUPED] = node.config.getvalue("dist") in ("load", "loadgroup")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` (xdist's default `--dist load`) with the gate: xdist's loadgroup, which is load for every other test
+    and sends each gate target's items to one worker (the `@qexport-<target>` nodeid suffix)."""
+    if config.stash.get(_GATE, None) is None or config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    return LoadGroupScheduling(config, log)
 
 
 def pytest_unconfigure(config):

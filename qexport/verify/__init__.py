@@ -215,21 +215,31 @@ def applies(check_name: str, *folders: Path) -> bool:
     return True
 
 
+# progress(name, index, total, elapsed, result): called when a check starts (result None) and when it ends (its
+# CheckResult); index counts from 1 over the checks that run, elapsed is seconds since verify() started.
+Progress = Callable[[str, int, int, float, "CheckResult | None"], None]
+
+
 def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresholds | dict | None = None,
-           only: list[str] | None = None, engines=()) -> Verification:
+           only: list[str] | None = None, engines=(), progress: Progress | None = None) -> Verification:
     """Run the checks (all, or those named in `only`) and return them with the headline metrics.
 
     `engines`: EngineSpecs (qexport.engines.runner.parse_engine) whose checks run too, e.g. engine_vllm."""
+    import time
+
+    start = time.perf_counter()
     ctx = Context(export_dir, reference_dir, thresholds)
     ctx.engines = {spec.name: spec for spec in engines}
+    chosen = [(check, name) for check, name in zip(CHECKS, CHECK_NAMES)
+              if (only is None or name in only) and applies(name, ctx.export, ctx.reference.folder)]
+    chosen += [ENGINE_CHECKS[engine] for engine in ctx.engines if only is None or ENGINE_CHECKS[engine][1] in only]
     results = []
-    for check, name in zip(CHECKS, CHECK_NAMES):
-        if (only is None or name in only) and applies(name, ctx.export, ctx.reference.folder):
-            results.append(_run_one(check, name, ctx))
-    for engine in ctx.engines:
-        check, name = ENGINE_CHECKS[engine]
-        if only is None or name in only:
-            results.append(_run_one(check, name, ctx))
+    for index, (check, name) in enumerate(chosen, 1):
+        if progress is not None:
+            progress(name, index, len(chosen), time.perf_counter() - start, None)
+        results.append(_run_one(check, name, ctx))
+        if progress is not None:
+            progress(name, index, len(chosen), time.perf_counter() - start, results[-1])
     return Verification(ctx.export, ctx.reference.folder, ctx.format, ctx.thresholds, results, ctx.defaults)
 
 

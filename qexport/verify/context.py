@@ -164,9 +164,11 @@ class Context:
         if key not in _REFERENCE_OUTPUTS:
             from ..functional import load_model
 
-            model, _ = load_model(self.reference.folder)
+            self.unload()  # the reference model never sits in memory next to a load of the export
             _REFERENCE_OUTPUTS.clear()  # one reference at a time: bounded memory
+            model, _ = load_model(self.reference.folder)
             _REFERENCE_OUTPUTS[key] = self.outputs(model)
+            del model
         return _REFERENCE_OUTPUTS[key]
 
     def rtn_outputs(self, dtype=torch.float32) -> torch.Tensor:
@@ -179,9 +181,11 @@ class Context:
         key = (str(self.reference.folder.resolve()), (self.reference.folder / "config.json").stat().st_mtime_ns,
                _json.dumps(self.qc, sort_keys=True, default=str), str(dtype))
         if key not in _RTN_OUTPUTS:
-            model = rtn_model(self.reference.folder, self.qc, dtype=dtype)
+            self.unload()  # nor does the round-to-nearest model
             _RTN_OUTPUTS.clear()  # one at a time: bounded memory
+            model = rtn_model(self.reference.folder, self.qc, dtype=dtype)
             _RTN_OUTPUTS[key] = self.outputs(model)
+            del model
         return _RTN_OUTPUTS[key]
 
     @property
@@ -211,6 +215,13 @@ class Context:
             self.load_errors[dtype] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             return None
         return self._load[1]
+
+    def unload(self) -> None:
+        """Drop the loaded export (the next `load` loads it again) before another model is built."""
+        import gc
+
+        self._load = None
+        gc.collect()
 
     def reload(self) -> None:
         """Load the export in float32 (the exactness checks compare it with our own float32 dequantization)."""

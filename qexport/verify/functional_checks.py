@@ -37,6 +37,7 @@ def check_reload_matches_dequant(ctx: Context) -> CheckResult:
         return _skip(name, "needs a reloaded model and readable shards")
     # Equality needs no statistics: one window of the text is enough (and a fraction of the compute).
     loaded = ctx.outputs(ctx.loaded[0], windows=1)
+    ctx.unload()  # our dequantized model is built only after transformers' load is freed: one model at a time
     ours = ctx.outputs(ctx.dequantized_model(), windows=1)
     diff = (loaded - ours).abs().max().item()
     limit = ctx.thresholds.reload_max_abs_diff
@@ -58,9 +59,12 @@ def _candidate(ctx: Context):
             model, source = ctx.dequantized_model(), "own dequantization (reload failed)"
         else:
             return None
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        ctx.candidate = (ctx.outputs(model), source, dtype)
+        ctx.candidate = (ctx.outputs(model), source, _param_dtype(model))
     return ctx.candidate
+
+
+def _param_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _nonfinite(metrics: dict) -> list[str]:
@@ -93,7 +97,11 @@ def check_finite_outputs(ctx: Context) -> CheckResult:
         loaded = ctx.load(dtype)
         if loaded is None:
             continue  # the reload check reports why transformers cannot load it
-        _, nonfinite = outputs_with_nonfinite(loaded[0], ctx.outputs)
+        outputs, nonfinite = outputs_with_nonfinite(loaded[0], ctx.outputs)
+        if dtype == ctx.config_dtype and ctx.candidate is None:  # what `functional` compares: no second load
+            source = f"reloaded model ({str(dtype).removeprefix('torch.')})"
+            ctx.candidate = (outputs, source, _param_dtype(loaded[0]))
+        del outputs
         ran.append(dtype_name(dtype))
         metrics[f"nonfinite_share_{dtype_name(dtype)}"] = 0.0 if nonfinite is None else nonfinite.share
         if nonfinite is not None:
