@@ -65,6 +65,13 @@ def qwen3_src(build_model):
 
 
 @pytest.fixture(scope="session")
+def qwen3_out(qwen3_src, export_model):
+    """OUT with fp16, int8 and int4 exports of the tiny qwen3 (one export shared by every test module)."""
+    out, _ = export_model(qwen3_src)
+    return out
+
+
+@pytest.fixture(scope="session")
 def qwen3_tied_src(build_model):
     return build_model("qwen3-tied")
 

@@ -160,7 +160,7 @@ def _num(value) -> str:
 
 
 def _ratio(value) -> str:
-    return "–" if value is None else f"{value:.3f}×"
+    return "–" if value is None else f"{format_value(value)}×"
 
 
 def _is_causal_lm(config: dict) -> bool:
@@ -306,7 +306,7 @@ def _size_section(manifest: dict) -> list[str]:
               f"| bytes of quantized weights (with scales and shapes) | {s['quantized_bytes']:,} |",
               f"| ratio vs fp16, quantized weights | {_ratio(s['quantized_ratio_vs_fp16'])} |",
               "| bits per quantized weight | "
-              + ("–" if s["bits_per_quantized_weight"] is None else f"{s['bits_per_quantized_weight']:.3f}")
+              + _num(s["bits_per_quantized_weight"])
               + " |", ""]
     return lines
 
@@ -390,7 +390,10 @@ def render_card(manifest: dict, config: dict, source_readme: str | None = None,
     title = _title(manifest, config)
     base = manifest["source"].get("base_model")
     origin = f"`{base}`" if base else f"a `{manifest.get('model_type')}` model"
-    what = (f"This folder holds the `{manifest['format']}` export of {origin}, written by qexport "
+    # `original` is the internal format of `qexport merge` (tensors unchanged): no "export" a user asked for.
+    holds = f"{origin}, unquantized" if manifest["format"] == "original" else \
+        f"the `{manifest['format']}` export of {origin}"
+    what = (f"This folder holds {holds}, written by qexport "
             f"{manifest['qexport_version']}"
             + (f" in the compressed-tensors `{config['quantization_config'].get('format')}` layout, which "
                "transformers and vLLM load natively." if config.get("quantization_config") else

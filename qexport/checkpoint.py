@@ -23,10 +23,59 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-PICKLE_ADVICE = (
-    "qexport never unpickles checkpoints; convert it first with transformers: "
-    "AutoModel.from_pretrained(dir).save_pretrained(dir_out, safe_serialization=True) on a copy you trust"
-)
+PICKLE_PATTERNS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
+# Auto classes to name first when an architecture is in several mappings (GPT2LMHeadModel is also "pretraining").
+PREFERRED_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM",
+                          "AutoModelForImageTextToText", "AutoModel")
+
+
+def auto_class_for(config: dict) -> str | None:
+    """The transformers class that loads this config's `architectures[0]` with its head: the Auto class whose
+    mapping gives exactly that class for the config's model_type (AutoModelForCausalLM for Qwen3ForCausalLM),
+    else the architecture class itself when transformers has it; None when config.json names no architecture."""
+    architectures = config.get("architectures")
+    if not (isinstance(architectures, list) and architectures and isinstance(architectures[0], str)):
+        return None
+    arch, model_type = architectures[0], config.get("model_type")
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    hits = []
+    for name, cls in vars(modeling_auto).items():
+        mapping = getattr(getattr(cls, "_model_mapping", None), "_model_mapping", None)
+        if name.startswith("AutoModel") and isinstance(mapping, dict):
+            target = mapping.get(model_type)
+            if target == arch or (isinstance(target, (list, tuple)) and arch in target):
+                hits.append(name)
+    hits.sort(key=lambda n: (PREFERRED_AUTO_CLASSES.index(n) if n in PREFERRED_AUTO_CLASSES else 99, n))
+    if hits:
+        return hits[0]
+    return arch if hasattr(transformers, arch) else None
+
+
+def pickle_advice(folder: Path) -> str:
+    """What to do with a pickle checkpoint: a command that converts a copy to safetensors with the model's own class
+    (AutoModel would save a causal LM without its lm_head, which qexport would then export without complaint)."""
+    import shlex
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    cls = auto_class_for(config) if isinstance(config, dict) else None
+    note = ""
+    if cls is None:
+        cls, note = "AutoModel", (" (config.json names no architecture this transformers knows: replace AutoModel by "
+                                  "the class of the model's task, e.g. AutoModelForCausalLM, or the head is lost)")
+    src = str(folder).rstrip("/")
+    src, out = (src, f"{src}-safetensors") if len(src) <= 200 else ("SRC", "SRC-safetensors")  # the line stays short
+    ignore = ", ".join(f'"{p}"' for p in PICKLE_PATTERNS)  # double quotes: the code goes in '...' on a shell line
+    code = (f"import shutil, sys; from transformers import {cls} as M; "
+            f"shutil.copytree(sys.argv[1], sys.argv[2], ignore=shutil.ignore_patterns({ignore})); "
+            'M.from_pretrained(sys.argv[1], dtype="auto").save_pretrained(sys.argv[2])')
+    return (f"qexport never unpickles weights (loading a pickle can run code). Convert a copy you trust to "
+            f"safetensors with its own class {cls}, keeping the tokenizer and other files{note}, then export that: "
+            f"python -c {shlex.quote(code)} {shlex.quote(src)} {shlex.quote(out)}")
 
 
 def load_json(path: Path, what: str, limit: int = MAX_JSON_BYTES):
@@ -77,7 +126,7 @@ def weight_files(folder: Path) -> list[Path]:
         return [folder / SINGLE_FILE]
     pickles = [p for p in folder.iterdir() if p.name in PICKLE_NAMES or p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     if pickles:
-        raise InputError(f"{pickles[0]}: pickle checkpoint refused; {PICKLE_ADVICE}")
+        raise InputError(f"{pickles[0]}: pickle checkpoint refused", advice=pickle_advice(folder))
     others = sorted(folder.glob("*.safetensors"))
     if len(others) == 1:
         return others

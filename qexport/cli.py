@@ -24,12 +24,13 @@ def _add_export(sub):
     p.add_argument("--out", required=True, metavar="OUT", help="output folder; each format goes to OUT/<format>")
     _add_merge_inputs(p, base_option=False)
     p.add_argument("--formats", nargs="+", default=["fp16", "int8", "int4"], metavar="FMT",
-                   help="formats to write (default: fp16 int8 int4)")
+                   help="formats to write, in any case (default: fp16 int8 int4)")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along the input. Default: the largest of 128, 64, 32 that every Linear's "
                         "input size divides by (one per model). Given: exactly that; Linears whose input does not "
                         "divide by it stay dense, with a warning")
-    p.add_argument("--workers", type=int, default=1, help="threads encoding tensors (output is identical for any N)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="threads encoding tensors (default 1; the output is identical for any N)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep Linear weights holding NaN/Inf dense instead of refusing the export")
     _add_writing_options(p, overwrite_help="replace existing OUT/<format> folders")
@@ -120,10 +121,13 @@ def _run_merge(args) -> int:
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="build a tiny Qwen3 model locally, export fp16/int8/int4, reload and compare",
-                       description="Builds a tiny Qwen3 model (no download), exports it in every format, reloads "
-                                   "each export through transformers and prints a table.")
+                       description="Builds a tiny model (no download), exports it in every format, runs "
+                                   "`qexport verify` on each export and prints a table with each format's verdict.")
     p.add_argument("--out", default="qexport-demo", help="working folder (default ./qexport-demo)")
-    p.add_argument("--preset", default="qwen3", help="tiny model preset (qwen3, qwen3-tied, llama, qwen3-100m, ...)")
+    from .tiny import PRESETS
+
+    p.add_argument("--preset", default="qwen3", metavar="PRESET",
+                   help=f"tiny model preset: {', '.join(PRESETS)} (default qwen3)")
     p.set_defaults(run=_run_demo)
 
 
@@ -147,6 +151,9 @@ def _add_verify(sub):
     p.add_argument("--threshold", action="extend", nargs="+", default=[], metavar="NAME=VALUE",
                    help="override thresholds, e.g. --threshold max_kld_mean=0.05 min_top1=none (a finite number, "
                         "or none to disable; reports mark loosened and disabled thresholds)")
+    p.add_argument("--name", metavar="NAME",
+                   help="the model's name in reports (default: config.json's _name_or_path, the source README's "
+                        "model_name, else the folder name)")
     p.add_argument("--write-card", action="store_true",
                    help="record the results in EXPORT's README.md model card and qexport.json (qexport exports)")
     p.add_argument("--quiet", action="store_true",
@@ -176,6 +183,7 @@ class _VerifyProgress:
 def _run_verify(args) -> int:
     from .errors import VerificationFailed
     from .html_report import to_json, verification_html, write_text
+    from .report import model_name
     from .thresholds import parse_overrides
     from .engines.runner import parse_engine
     from .verify import check_baseline, load_baseline, record_in_card, verify
@@ -189,7 +197,7 @@ def _run_verify(args) -> int:
         result.add(check_baseline(result.metrics, baseline))
     for check in result.checks:
         print(f"{check.status:>7}  {check.name:<24} {check.detail}")
-    data = result.as_dict()
+    data = {"model": model_name(args.reference, args.name), **result.as_dict()}
     if args.json:
         write_text(args.json, to_json(data))
     if args.report:
@@ -220,7 +228,7 @@ def _add_inspect(sub):
                                    "checkpoint) from its safetensors headers and JSON files, without loading "
                                    "it: architecture, quantization config, tensors by layer type, totals, and "
                                    "the problems visible from headers. Exit 0 no problems, 1 problems found, "
-                                   "2 not a folder.")
+                                   "2 not a folder, or an export root (its format folders are named).")
     p.add_argument("dir", metavar="DIR", help="a model folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON (every tensor included)")
     p.add_argument("--tensors", action="store_true", help="also list every tensor")
@@ -296,6 +304,20 @@ def _printable_streams() -> None:
                 pass
 
 
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (`qexport inspect --json | head`): stop quietly, as `cat` does.
+
+    What is still buffered can never be written; pointing stdout at /dev/null keeps the interpreter's final flush
+    from printing a second error. Exit status 141 = 128 + SIGPIPE, what a shell reports for a tool killed by it.
+    """
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import InputError, VerificationFailed
 
@@ -303,9 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _handle_termination()
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a reader that stopped early (`| head`) shows here, while BrokenPipeError is caught
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except InputError as e:
-        print(f"qexport: error: {_one_line(e)}", file=sys.stderr)
+        advice = f"; {' '.join(e.advice.split())}" if getattr(e, "advice", None) else ""  # bounded: never cut
+        print(f"qexport: error: {_one_line(e.args[0] if e.args else e)}{advice}", file=sys.stderr)
         return e.exit_code
     except VerificationFailed as e:
         print(f"qexport: verification failed: {_one_line(e)}", file=sys.stderr)

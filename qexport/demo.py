@@ -1,4 +1,4 @@
-"""`qexport demo`: build a tiny model locally, export every format, reload each through transformers, compare."""
+"""`qexport demo`: build a tiny model locally, export every format, run `qexport verify` on each, print a table."""
 
 from __future__ import annotations
 
@@ -6,51 +6,39 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
+# What the demo's columns mean, and what to expect of the random-init model it builds (numbers measured on it:
+# int8 KLD 2e-5, top-1 0.95; int4 KLD 4e-3, top-1 0.57, max |Δlogit| 0.45; see qexport/thresholds.py).
+EXPLANATION = """\
+verdict: `qexport verify` on that folder (reload with no missing / unexpected / mismatched keys, transformers'
+  logits equal qexport's own dequantization bit for bit, bytes, SQNR, tokenizer, next-token agreement), PASS when
+  every check holds at the format's default thresholds: {bounds}.
+KLD mean: mean KL divergence of the next-token distributions from the source's (0 = identical);
+top-1: share of positions whose most likely next token is the source's; max |Δlogit|: largest logit difference.
+The model is random-init: its next-token distributions are nearly flat, so the small rounding of int4 flips many
+argmaxes. top-1 around 0.57 and max |Δlogit| around 0.5 for int4 are what this model gives and pass: the gate is
+that the export is as close to the source as round-to-nearest of its own scheme (functional_vs_rtn). Trained models have peaked distributions and agree far more often (llama.cpp measures top-1 97.7% for
+8-bit Q8_0 on Llama-3-8B): judge int4 on your own model with `qexport verify OUT/int4 --reference SRC`."""
 
 
-def reload_check(export_dir: Path, source_dir: Path, ids: torch.Tensor, reference: torch.Tensor) -> dict:
-    """Reload through transformers; compare with the source and with our own dequantization of the files."""
-    from .checkpoint import load_config
-    from .dequant import dequantized_state_dict
-    from .functional import compare, load_model, model_from_state_dict, model_outputs
+def _bounds() -> str:
+    from .report import format_value
+    from .thresholds import DEFAULTS
 
-    model, info = load_model(export_dir)
-    loaded = model_outputs(model, ids)
-    ours = model_outputs(model_from_state_dict(load_config(source_dir), dequantized_state_dict(export_dir)), ids)
-    agreement = compare(reference, loaded)
-    return {
-        "reload ok": not any(info.values()),
-        "equals own dequant": torch.equal(loaded, ours),
-        "max |Δlogit| vs source": agreement.max_abs_diff,
-        "KLD mean": agreement.kld_mean,
-        "top-1": agreement.top1,
-    }
+    def bounds(fmt, t) -> str:
+        absolute = (f"KLD mean <= {format_value(t.max_kld_mean)}, top-1 >= {format_value(t.min_top1)}"
+                    if t.max_kld_mean is not None or t.min_top1 is not None else "no absolute KLD / top-1 floor")
+        relative = (f"; KLD <= {format_value(t.max_kld_vs_rtn)}x round-to-nearest's, top-1 at most "
+                    f"{format_value(t.max_top1_drop_vs_rtn)} below it" if fmt != "fp16" else "")
+        return absolute + relative
 
-
-def demo_verification(check: dict, ids: torch.Tensor) -> dict:
-    """The demo's checks as a verification result for the export's model card and manifest."""
-    from .card import verification_result
-
-    return verification_result("qexport demo", [
-        {"name": "reload: no missing / unexpected / mismatched keys", "value": check["reload ok"],
-         "threshold": "yes", "passed": check["reload ok"]},
-        {"name": "reloaded logits equal qexport's own dequantization", "value": check["equals own dequant"],
-         "threshold": "bit for bit", "passed": check["equals own dequant"]},
-        # Random-init weights are no quality proxy: these are reported, not judged.
-        {"name": "KLD mean vs source", "value": check["KLD mean"]},
-        {"name": "top-1 agreement vs source", "value": check["top-1"]},
-        {"name": "max |Δlogit| vs source", "value": check["max |Δlogit| vs source"]},
-    ], reference="the bf16 source model (random init)",
-        inputs=f"{ids.shape[0]} x {ids.shape[1]} fixed token ids")
+    return "; ".join(f"{fmt} {bounds(fmt, t)}" for fmt, t in DEFAULTS.items() if fmt in ("fp16", "int8", "int4"))
 
 
 def run_demo(out: str | Path, preset: str = "qwen3") -> int:
-    from .card import update_card_verification
     from .export import ExportOptions, export_folder
-    from .functional import fixed_token_ids, load_model, model_outputs
-    from .report import export_rows, table
+    from .report import COLUMN_NOTES, export_rows, table
     from .tiny import PRESETS, build_tiny_model
+    from .verify import record_in_card, verify
 
     out = Path(out)
     if preset not in PRESETS:
@@ -63,23 +51,23 @@ def run_demo(out: str | Path, preset: str = "qwen3") -> int:
     print(f"building tiny {preset} model in {source} (random init, bf16) ...")
     build_tiny_model(source, preset)
     export_dir = out / "export"
-    print(f"exporting to {export_dir}/{{fp16,int8,int4}} ...")
+    options = ExportOptions(overwrite=True, progress=False)
+    print(f"exporting to {', '.join(str(export_dir / f) for f in options.formats)} ...")
     started = time.perf_counter()
-    manifests = export_folder(source, export_dir, ExportOptions(overwrite=True, progress=False))
+    manifests = export_folder(source, export_dir, options)
     seconds = time.perf_counter() - started
+    print(f"exported {len(manifests)} formats in {seconds:.1f} s; verifying each against the source ...")
 
-    src_model, _ = load_model(source)
-    ids = fixed_token_ids(src_model.config.vocab_size)
-    reference = model_outputs(src_model, ids)
-    rows = export_rows(manifests)
-    failed = False
-    for row in rows:
-        check = reload_check(export_dir / row["format"], source, ids, reference)
-        failed |= not (check["reload ok"] and check["equals own dequant"])
-        row.update(check)
-        update_card_verification(export_dir / row["format"], demo_verification(check, ids))
-    print(f"\nexported 3 formats in {seconds:.1f} s\n")
+    rows, failed = [], False
+    for row in export_rows(manifests):
+        result = verify(export_dir / row["format"], source)
+        record_in_card(result, tool="qexport demo")
+        failed |= not result.passed
+        m = result.metrics
+        row.update({"kld_mean": m.get("kld_mean"), "top1": m.get("top1"), "max_abs_diff": m.get("max_abs_diff"),
+                    "verdict": "PASS" if result.passed else "FAIL: " + ", ".join(c.name for c in result.failures)})
+        rows.append(row)
+    print()
     print(table(rows))
-    print("\nreload ok: transformers reports no missing / unexpected / mismatched keys;"
-          "\nequals own dequant: its logits equal those of qexport's own dequantized weights, bit for bit.")
+    print(f"\n{COLUMN_NOTES}\n{EXPLANATION.format(bounds=_bounds())}")
     return 1 if failed else 0

@@ -31,9 +31,10 @@ from .architecture import Architecture, inspect_architecture
 from .card import CARD_FILE, base_model_id, write_card
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from .errors import InputError
-from .formats import Format, get_format
+from .formats import Format, format_name, get_format
 from .formats.base import nonfinite_error
 from .safetensors_io import StreamWriter, file_bytes, nbytes, sha256_file
+from .sizes import size_summary
 
 log = logging.getLogger("qexport")
 
@@ -55,6 +56,11 @@ class ExportOptions:
     allow_nonfinite: bool = False
     ignore: tuple[str, ...] = ("lm_head",)  # module names (or trailing name parts) that always stay dense
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
+
+    def __post_init__(self):
+        # Format names in any case (`--formats INT4`), once, as registered names: folders, manifests and checks
+        # all see `int4`. An unknown name is refused here, before any work.
+        object.__setattr__(self, "formats", tuple(dict.fromkeys(format_name(n) for n in self.formats)))
 
 
 class TensorSource(Protocol):
@@ -392,9 +398,7 @@ def _file_record(path: Path, root: Path) -> dict:
 def build_manifest(source, plan: FormatPlan, options, source_files, files, tensors_info) -> dict:
     quantized_weights = sum(math.prod(source.entries[t.source].shape) for t in plan.tensors if t.quantize)
     quantized_bytes = sum(t["stored_bytes"] for t in tensors_info.values() if t["quantized"])
-    tensor_bytes = sum(t["stored_bytes"] for t in tensors_info.values())
-    # What the same tensors take as fp16: dense ones as stored, quantized weights at 2 bytes each.
-    fp16_bytes = tensor_bytes - quantized_bytes + 2 * quantized_weights
+    dense = [(t["dtype"], t["shape"], t["stored_bytes"]) for t in tensors_info.values() if not t["quantized"]]
     # The Linears this export targets: those quantized and those that had to stay dense (group size, NaN, dtype).
     targeted = [t.source for t in plan.tensors if t.quantize or t.source in plan.dense_linears]
     linear_elements = sum(math.prod(source.entries[n].shape) for n in targeted)
@@ -415,20 +419,26 @@ def build_manifest(source, plan: FormatPlan, options, source_files, files, tenso
         "summary": {
             "total_bytes": sum(f["bytes"] for f in files),
             "weight_bytes": sum(f["bytes"] for f in files if f["name"].endswith(".safetensors")),
-            "tensor_bytes": tensor_bytes,
-            "fp16_tensor_bytes": fp16_bytes,
-            "ratio_vs_fp16": fp16_bytes / tensor_bytes,
-            "quantized_weights": quantized_weights,
+            **size_summary(dense, quantized_weights, quantized_bytes),
             "linear_weights": len(targeted),  # nn.Linear weights targeted (all but ignore, e.g. lm_head)
             "quantized_linears": sum(1 for t in plan.tensors if t.quantize),
             # share of the targeted Linears' weights (and so of their fp16 bytes) that is quantized
             "quantized_linear_share": quantized_weights / linear_elements if linear_elements else None,
-            "quantized_bytes": quantized_bytes,
-            "quantized_ratio_vs_fp16": (2 * quantized_weights / quantized_bytes) if quantized_bytes else None,
-            "bits_per_quantized_weight": (8 * quantized_bytes / quantized_weights) if quantized_weights else None,
         },
         "tensors": tensors_info,
     }
+
+
+def dense_linears_warning(fmt_name: str, dense_linears: dict[str, str], shown: int = 3) -> str:
+    """One line for all the Linear weights a format keeps dense (hundreds on a real model with an odd group size):
+    per reason the count and the first few names; the full list is in the config's ignore and the manifest."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in dense_linears.items():
+        by_reason.setdefault(why, []).append(name.removesuffix(".weight"))
+    parts = [f"{why}: {len(names)} ({', '.join(names[:shown])}{', ...' if len(names) > shown else ''})"
+             for why, names in by_reason.items()]
+    return (f"{fmt_name}: {len(dense_linears)} Linear weight(s) stay dense; {'; '.join(parts)} (all listed in "
+            "config.json's ignore and qexport.json's dense_linears)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,8 +544,6 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     temporary folders and renamed into place only when all of them are complete.
     """
     out = Path(out)
-    for name in dict.fromkeys(options.formats):
-        get_format(name)  # an unknown name is refused before any work
     if options.group_size is not None and (options.group_size <= 0 or options.group_size % 8):
         raise InputError(f"--group-size: {options.group_size} must be a positive multiple of 8")
     if options.workers < 1:
@@ -568,8 +576,8 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     )
     plans = [plan_format(source, arch, fmt, options, nonfinite) for fmt in formats]
     for plan in plans:
-        for name, why in plan.dense_linears.items():
-            log.warning("%s: %s stays dense: %s", plan.fmt.name, name, why)
+        if plan.dense_linears:
+            log.warning("%s", dense_linears_warning(plan.fmt.name, plan.dense_linears))
 
     created = [d for d in (out, *out.parents) if not d.exists()]  # folders this export creates, deepest first
     clean_stale(out)

@@ -9,26 +9,8 @@ import json
 import math
 from pathlib import Path
 
-from .report import format_value
+from .report import SUMMARY_COLUMNS, format_value, model_name
 
-# Columns of the summary table, in order, with their headings. Rows may carry any subset.
-SUMMARY_COLUMNS = {
-    "model": "model",
-    "format": "format",
-    "weight_bytes": "bytes",
-    "file_ratio": "ratio (files)",
-    "quantized_ratio": "ratio (quantized)",
-    "bits_per_quantized_weight": "bits / q-weight",
-    "sqnr_min_db": "SQNR min dB",
-    "sqnr_median_db": "SQNR median dB",
-    "kld_mean": "KLD mean",
-    "kld_p99": "KLD p99",
-    "top1": "top-1",
-    "cosine": "cosine",
-    "reload_ok": "reload ok",
-    "passed": "all checks",
-    "thresholds": "thresholds",
-}
 
 STYLE = """
 table.qexport {border-collapse: collapse; font: 13px sans-serif; margin: 8px 0}
@@ -154,8 +136,8 @@ def verification_html(result: dict) -> str:
     sqnr = next((c["metrics"].get("per_tensor_sqnr_db") for c in result["checks"] if c["name"] == "weights_sqnr"),
                 None)
     plot = svg_histogram(list(sqnr.values()), threshold=result["thresholds"].get("min_sqnr_db")) if sqnr else ""
-    row = {"model": Path(result["reference"]).name, **result["metrics"], "passed": result["passed"],
-           "thresholds": "; ".join(changed) or "defaults"}
+    row = {"model": result.get("model") or model_name(result["reference"]), **result["metrics"],
+           "passed": result["passed"], "thresholds": "; ".join(changed) or "defaults", "path": result["reference"]}
     entries = result.get("threshold_entries") or [
         {"name": k, "value": v, "default": v, "status": "default"} for k, v in result["thresholds"].items()]
     notes = "".join(f"<li class='fail'>{html.escape(t)}</li>" for t in changed)

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from . import safe_fs, untrusted_regex
 from .card import CARD_FILE, MANIFEST_FILE, layer_type
-from .errors import InputError
-from .safetensors_io import (DTYPES, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE, TensorEntry, nbytes,
-                             read_header)
+from .errors import InputError, not_a_model_folder
+from .safetensors_io import (ITEMSIZES, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE, TensorEntry,
+                             nbytes, read_header)
+from .sizes import size_summary
 
 MAX_LISTED_FILES = 10_000  # files counted in the totals: `inspect /` must answer, not walk the whole disk
 
@@ -86,7 +87,7 @@ def _header(path: Path, problems: list[str]) -> tuple[dict[str, TensorEntry], in
     for name, info in raw.items():
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if (dtype not in DTYPES or not isinstance(shape, list) or len(shape) > MAX_DIMS
+            if (dtype not in ITEMSIZES or not isinstance(shape, list) or len(shape) > MAX_DIMS
                     or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
                     or not all(isinstance(o, int) and not isinstance(o, bool) for o in (start, end))):
                 raise ValueError
@@ -319,6 +320,9 @@ def inspect_folder(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
+    # An export root names its format folders (exit 2); any other folder is described, problems and all.
+    if (error := not_a_model_folder(folder, "inspect", only_with_models=True)) is not None:
+        raise error
     problems: list[str] = []
     config = _load_json(folder / "config.json", problems, safe_fs.MAX_CONFIG_BYTES)
     if config is None and not (folder / "config.json").exists():
@@ -390,10 +394,8 @@ def inspect_folder(folder: str | Path) -> dict:
     layer_types = _layer_types(entries, quantized_names, module_rows)
     problems += _manifest_problems(folder, all_files)
     weight_file_bytes = sum(p.stat().st_size for p in files)
-    tensor_bytes = sum(e.nbytes for e in entries.values())
-    quantized_weights = sum(r["weights"] for r in module_rows.values())
-    quantized_bytes = sum(r["bytes"] for r in module_rows.values())
-    fp16_bytes = tensor_bytes - quantized_bytes + 2 * quantized_weights
+    sizes = size_summary([(e.dtype, e.shape, e.nbytes) for n, e in entries.items() if n not in quantized_names],
+                         sum(r["weights"] for r in module_rows.values()), sum(r["bytes"] for r in module_rows.values()))
     return {
         "folder": str(folder),
         "model_type": config.get("model_type"),
@@ -408,14 +410,8 @@ def inspect_folder(folder: str | Path) -> dict:
             "file_bytes": sum(_size(p) for p in all_files),
             "weight_file_bytes": weight_file_bytes,
             "tensors": len(entries),
-            "tensor_bytes": tensor_bytes,
             "quantized_modules": len(modules),
-            "quantized_weights": quantized_weights,
-            "quantized_bytes": quantized_bytes,
-            "bits_per_quantized_weight": 8 * quantized_bytes / quantized_weights if quantized_weights else None,
-            "fp16_tensor_bytes": fp16_bytes,
-            "ratio_vs_fp16": fp16_bytes / tensor_bytes if tensor_bytes else None,
-            "quantized_ratio_vs_fp16": 2 * quantized_weights / quantized_bytes if quantized_bytes else None,
+            **sizes,
         },
         "problems": problems,
     }
@@ -505,7 +501,7 @@ def _manifest_problems(folder: Path, all_files: list[Path]) -> list[str]:
 
 
 def format_report(report: dict, all_tensors: bool = False) -> str:
-    from .report import human_bytes, table
+    from .report import format_ratio, format_value, human_bytes, table
 
     t = report["totals"]
     arch = ", ".join(map(str, report["architectures"] if isinstance(report["architectures"], list) else [])) or "?"
@@ -526,8 +522,7 @@ def format_report(report: dict, all_tensors: bool = False) -> str:
                  f"tensors" + (f": {files[0]['name']}" if len(files) == 1 else ""))
     lines.append("")
     rows = [{"layer type": r["layer_type"], "n": r["count"], "stored as": r["stored_as"], "shape": r["shape"],
-             "bytes": f"{r['bytes']:,}", "bits/weight": None if r["bits_per_weight"] is None
-             else round(r["bits_per_weight"], 3)} for r in report["layer_types"]]
+             "bytes": r["bytes"], "bits/weight": r["bits_per_weight"]} for r in report["layer_types"]]
     lines.append(table(rows))
     if all_tensors:
         lines += ["", table([{"tensor": x["name"], "dtype": x["dtype"], "shape": x["shape"], "bytes": f"{x['bytes']:,}",
@@ -537,9 +532,9 @@ def format_report(report: dict, all_tensors: bool = False) -> str:
                   f"{len(files)} weight file(s); folder {t['file_bytes']:,} bytes in {t['files']} files"]
     if t["quantized_weights"]:
         lines.append(f"quantized: {t['quantized_modules']} modules, {t['quantized_weights']:,} weights in "
-                     f"{t['quantized_bytes']:,} bytes = {t['bits_per_quantized_weight']:.3f} bits per weight "
-                     f"({t['quantized_ratio_vs_fp16']:.3f}x smaller than fp16; whole model "
-                     f"{t['ratio_vs_fp16']:.3f}x)")
+                     f"{t['quantized_bytes']:,} bytes = {format_value(t['bits_per_quantized_weight'])} bits per "
+                     f"weight ({format_ratio(t['quantized_ratio_vs_fp16'])} smaller than fp16; whole model "
+                     f"{format_ratio(t['ratio_vs_fp16'])})")
     else:
         lines.append("quantized: nothing")
     if report["problems"]:

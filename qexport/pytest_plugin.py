@@ -210,7 +210,7 @@ class Gate:
     worker through a file lock) and one verification context, so each item runs only its own check."""
 
     def __init__(self, config):
-        from .formats import get_format
+        from .formats import format_name
         from .thresholds import parse_overrides
 
         model, exports = config.getoption("qexport_model"), config.getoption("qexport_export")
@@ -232,9 +232,10 @@ class Gate:
         if exports:
             self.targets = _export_targets([Path(e) for e in exports])
         else:
-            formats = config.getoption("qexport_formats") or config.getini("qexport_formats")
-            for fmt in formats:
-                get_format(fmt)  # InputError naming an unknown format
+            # Any case, as on the command line; an unknown name is an InputError naming the option it came from.
+            option = "--qexport-formats" if config.getoption("qexport_formats") else "ini qexport_formats"
+            formats = [format_name(f, option)
+                       for f in config.getoption("qexport_formats") or config.getini("qexport_formats")]
             self.targets = {fmt: Target(fmt, fmt=fmt) for fmt in dict.fromkeys(formats)}
         from .engines.runner import parse_engine
 
@@ -372,7 +373,9 @@ class QexportCheckItem(pytest.Item):
 
         changed = [e["text"] for e in threshold_entries(ctx.thresholds, ctx.defaults) if e["status"] != "default"]
         sqnr = check.metrics.get("per_tensor_sqnr_db") if check.name == "weights_sqnr" else None
-        Recorder(self).row(gate.reference.name, self.fmt, passed=check.passed,
+        from .report import model_name
+
+        Recorder(self).row(model_name(gate.reference), self.fmt, path=str(gate.reference), passed=check.passed,
                            sqnr_values=list(sqnr.values()) if sqnr else None,
                            sqnr_threshold=ctx.thresholds.min_sqnr_db,
                            thresholds="; ".join(changed) or "defaults",

@@ -13,12 +13,81 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GB"
 
 
+# The columns of every summary table (export, demo, verify --report, the pytest report), in order, with their
+# headings: one name for one number everywhere. Rows may carry any subset; the ratios are defined once, in
+# qexport.sizes.size_summary.
+SUMMARY_COLUMNS = {
+    "model": "model",
+    "format": "format",
+    "weight_bytes": "bytes",
+    "file_ratio": "ratio (whole model)",
+    "quantized_ratio": "ratio (quantized)",
+    "bits_per_quantized_weight": "bits / q-weight",
+    "linears_quantized": "Linears quantized",
+    "sqnr_min_db": "SQNR min dB",
+    "sqnr_median_db": "SQNR median dB",
+    "kld_mean": "KLD mean",
+    "kld_p99": "KLD p99",
+    "top1": "top-1",
+    "cosine": "cosine",
+    "max_abs_diff": "max |Δlogit|",
+    "reload_ok": "reload ok",
+    "passed": "all checks",
+    "thresholds": "thresholds",
+    "path": "path",
+}
+
+# What the columns mean, for the line under a table a newcomer reads.
+COLUMN_NOTES = (
+    "bytes: the safetensors files. ratio (whole model): the bytes of all tensors in a float16 copy / as stored.\n"
+    "ratio (quantized): the same for the quantized Linear weights alone, scales included. bits / q-weight: stored\n"
+    "bits per quantized weight (int4 group 128: 4.125; int8 per channel: 8 + 16 / input size). Linears quantized:\n"
+    "quantized / targeted nn.Linear weights (lm_head stays dense by design), their share of the bytes, group size."
+)
+
+
+def model_name(folder, name: str | None = None) -> str:
+    """How reports name a model (the path goes in its own column): `name` if given (`--name`), else config.json's
+    `_name_or_path` (a Hub id such as Qwen/Qwen3-0.6B; the last part of a local path), else the Hub id of a folder in
+    the Hugging Face cache, else the README front matter's `model_name` or first `model-index` name, else the
+    folder's own name."""
+    import json
+    from pathlib import Path
+
+    if name:
+        return name
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        config = None
+    recorded = config.get("_name_or_path") if isinstance(config, dict) else None
+    if isinstance(recorded, str) and recorded.strip():
+        recorded = recorded.strip().rstrip("/")
+        return Path(recorded).name if recorded.startswith((".", "/", "~")) or "\\" in recorded else recorded
+    from .card import _source_front_matter, base_model_id
+
+    if hub_id := base_model_id(folder):
+        return hub_id
+    try:
+        front = _source_front_matter((folder / "README.md").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        front = {}
+    index = front.get("model-index")
+    for candidate in (front.get("model_name"), index[0].get("name") if isinstance(index, list) and index
+                      and isinstance(index[0], dict) else None):
+        if isinstance(candidate, str) and candidate.strip():
+            return candidate.strip()
+    return folder.resolve().name
+
+
 def table(rows: list[dict]) -> str:
-    """A markdown table of `rows` (all with the same keys)."""
+    """A markdown table of `rows` (all with the same keys), headed by SUMMARY_COLUMNS' names where they have one."""
     if not rows:
         return ""
-    headers = list(rows[0])
-    cells = [[format_value(r[h]) for h in headers] for r in rows]
+    keys = list(rows[0])
+    headers = [SUMMARY_COLUMNS.get(k, k) for k in keys]
+    cells = [[format_value(r[k]) for k in keys] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
@@ -35,26 +104,26 @@ def format_value(value, missing: str = "-", false: str = "no") -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
+        if value.is_integer() and abs(value) >= 1e4:  # a byte count that went through a float: 1,868,632
+            return f"{int(value):,}"
         return f"{value:.4g}"
     return str(value)
 
 
+def format_ratio(value) -> str:
+    """A ratio vs fp16 in a sentence: `2.253x`."""
+    return f"{format_value(value)}x"
+
+
 def export_rows(manifests: dict[str, dict]) -> list[dict]:
-    rows = []
-    for name, m in manifests.items():
-        s = m["summary"]
-        rows.append({
-            "format": name,
-            "files": len(m["files"]) + 1,
-            "bytes": human_bytes(s["total_bytes"]),
-            "ratio vs fp16 (whole)": round(s["ratio_vs_fp16"], 3),
-            "ratio vs fp16 (quantized)": None if s["quantized_ratio_vs_fp16"] is None
-            else round(s["quantized_ratio_vs_fp16"], 3),
-            "bits/quantized weight": None if s["bits_per_quantized_weight"] is None
-            else round(s["bits_per_quantized_weight"], 3),
-            "Linears quantized": _linears_quantized(s, m.get("parameters", {})),
-        })
-    return rows
+    """One summary row per format, with the keys (and so the headings) of `qexport verify` and the reports."""
+    return [{"format": name,
+             "weight_bytes": m["summary"]["weight_bytes"],
+             "file_ratio": m["summary"]["ratio_vs_fp16"],
+             "quantized_ratio": m["summary"]["quantized_ratio_vs_fp16"],
+             "bits_per_quantized_weight": m["summary"]["bits_per_quantized_weight"],
+             "linears_quantized": _linears_quantized(m["summary"], m.get("parameters", {}))}
+            for name, m in manifests.items()]
 
 
 def _linears_quantized(summary: dict, parameters: dict) -> str | None:
@@ -68,5 +137,10 @@ def _linears_quantized(summary: dict, parameters: dict) -> str | None:
 
 
 def print_export_summary(manifests: dict[str, dict], out) -> None:
+    from pathlib import Path
+
     print(table(export_rows(manifests)))
-    print(f"\nwritten to {out}/<format>; each folder has a qexport.json manifest")
+    print(f"\n{COLUMN_NOTES}")
+    print("\nwritten (each folder a complete model with a qexport.json manifest and a README.md card):")
+    for name in manifests:
+        print(f"  {Path(out) / name}")

@@ -16,27 +16,18 @@ import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from . import safe_fs
 from .errors import InputError
 
-# safetensors dtype strings and what they hold.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype strings and the bytes per element they take. Reading and checking headers needs no torch, so
+# `qexport inspect` stays torch-free (importing torch costs seconds); the torch dtypes come with DTYPES below.
+ITEMSIZES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 # Tensors in one safetensors header. The largest public checkpoints hold a few thousand per shard (DeepSeek-V3:
 # about 91k over 163 shards); 10^6 one-byte tensors took minutes and 2 GB to plan. Counted before parsing.
@@ -44,8 +35,27 @@ MAX_TENSORS_PER_FILE = 65_536
 MAX_DIMS, MAX_DIM = 8, 2**40
 
 
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def __getattr__(name: str):
+    """DTYPES (safetensors name -> torch dtype) and DTYPE_NAMES (the reverse), built on first use (imports torch)."""
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        if name in globals():
+            return globals()[name]
+        dtypes = _torch_dtypes()
+        globals().update(DTYPES=dtypes, DTYPE_NAMES={dtype: n for n, dtype in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def itemsize(dtype_name: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+    return ITEMSIZES[dtype_name]
 
 
 def nbytes(dtype_name: str, shape) -> int:
@@ -151,7 +161,7 @@ def _entry(path: Path, name: str, info) -> TensorEntry:
     if not isinstance(info, dict):
         raise InputError(f"{path}: tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZES:
         raise InputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise InputError(f"{path}: tensor {name!r}: shape {str(shape)[:100]} is not a list of non-negative integers")
@@ -209,8 +219,10 @@ class StreamWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor of the layout; its name, dtype and shape must be the planned ones."""
+        import torch
+
         expected = self._pending.pop(0) if self._pending else None
-        actual = (name, DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape))
+        actual = (name, __getattr__("DTYPE_NAMES").get(tensor.dtype), tuple(tensor.shape))
         if expected != actual:
             raise RuntimeError(f"{self.path}: tensor {actual} written where the plan has {expected}")
         self._write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))

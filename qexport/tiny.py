@@ -81,7 +81,16 @@ def build_tiny_model(out: str | Path, preset: str = "qwen3", *, dtype: str = "bf
                 if "norm" in name and param.dim() == 1:
                     param.mul_(1 + norm_noise * torch.randn(param.shape, dtype=torch.float32).to(param.dtype))
     out = Path(out)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
+    # transformers draws a "Writing model shards" bar on stderr even for one small file: noise in the demo's output.
+    from transformers.utils import logging as hf_logging
+
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
     tokenizer = build_tokenizer(min(512, config.vocab_size))
     tokenizer.save_pretrained(out)
     GenerationConfig(max_new_tokens=16, eos_token_id=tokenizer.eos_token_id).save_pretrained(out)

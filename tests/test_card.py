@@ -19,6 +19,7 @@ from qexport.card import (PATH_PLACEHOLDER, base_model_id, source_readme_of, upd
                           verification_result)
 from qexport.checkpoint import load_config
 from qexport.export import ExportOptions, export_folder
+from qexport.report import format_value
 from qexport.safetensors_io import sha256_file
 
 FORMATS = ("fp16", "int8", "int4")
@@ -112,14 +113,14 @@ def test_card_summary_equals_manifest_summary(qwen3_export, qwen3_src, fmt):
     assert s["quantized_weights"] == (0 if fmt == "fp16" else sum(math.prod(source[n].shape) for n in linears))
     assert integer(rows["bytes of all tensors"]) == s["tensor_bytes"]
     assert integer(rows["the same tensors in float16"]) == s["fp16_tensor_bytes"]
-    assert rows["ratio vs fp16, whole model"] == f"{s['ratio_vs_fp16']:.3f}×"
+    assert rows["ratio vs fp16, whole model"] == f"{format_value(s['ratio_vs_fp16'])}×"
     assert integer(rows["quantized weights"]) == s["quantized_weights"]
     assert integer(rows["bytes of quantized weights (with scales and shapes)"]) == s["quantized_bytes"]
     if fmt == "fp16":
         assert rows["bits per quantized weight"] == "–"
     else:
-        assert rows["bits per quantized weight"] == f"{s['bits_per_quantized_weight']:.3f}"
-        assert rows["ratio vs fp16, quantized weights"] == f"{s['quantized_ratio_vs_fp16']:.3f}×"
+        assert rows["bits per quantized weight"] == format_value(s["bits_per_quantized_weight"])
+        assert rows["ratio vs fp16, quantized weights"] == f"{format_value(s['quantized_ratio_vs_fp16'])}×"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -20,7 +20,7 @@ def test_export_writes_one_folder_per_format_and_prints_a_table(qwen3_src, tmp_p
     result = qexport("export", qwen3_src, "--out", tmp_path / "out", "--formats", "int8", "int4")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["int4", "int8"]
-    assert "| int4" in result.stdout and "bits/quantized weight" in result.stdout
+    assert "| int4" in result.stdout and "bits / q-weight" in result.stdout
 
 
 def test_export_shows_a_progress_bar_of_tensors_on_stderr(qwen3_src, tmp_path):

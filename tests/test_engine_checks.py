@@ -21,12 +21,6 @@ from qexport.verify.engine_checks import MAX_ABS_DLOGPROB, judge_vllm, prompt_id
 pytest_plugins = ["pytester"]
 
 
-@pytest.fixture(scope="module")
-def qwen3_out(qwen3_src, export_model):
-    out, _ = export_model(qwen3_src, formats=("fp16", "int4"))
-    return out
-
-
 def child_result(**changes) -> dict:
     result = {"protocol": 1, "vllm_version": "0.32.0", "platform": "cpu", "dtype": "float16", "stages": [],
               "layers": {}, "generation": None, "not_generated": None, "error": None}

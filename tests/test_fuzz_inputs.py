@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from fixtures.bad_inputs import manifest_problems, read_raw, write_raw
+from fixtures.bad_inputs import manifest_problems, read_raw
 from qexport.cli import main
 from qexport.errors import InputError
 from qexport.safetensors_io import DTYPES, read_header

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 from fixtures.bad_inputs import manifest_problems, read_raw, rewrite_header, tree_sha256, write_raw
 from qexport.cli import main
+from tests.support import deadline
 
 MINI = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, vocab_size=256)
@@ -57,23 +57,11 @@ def run_process(*args: str, timeout: int = SECONDS, env: dict | None = None) -> 
                           timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
-@contextlib.contextmanager
-def deadline(seconds: int = SECONDS):
-    def hang(*_):
-        raise TimeoutError(f"no answer within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def run_main(*args: str) -> tuple[int, str]:
     err = io.StringIO()
-    with deadline(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with deadline(SECONDS), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = main([*args])
     return rc, err.getvalue()
 

@@ -13,22 +13,10 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from qexport.cli import main
 from qexport.errors import InputError
 from qexport.thresholds import parse_overrides, thresholds_for
 from qexport.verify import CheckResult, _no_silent_pass, verify
-
-
-@pytest.fixture(scope="module")
-def qwen3_out(qwen3_src, export_model):
-    out, _ = export_model(qwen3_src)
-    return out
-
-
-def run(capsys, *argv) -> tuple[int, str]:
-    code = main(["verify", *map(str, argv)])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+from tests.support import verify_cli
 
 
 def copy_without_manifest(tmp_path, good):
@@ -63,14 +51,14 @@ def test_nan_threshold_through_the_python_api_is_bad_input():
 
 
 def test_nan_threshold_on_the_command_line_exits_2_naming_the_option(capsys, qwen3_src, qwen3_out):
-    code, out = run(capsys, qwen3_out / "int4", "--reference", qwen3_src, "--threshold", "min_sqnr_db=nan")
+    code, out = verify_cli(capsys, qwen3_out / "int4", "--reference", qwen3_src, "--threshold", "min_sqnr_db=nan")
     assert code == 2
     assert "--threshold" in out and "min_sqnr_db=nan" in out and "Traceback" not in out
 
 
 def test_several_thresholds_after_one_option_as_the_readme_writes_them(capsys, tmp_path, qwen3_src, qwen3_out):
     # README: `--threshold NAME=VALUE ...`. Both values must take effect: 60 dB fails int4's ~19 dB SQNR.
-    code, out = run(capsys, qwen3_out / "int4", "--reference", qwen3_src, "--json", tmp_path / "r.json",
+    code, out = verify_cli(capsys, qwen3_out / "int4", "--reference", qwen3_src, "--json", tmp_path / "r.json",
                     "--threshold", "min_sqnr_db=60", "min_top1=none")
     assert code == 1
     data = json.loads((tmp_path / "r.json").read_text())
@@ -127,7 +115,7 @@ def test_export_of_a_source_holding_nan_cannot_pass(nan_weight_export):
 
 def test_nan_thresholds_cannot_turn_the_bounds_off_either(capsys, nan_weight_export):
     src, export = nan_weight_export
-    code, out = run(capsys, export, "--reference", src, "--threshold", "min_top1=nan", "max_kld_mean=nan")
+    code, out = verify_cli(capsys, export, "--reference", src, "--threshold", "min_top1=nan", "max_kld_mean=nan")
     assert code == 2
 
 
@@ -182,7 +170,7 @@ def test_config_holding_a_nan_literal_passes_config_keys_when_exported_faithfull
 def test_disabled_threshold_is_visible_in_card_json_html_and_baseline(capsys, tmp_path, qwen3_src, qwen3_out):
     folder = tmp_path / "int8"
     shutil.copytree(qwen3_out / "int8", folder)
-    code, out = run(capsys, folder, "--reference", qwen3_src, "--write-card", "--json", tmp_path / "r.json",
+    code, out = verify_cli(capsys, folder, "--reference", qwen3_src, "--write-card", "--json", tmp_path / "r.json",
                     "--report", tmp_path / "r.html", "--save-baseline", tmp_path / "b.json",
                     "--threshold", "min_top1=none", "max_kld_mean=0.05")
     assert code == 0, out
@@ -203,7 +191,7 @@ def test_disabled_threshold_is_visible_in_card_json_html_and_baseline(capsys, tm
 def test_card_of_a_default_verification_shows_each_checks_threshold(capsys, tmp_path, qwen3_src, qwen3_out):
     folder = tmp_path / "int4"
     shutil.copytree(qwen3_out / "int4", folder)
-    code, out = run(capsys, folder, "--reference", qwen3_src, "--write-card")
+    code, out = verify_cli(capsys, folder, "--reference", qwen3_src, "--write-card")
     assert code == 0, out
     card = (folder / "README.md").read_text()
     assert "**PASSED** (" in card

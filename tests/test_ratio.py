@@ -111,4 +111,4 @@ def test_ratio_floor_is_opt_in_and_fails_a_scheme_below_it(qwen3_src, export_mod
     out, _ = export_model(qwen3_src, formats=("int4",), group_size=32)
     assert check_bytes(Context(out / "int4", qwen3_src)).passed
     result = check_bytes(Context(out / "int4", qwen3_src, {"min_quantized_ratio": 3.85}))
-    assert not result.passed and "need >= 3.850x" in result.detail
+    assert not result.passed and "need >= 3.85x" in result.detail

@@ -18,6 +18,7 @@ from qexport.functional import EVAL_TEXT, text_windows
 from qexport.tiny import build_tokenizer
 from qexport.verify.reference_quant import quantization_args, rtn_fake_quantize
 from tests import defects
+from tests.support import copy_without_manifest
 
 INT4_G128 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": True,
              "dynamic": False}
@@ -154,21 +155,9 @@ def test_export_better_than_rtn_passes(tmp_path, qwen3_src, export_model):
 
 # --- broken exports fail, naming the check and the ratio ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def qwen3_out(qwen3_src, export_model):
-    return export_model(qwen3_src, formats=("int8", "int4"))[0]
-
-
-def broken(tmp_path, good):
-    folder = tmp_path / good.name
-    shutil.copytree(good, folder)
-    (folder / "qexport.json").unlink()
-    return folder
-
-
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_layer_holding_random_init_weights_fails_functional_vs_rtn(tmp_path, qwen3_src, qwen3_out, fmt):
-    folder = broken(tmp_path, qwen3_out / fmt)
+    folder = copy_without_manifest(tmp_path, qwen3_out / fmt)
     defects.random_init_layer(folder, "model.layers.0.mlp.down_proj", std=0.02)
     result = V.verify(folder, qwen3_src, only=["weights_sqnr", "reload", "functional", "functional_vs_rtn"])
     assert {"weights_sqnr", "functional_vs_rtn"} <= failed(result)
@@ -178,14 +167,14 @@ def test_layer_holding_random_init_weights_fails_functional_vs_rtn(tmp_path, qwe
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_embedding_stored_quantized_and_reloaded_as_random_fails(tmp_path, qwen3_src, qwen3_out, fmt):
-    folder = broken(tmp_path, qwen3_out / fmt)
+    folder = copy_without_manifest(tmp_path, qwen3_out / fmt)
     defects.embedding_stored_quantized(folder, group_size=128)
     result = V.verify(folder, qwen3_src, only=["layout", "reload", "functional", "functional_vs_rtn"])
     assert {"layout", "reload", "functional_vs_rtn"} <= failed(result)
 
 
 def test_nan_in_a_dense_tensor_fails_both_functional_checks(tmp_path, qwen3_src, qwen3_out):
-    folder = broken(tmp_path, qwen3_out / "int8")
+    folder = copy_without_manifest(tmp_path, qwen3_out / "int8")
     name = "model.layers.1.post_attention_layernorm.weight"
     defects.edit_tensors(folder, lambda t: t[name].__setitem__(0, float("nan")))
     result = V.verify(folder, qwen3_src, only=["functional", "functional_vs_rtn"])

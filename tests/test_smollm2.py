@@ -4,12 +4,12 @@ defects fail, naming the check. Slow: each verify runs ~2,000 tokens through a 1
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
 from qexport import verify as V
 from tests import defects
+from tests.support import copy_without_manifest
 
 pytestmark = pytest.mark.slow
 FUNCTIONAL = ["weights_sqnr", "reload", "functional", "functional_vs_rtn"]
@@ -36,16 +36,9 @@ def test_clean_smollm2_export_passes_default_thresholds(qexport_report, smollm2_
     assert next(c for c in result.checks if c.name == "functional").metrics["inputs"] == "text"
 
 
-def broken(tmp_path, good):
-    folder = tmp_path / good.name
-    shutil.copytree(good, folder)
-    (folder / "qexport.json").unlink()
-    return folder
-
-
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_scale_x125_in_one_layer_fails(tmp_path, smollm2_src, smollm2_out, fmt):
-    folder = broken(tmp_path, smollm2_out / fmt)
+    folder = copy_without_manifest(tmp_path, smollm2_out / fmt)
     defects.scale_one_layer(folder, "model.layers.0.mlp.down_proj", 1.25)
     result = V.verify(folder, smollm2_src, only=FUNCTIONAL)
     assert "weights_sqnr" in failed(result)
@@ -53,14 +46,14 @@ def test_scale_x125_in_one_layer_fails(tmp_path, smollm2_src, smollm2_out, fmt):
 
 
 def test_embedding_stored_quantized_and_reloaded_as_random_fails(tmp_path, smollm2_src, smollm2_out):
-    folder = broken(tmp_path, smollm2_out / "int4")
+    folder = copy_without_manifest(tmp_path, smollm2_out / "int4")
     defects.embedding_stored_quantized(folder, group_size=64)
     result = V.verify(folder, smollm2_src, only=FUNCTIONAL)
     assert {"reload", "functional_vs_rtn"} <= failed(result)
 
 
 def test_layer_holding_random_init_weights_fails(tmp_path, smollm2_src, smollm2_out):
-    folder = broken(tmp_path, smollm2_out / "int4")
+    folder = copy_without_manifest(tmp_path, smollm2_out / "int4")
     defects.random_init_layer(folder, "model.layers.0.mlp.down_proj", std=0.02)
     result = V.verify(folder, smollm2_src, only=FUNCTIONAL)
     assert {"weights_sqnr", "functional_vs_rtn"} <= failed(result)

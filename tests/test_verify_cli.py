@@ -16,18 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from qexport import quant
 from qexport.cli import main
-
-
-@pytest.fixture(scope="module")
-def qwen3_out(qwen3_src, export_model):
-    out, _ = export_model(qwen3_src)
-    return out
-
-
-def run(capsys, *argv) -> tuple[int, str]:
-    code = main(["verify", *map(str, argv)])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+from tests.support import verify_cli
 
 
 def broken_copy(tmp_path, good, keep_manifest: bool = False):
@@ -60,7 +49,7 @@ def failed_checks(output: str) -> set[str]:
 
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
 def test_good_export_passes_with_exit_0(capsys, qwen3_src, qwen3_out, fmt):
-    code, out = run(capsys, qwen3_out / fmt, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, qwen3_out / fmt, "--reference", qwen3_src)
     assert code == 0, out
     assert f"checks passed ({fmt})" in out
 
@@ -68,13 +57,13 @@ def test_good_export_passes_with_exit_0(capsys, qwen3_src, qwen3_out, fmt):
 def test_good_sharded_export_passes(capsys, llama_sharded_src, export_model):
     out, _ = export_model(llama_sharded_src, formats=("int4",), max_shard_size=400_000)
     assert len(list((out / "int4").glob("*.safetensors"))) > 1
-    code, text = run(capsys, out / "int4", "--reference", llama_sharded_src)
+    code, text = verify_cli(capsys, out / "int4", "--reference", llama_sharded_src)
     assert code == 0, text
 
 
 def test_export_without_manifest_passes_with_manifest_check_skipped(capsys, tmp_path, qwen3_src, qwen3_out):
     export = broken_copy(tmp_path, qwen3_out / "int8")
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 0, out
     assert "skipped  manifest" in out
 
@@ -84,25 +73,25 @@ def test_export_without_manifest_passes_with_manifest_check_skipped(capsys, tmp_
 
 
 def test_export_path_that_is_not_a_folder_exits_2(capsys, tmp_path, qwen3_src):
-    code, out = run(capsys, tmp_path / "nope", "--reference", qwen3_src)
+    code, out = verify_cli(capsys, tmp_path / "nope", "--reference", qwen3_src)
     assert code == 2
     assert "export is not a folder" in out and "Traceback" not in out
 
 
 def test_export_root_instead_of_a_format_folder_exits_2_naming_the_format_folders(capsys, qwen3_src, qwen3_out):
-    code, out = run(capsys, qwen3_out, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, qwen3_out, "--reference", qwen3_src)
     assert code == 2
     assert str(qwen3_out / "int4") in out
 
 
 def test_reference_that_is_not_a_model_exits_2(capsys, tmp_path, qwen3_out):
-    code, out = run(capsys, qwen3_out / "int8", "--reference", tmp_path)
+    code, out = verify_cli(capsys, qwen3_out / "int8", "--reference", tmp_path)
     assert code == 2
     assert out.count("\n") == 1
 
 
 def test_unknown_threshold_name_exits_2(capsys, qwen3_src, qwen3_out):
-    code, out = run(capsys, qwen3_out / "int8", "--reference", qwen3_src, "--threshold", "min_fun=1")
+    code, out = verify_cli(capsys, qwen3_out / "int8", "--reference", qwen3_src, "--threshold", "min_fun=1")
     assert code == 2
     assert "min_fun" in out
 
@@ -114,7 +103,7 @@ def test_unknown_threshold_name_exits_2(capsys, qwen3_src, qwen3_out):
 def test_missing_model_type_fails_model_type(capsys, tmp_path, qwen3_src, qwen3_out):
     export = broken_copy(tmp_path, qwen3_out / "int8")
     edit_json(export / "config.json", lambda c: c.pop("model_type"))
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert "model_type" in failed_checks(out)
 
@@ -122,7 +111,7 @@ def test_missing_model_type_fails_model_type(capsys, tmp_path, qwen3_src, qwen3_
 def test_missing_quantization_config_fails_quantization_config(capsys, tmp_path, qwen3_src, qwen3_out):
     export = broken_copy(tmp_path, qwen3_out / "int4")
     edit_json(export / "config.json", lambda c: c.pop("quantization_config"))
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert {"quantization_config", "layout"} <= failed_checks(out)
 
@@ -131,7 +120,7 @@ def test_missing_quantization_status_fails_config_and_reload(capsys, tmp_path, q
     # transformers loads this without an error and with garbage weights; only loading info shows it.
     export = broken_copy(tmp_path, qwen3_out / "int4")
     edit_json(export / "config.json", lambda c: c["quantization_config"].pop("quantization_status"))
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert {"quantization_config", "reload"} <= failed_checks(out)
 
@@ -140,7 +129,7 @@ def test_naive_int8_group_without_format_fails_quantization_config(capsys, tmp_p
     # Another tool's naive-quantized int8: without the group's own format transformers unpacks it as packed.
     export = foreign_export(tmp_path, qwen3_out / "int8", qwen3_src, "naive-quantized", 8, None)
     edit_json(export / "config.json", lambda c: c["quantization_config"]["config_groups"]["group_0"].pop("format"))
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert "quantization_config" in failed_checks(out)
 
@@ -149,7 +138,7 @@ def test_wrong_num_bits_in_config_fails_layout(capsys, tmp_path, qwen3_src, qwen
     export = broken_copy(tmp_path, qwen3_out / "int4")
     edit_json(export / "config.json",
               lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=8))
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert "layout" in failed_checks(out)
 
@@ -171,7 +160,7 @@ def test_int4_stored_unpacked_fails_layout_and_bytes(capsys, tmp_path, qwen3_src
         qc["format"] = qc["config_groups"]["group_0"]["format"] = "naive-quantized"
 
     edit_json(export / "config.json", naive)
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert {"layout", "bytes"} <= failed_checks(out)
     assert "stored unpacked" in out
@@ -187,7 +176,7 @@ def _reverse_nibbles(tensors):
 def test_nibbles_in_wrong_order_fail_weights_and_functional(capsys, tmp_path, qwen3_src, qwen3_out):
     export = broken_copy(tmp_path, qwen3_out / "int4")
     edit_tensors(export / "model.safetensors", _reverse_nibbles)
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert {"weights_sqnr", "functional_vs_rtn"} <= failed_checks(out)
 
@@ -196,7 +185,7 @@ def test_scales_off_by_25_percent_on_one_tensor_fails_weights_sqnr(capsys, tmp_p
     export = broken_copy(tmp_path, qwen3_out / "int8")
     name = "model.layers.0.mlp.down_proj.weight_scale"
     edit_tensors(export / "model.safetensors", lambda t: t.update({name: t[name] * 1.25}))
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert failed_checks(out) >= {"weights_sqnr"}
     assert "model.layers.0.mlp.down_proj.weight" in out
@@ -205,7 +194,7 @@ def test_scales_off_by_25_percent_on_one_tensor_fails_weights_sqnr(capsys, tmp_p
 def test_missing_tokenizer_file_fails_tokenizer_files(capsys, tmp_path, qwen3_src, qwen3_out):
     export = broken_copy(tmp_path, qwen3_out / "int8")
     (export / "tokenizer.json").unlink()
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert "tokenizer_files" in failed_checks(out)
     assert "tokenizer.json" in out
@@ -221,7 +210,7 @@ def test_index_naming_a_missing_shard_fails_shards(capsys, tmp_path, llama_shard
     export = broken_copy(tmp_path, sharded_out)
     shard = sorted(export.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    code, out = run(capsys, export, "--reference", llama_sharded_src)
+    code, out = verify_cli(capsys, export, "--reference", llama_sharded_src)
     assert code == 1
     assert "shards" in failed_checks(out)
     assert shard.name in out
@@ -232,7 +221,7 @@ def test_index_missing_a_shard_fails_shards(capsys, tmp_path, llama_sharded_src,
     shard = sorted(export.glob("model-*.safetensors"))[0].name
     index = export / "model.safetensors.index.json"
     edit_json(index, lambda i: i.update(weight_map={k: v for k, v in i["weight_map"].items() if v != shard}))
-    code, out = run(capsys, export, "--reference", llama_sharded_src)
+    code, out = verify_cli(capsys, export, "--reference", llama_sharded_src)
     assert code == 1
     assert "shards" in failed_checks(out)
     assert shard in out
@@ -244,7 +233,7 @@ def test_byte_changed_after_export_fails_manifest(capsys, tmp_path, qwen3_src, q
     data = bytearray(path.read_bytes())
     data[-1000] ^= 0x01  # one bit of one int8 code: every other check may well pass
     path.write_bytes(bytes(data))
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert failed_checks(out) == {"manifest"}
     assert "sha256" in out
@@ -264,7 +253,7 @@ def test_file_larger_than_predicted_fails_bytes(capsys, tmp_path, qwen3_src, qwe
         record.update(bytes=path.stat().st_size, sha256=sha256_file(path))
 
     edit_json(export / "qexport.json", rerecord)
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 1
     assert failed_checks(out) == {"bytes"}
     assert "predicted" in out
@@ -275,7 +264,7 @@ def test_tied_embedding_stored_twice_fails_tensor_names(capsys, tmp_path, qwen3_
     export = broken_copy(tmp_path, out / "int8")
     edit_tensors(export / "model.safetensors",
                  lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
-    code, text = run(capsys, export, "--reference", qwen3_tied_src)
+    code, text = verify_cli(capsys, export, "--reference", qwen3_tied_src)
     assert code == 1
     assert "tensor_names" in failed_checks(text)
     assert "stored again" in text
@@ -287,13 +276,13 @@ def test_tied_embedding_stored_twice_fails_tensor_names(capsys, tmp_path, qwen3_
 
 def test_threshold_override_can_fail_a_good_export(capsys, qwen3_src, qwen3_out):
     # int4 g128 measures ~19 dB on this fixture; asking for 30 dB must fail the SQNR check and only it.
-    code, out = run(capsys, qwen3_out / "int4", "--reference", qwen3_src, "--threshold", "min_sqnr_db=30")
+    code, out = verify_cli(capsys, qwen3_out / "int4", "--reference", qwen3_src, "--threshold", "min_sqnr_db=30")
     assert code == 1
     assert failed_checks(out) == {"weights_sqnr"}
 
 
 def test_json_and_html_reports_hold_checks_and_metrics(capsys, tmp_path, qwen3_src, qwen3_out):
-    code, out = run(capsys, qwen3_out / "int4", "--reference", qwen3_src, "--json", tmp_path / "r.json",
+    code, out = verify_cli(capsys, qwen3_out / "int4", "--reference", qwen3_src, "--json", tmp_path / "r.json",
                     "--report", tmp_path / "r.html")
     assert code == 0, out
     data = json.loads((tmp_path / "r.json").read_text())
@@ -314,7 +303,7 @@ def int8_baseline(tmp_path_factory, qwen3_src, qwen3_out):
 
 def test_baseline_round_trip_passes(capsys, tmp_path, qwen3_src, qwen3_out, int8_baseline):
     (tmp_path / "b.json").write_text(json.dumps(int8_baseline))
-    code, out = run(capsys, qwen3_out / "int8", "--reference", qwen3_src, "--baseline", tmp_path / "b.json")
+    code, out = verify_cli(capsys, qwen3_out / "int8", "--reference", qwen3_src, "--baseline", tmp_path / "b.json")
     assert code == 0, out
     assert "passed  baseline" in out
 
@@ -323,7 +312,7 @@ def test_regression_against_baseline_fails_naming_the_metric(capsys, tmp_path, q
     # An earlier release that was twice as close to the source: today's KLD is a 100% regression (> 10% allowed).
     metrics = {**int8_baseline["metrics"], "kld_mean": int8_baseline["metrics"]["kld_mean"] / 2}
     (tmp_path / "b.json").write_text(json.dumps({**int8_baseline, "metrics": metrics}))
-    code, out = run(capsys, qwen3_out / "int8", "--reference", qwen3_src, "--baseline", tmp_path / "b.json")
+    code, out = verify_cli(capsys, qwen3_out / "int8", "--reference", qwen3_src, "--baseline", tmp_path / "b.json")
     assert code == 1
     assert failed_checks(out) == {"baseline"}
     assert "kld_mean" in out
@@ -332,7 +321,7 @@ def test_regression_against_baseline_fails_naming_the_metric(capsys, tmp_path, q
 def test_baseline_of_another_format_exits_2(capsys, tmp_path, qwen3_src, qwen3_out):
     baseline = tmp_path / "b.json"
     baseline.write_text(json.dumps({"format": "int4", "metrics": {"format": "int4", "kld_mean": 0.1}}))
-    code, out = run(capsys, qwen3_out / "int8", "--reference", qwen3_src, "--baseline", baseline)
+    code, out = verify_cli(capsys, qwen3_out / "int8", "--reference", qwen3_src, "--baseline", baseline)
     assert code == 2
     assert "int4" in out
 
@@ -393,7 +382,7 @@ def foreign_export(tmp_path, good, reference, fmt: str, num_bits: int, group_siz
 def test_other_tools_layouts_pass(capsys, tmp_path, qwen3_src, qwen3_out, fmt, num_bits, group_size):
     good = qwen3_out / ("int4" if num_bits == 4 else "int8")
     export = foreign_export(tmp_path, good, qwen3_src, fmt, num_bits, group_size)
-    code, out = run(capsys, export, "--reference", qwen3_src)
+    code, out = verify_cli(capsys, export, "--reference", qwen3_src)
     assert code == 0, out
     assert "skipped  manifest" in out
 
@@ -401,16 +390,16 @@ def test_other_tools_layouts_pass(capsys, tmp_path, qwen3_src, qwen3_out, fmt, n
 def test_write_card_records_the_checks_and_a_second_verify_still_passes(capsys, tmp_path, qwen3_src, qwen3_out):
     folder = tmp_path / "int8"
     shutil.copytree(qwen3_out / "int8", folder)
-    code, _ = run(capsys, folder, "--reference", qwen3_src, "--write-card")
+    code, _ = verify_cli(capsys, folder, "--reference", qwen3_src, "--write-card")
     assert code == 0
     manifest = json.loads((folder / "qexport.json").read_text())
     assert manifest["verification"]["tool"] == "qexport verify" and manifest["verification"]["passed"] is True
     assert "reload_matches_dequant" in (folder / "README.md").read_text()
-    code, output = run(capsys, folder, "--reference", qwen3_src)  # the rewritten card is accounted in the manifest
+    code, output = verify_cli(capsys, folder, "--reference", qwen3_src)  # the rewritten card is accounted in the manifest
     assert code == 0, output
 
 
 def test_write_card_on_a_folder_without_manifest_exits_2(capsys, tmp_path, qwen3_src, qwen3_out):
     folder = broken_copy(tmp_path, qwen3_out / "int8")
-    code, output = run(capsys, folder, "--reference", qwen3_src, "--write-card")
+    code, output = verify_cli(capsys, folder, "--reference", qwen3_src, "--write-card")
     assert code == 2 and "--write-card" in output

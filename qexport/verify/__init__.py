@@ -243,7 +243,7 @@ def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresh
     return Verification(ctx.export, ctx.reference.folder, ctx.format, ctx.thresholds, results, ctx.defaults)
 
 
-def record_in_card(result: Verification) -> None:
+def record_in_card(result: Verification, tool: str = "qexport verify") -> None:
     """Write the checks into the export's README.md model card and qexport.json (folders qexport wrote)."""
     from ..card import update_card_verification, verification_result
     from ..errors import InputError
@@ -252,7 +252,7 @@ def record_in_card(result: Verification) -> None:
         raise InputError(f"--write-card: {result.export} has no qexport.json (only qexport exports carry a card)")
     checks = [{"name": c.name, "value": c.detail, "threshold": "; ".join(e["text"] for e in c.thresholds) or None,
                "passed": None if c.skipped else c.passed} for c in result.checks]
-    update_card_verification(result.export, verification_result("qexport verify", checks,
+    update_card_verification(result.export, verification_result(tool, checks,
                                                                 reference=str(result.reference),
                                                                 thresholds_changed=result.thresholds_changed))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
+from ..report import format_value
 from ..thresholds import REGRESSIONS
 from .context import CheckResult, _fail, _ok, _read_json_object
 
@@ -33,8 +34,8 @@ def check_baseline(metrics: dict, baseline: dict) -> CheckResult:
         worse = (old - new) if rule.higher_is_better else (new - old)
         compared[key] = {"baseline": old, "now": new, "allowed": rule.allowed(old)}
         if worse > rule.allowed(old):
-            regressions.append(f"{key} {old:.6g} -> {new:.6g} (allowed {'-' if rule.higher_is_better else '+'}"
-                               f"{rule.allowed(old):.3g})")
+            regressions.append(f"{key} {format_value(old)} -> {format_value(new)} (allowed "
+                               f"{'-' if rule.higher_is_better else '+'}{format_value(rule.allowed(old))})")
     if not compared:
         return _fail(name, "no metric in common with the baseline")
     if regressions:

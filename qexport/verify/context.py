@@ -19,7 +19,7 @@ import torch
 
 from .. import safe_fs, untrusted_regex
 from ..checkpoint import INDEX_FILE, Checkpoint, weight_files
-from ..errors import InputError
+from ..errors import InputError, not_a_model_folder
 from ..safetensors_io import read_header
 from ..thresholds import Thresholds, thresholds_for
 
@@ -87,10 +87,8 @@ class Context:
         self.export = Path(export_dir)
         if not self.export.is_dir():
             raise InputError(f"{self.export}: export is not a folder")
-        if not (self.export / "config.json").exists() and not any(self.export.glob("*.safetensors")):
-            formats = sorted(p.name for p in self.export.iterdir() if (p / "config.json").is_file())
-            hint = f"; verify one format folder: {', '.join(str(self.export / f) for f in formats)}" if formats else ""
-            raise InputError(f"{self.export}: not a model folder (no config.json and no *.safetensors){hint}")
+        if (error := not_a_model_folder(self.export, "verify")) is not None:
+            raise error
         pickles = sorted(p.name for p in self.export.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise InputError(f"{self.export / pickles[0]}: pickle weights in the export; verify never lets "

@@ -6,7 +6,9 @@ import math
 import struct
 
 from ..checkpoint import INDEX_FILE
-from ..safetensors_io import nbytes, sha256_file
+from ..safetensors_io import sha256_file
+from ..report import format_ratio, format_value
+from ..sizes import size_summary
 from .context import (
     MANIFEST,
     PACKED_FORMATS,
@@ -247,34 +249,38 @@ def check_bytes(ctx: Context) -> CheckResult:
         if stored > predicted:
             problems.append(f"{module}: stores {stored} bytes, its config predicts {predicted}")
         q_weights, q_bytes, q_predicted = q_weights + rows * cols, q_bytes + stored, q_predicted + predicted
-    weight_bytes = sum(p.stat().st_size for p in ctx.ckpt.files)
-    fp16_bytes = sum(nbytes("F16", e.shape) if e.dtype.startswith(("F", "BF")) else e.nbytes
-                     for n, e in ctx.reference.entries.items() if n not in ctx.arch.tied_names)
     # Share of the body's Linear weights stored quantized (all nn.Linear weights but the output head, lm_head,
     # which stays dense by convention): a g128 export of a hidden-576 model would show most of them dense here.
     body = {n: math.prod(ctx.reference.entries[n].shape) for n in ctx.arch.linear_weights - ctx.arch.tied_names
             if n in ctx.reference.entries and n.removesuffix(".weight").rpartition(".")[2] != "lm_head"}
     quantized_body = [n for n in body if n.removesuffix(".weight") in quantized]
+    in_modules = {p for module, parts in quantized.items() if f"{module}.weight" in ctx.reference.entries
+                  for p in parts.values()}
+    sizes = size_summary([(e.dtype, e.shape, e.nbytes) for n, e in entries.items() if n not in in_modules],
+                         q_weights, q_bytes)
+    # The names the verify metrics (baselines, reports) have always used for the shared definitions in qexport.sizes.
     metrics = {"linear_weights": len(body), "quantized_linears": len(quantized_body),
                "quantized_linear_share": sum(body[n] for n in quantized_body) / sum(body.values()) if body else None,
-               "weight_bytes": weight_bytes, "file_ratio": fp16_bytes / weight_bytes if weight_bytes else None,
+               "weight_bytes": sum(p.stat().st_size for p in ctx.ckpt.files), "file_ratio": sizes["ratio_vs_fp16"],
                "quantized_weights": q_weights, "quantized_bytes": q_bytes,
-               "quantized_ratio": 2 * q_weights / q_bytes if q_bytes else None,
-               "bits_per_quantized_weight": 8 * q_bytes / q_weights if q_weights else None}
+               "quantized_ratio": sizes["quantized_ratio_vs_fp16"],
+               "bits_per_quantized_weight": sizes["bits_per_quantized_weight"]}
     if q_bytes:
         metrics["predicted_quantized_ratio"] = 2 * q_weights / q_predicted
     # The gate above is "no more bytes than the declared scheme needs". The ratio floor is a separate, opt-in
     # quality bar on the scheme itself (off by default: smaller groups are a legitimate choice that costs bytes).
     floor = ctx.thresholds.min_quantized_ratio
     if q_bytes and floor is not None and metrics["quantized_ratio"] < floor:
-        problems.append(f"quantized tensors compress {metrics['quantized_ratio']:.3f}x vs fp16, need >= "
-                        f"{floor:.3f}x ({metrics['bits_per_quantized_weight']:.3f} bits per weight)")
+        problems.append(f"quantized tensors compress {format_ratio(metrics['quantized_ratio'])} vs fp16, need >= "
+                        f"{format_ratio(floor)} ({format_value(metrics['bits_per_quantized_weight'])} bits per "
+                        "weight)")
     if problems:
         return _fail(name, "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""), problems=problems,
                      **metrics)
-    ratio = f"quantized {metrics['quantized_ratio']:.3f}x, " if q_bytes else ""
+    ratio = f"quantized {format_ratio(metrics['quantized_ratio'])}, " if q_bytes else ""
     if q_bytes and body:
         ratio = (f"{len(quantized_body)}/{len(body)} Linears quantized "
                  f"({100 * metrics['quantized_linear_share']:.1f}% of their bytes), {ratio}")
-    return _ok(name, f"stored == predicted; {ratio}whole files {metrics['file_ratio']:.3f}x vs fp16", **metrics)
+    return _ok(name, f"stored == predicted; {ratio}whole model {format_ratio(metrics['file_ratio'])} vs fp16",
+               **metrics)
 
