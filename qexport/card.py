@@ -226,8 +226,8 @@ def _quantized_description(manifest: dict, config: dict) -> str:
     else:
         stored = f"{bits}-bit signed integers, one per int{bits} (`weight`)"
     if weights.get("strategy") == "group":
-        choice = {"auto": f" (chosen automatically: the largest of 128, 64, 32 that every quantized Linear's "
-                          f"input size divides by)", "given": " (given with `--group-size`)"}
+        choice = {"auto": " (chosen automatically: the largest of 128, 64, 32 that every quantized Linear's "
+                          "input size divides by)", "given": " (given with `--group-size`)"}
         scales = f"one {manifest['parameters'].get('scale_dtype', 'float16')} scale per group of " \
                  f"{weights['group_size']} input columns (`weight_scale`)" \
                  + choice.get(manifest["parameters"].get("group_size_choice"), "")

@@ -21,7 +21,6 @@ def unpack_int32(packed: torch.Tensor, num_bits: int, cols: int) -> torch.Tensor
         return quant.unpack_int4(packed, cols)
     if num_bits == 8:
         return quant.unpack_int8(packed, cols)
-    per_word = 32 // num_bits
     shifts = torch.arange(0, 32, num_bits, dtype=torch.int32)
     mask = (1 << num_bits) - 1
     codes = (packed.unsqueeze(-1) >> shifts) & mask

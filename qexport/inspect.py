@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 
 from . import safe_fs, untrusted_regex
-from .card import CARD_FILE, MANIFEST_FILE, layer_type
+from .card import MANIFEST_FILE, layer_type
 from .errors import InputError, not_a_model_folder
 from .safetensors_io import (ITEMSIZES, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE, TensorEntry,
                              nbytes, read_header)

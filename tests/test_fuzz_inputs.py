@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import shutil
-import signal
 import struct
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from fixtures.bad_inputs import manifest_problems, read_raw
 from qexport.cli import main
 from qexport.errors import InputError
 from qexport.safetensors_io import DTYPES, read_header
+from tests.support import deadline
 
 SECONDS_PER_EXAMPLE = 60  # a tiny export takes about 0.2 s; a minute means a hang, not a slow machine
 MINI = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
@@ -44,25 +44,11 @@ def mini_src(build_model):
     return build_model("qwen3", **MINI)
 
 
-@contextlib.contextmanager
-def deadline(seconds: int):
-    def hang(*_):
-        raise TimeoutError(f"no answer within {seconds} s: qexport hangs on this input")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def export_outcome(src: Path, root: Path) -> None:
     """Run the export; assert it is a complete export or a one-line refusal with nothing written."""
     out = root / "out"
     stderr = io.StringIO()
-    with deadline(SECONDS_PER_EXAMPLE), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+    with deadline(SECONDS_PER_EXAMPLE, ": qexport hangs on this input"), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         rc = main(["export", str(src), "--out", str(out), "--formats", "int4", "--quiet"])
     lines = stderr.getvalue().strip().splitlines()
     event(f"exit {rc}")
