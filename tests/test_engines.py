@@ -108,7 +108,9 @@ def test_verify_engine_vllm_fails_naive_quantized_int8(tiny_out, tiny_src, vllm_
     out, err = capsys.readouterr()
     assert code == 1
     assert "FAILED  engine_vllm" in out and "parser rejects" in out and "naive-quantized" in out
-    assert "engine_vllm" in err and "reload" not in err  # transformers loads it; only vLLM does not
+    # transformers loads it; only vLLM does not: the summary line names engine_vllm alone.
+    summary = err.strip().splitlines()[-1]
+    assert "1 check(s) failed: engine_vllm" in summary, summary
 
 
 def test_verify_engine_vllm_fails_a_config_vllm_cannot_parse(tiny_out, tiny_src, vllm_engine, tmp_path):
