@@ -3,9 +3,10 @@
     .venv/bin/python bench/bench_export.py [--sizes 0.1b 1b] [--rounds 3] [--skip-peer]
 
 1. Generates random-init bf16 Qwen3-like checkpoints (~0.1B and ~1B parameters, ~500 MB shards + index) tensor by
-   tensor (never the whole model in memory), cached in bench/cache/.
+   tensor (never the whole model in memory), cached in ~/.cache/qexport/bench/
+   ($QEXPORT_BENCH_CACHE).
 2. Times, alternating A B C ... for --rounds rounds: qexport int4 / int8 (--workers 1 and 2), model_free_ptq W4A16 /
-   W8A16 (max_workers 1 and 2; run from its own venv bench/venv-llmc, created on first use because llmcompressor pins
+   W8A16 (max_workers 1 and 2; run from its own venv <cache>/venv-llmc, created on first use because llmcompressor pins
    older compressed-tensors / transformers than ours), and `cp -r` of the checkpoint (page cache warm) as the I/O floor.
 3. Records wall seconds (median, min-max), input GB/s, peak RSS and peak anonymous RSS of the process tree (polled
    from /proc every 20 ms), output bytes, and whether the output reloads in transformers with empty loading info.
@@ -22,13 +23,17 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CACHE = HERE / "cache"
-PEER_VENV = HERE / "venv-llmc"
+# Shared by every checkout on the machine (worktrees included); QEXPORT_BENCH_CACHE moves it.
+CACHE = Path(os.environ.get("QEXPORT_BENCH_CACHE", Path.home() / ".cache" / "qexport" / "bench"))
+PEER_VENV = CACHE / "venv-llmc"
+# This checkout's qexport (a worktree too), in the interpreter running the benchmark; main() puts ROOT on PYTHONPATH.
+QEXPORT = [sys.executable, "-m", "qexport.cli"]
 PEER_PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1"]
 
 SIZES = {
@@ -109,7 +114,7 @@ def ensure_peer() -> Path | None:
     python = PEER_VENV / "bin" / "python"
     if python.exists() and subprocess.run([python, "-c", "import llmcompressor"], capture_output=True).returncode == 0:
         return python
-    print("creating bench/venv-llmc for llm-compressor (one time) ...", file=sys.stderr)
+    print(f"creating {PEER_VENV} for llm-compressor (one time) ...", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", PEER_VENV], check=True)
     r = subprocess.run([python, "-m", "pip", "install", "-q", *PEER_PINS], capture_output=True, text=True)
     if r.returncode:
@@ -180,13 +185,12 @@ def reloads(folder: Path) -> bool:
 
 
 def variants(src: Path, scratch: Path, peer: Path | None) -> dict[str, dict]:
-    qexport = str(ROOT / ".venv" / "bin" / "qexport")
     out = {}
     for fmt in ("int4", "int8"):
         for workers in (1, 2):
             target = scratch / f"qexport-{fmt}-w{workers}"
             out[f"qexport {fmt} --workers {workers}"] = dict(
-                cmd=[qexport, "export", str(src), "--out", str(target), "--formats", fmt, "--quiet", "--overwrite",
+                cmd=[*QEXPORT, "export", str(src), "--out", str(target), "--formats", fmt, "--quiet", "--overwrite",
                      "--workers", str(workers)],
                 out=target / fmt, clean=target)
     if peer is not None:
@@ -306,11 +310,12 @@ def main() -> int:
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     from qexport.report import table
 
     peer = None if args.skip_peer else ensure_peer()
-    scratch = CACHE / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=CACHE))  # one per run: checkouts may bench at once
     rows = []
     for size in args.sizes:
         rows += bench_size(size, args.rounds, peer, scratch)
@@ -319,12 +324,13 @@ def main() -> int:
         for fmt in ("int4", "int8"):
             profile += f"\nPhases of one `qexport export --formats {fmt}` of the 1b checkpoint (one worker):\n\n"
             profile += table(phases(make_checkpoint("1b"), fmt, scratch)) + "\n"
-    help_walls = [run_measured([str(ROOT / ".venv" / "bin" / "qexport"), "--help"])["wall"] for _ in range(5)]
+    help_walls = [run_measured([*QEXPORT, "--help"])["wall"] for _ in range(5)]
     startup = f"- `qexport --help` start-up: median {statistics.median(help_walls):.3f} s over 5 runs\n"
     text = (f"# Export benchmark\n\n{versions(peer)}\n{startup}- {args.rounds} rounds, alternating tools within each round; "
             f"whole processes (imports included); wall median and min-max\n\n{table(rows)}\n{profile}")
     print(text)
     Path(args.results).write_text(text)
+    shutil.rmtree(scratch)
     return 0
 
 
