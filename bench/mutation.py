@@ -1,38 +1,82 @@
-"""Mutation testing of qexport with mutmut, summarised into bench/MUTATION.md.
+"""Mutation testing of qexport with mutmut, per module with its own fast test selection, summarised into
+bench/MUTATION.md.
 
     pip install -e '.[mutation]' -c constraints.txt
-    python bench/mutation.py run qexport/thresholds.py qexport/verify/layout_checks.py   # mutate, test, summarise
-    python bench/mutation.py summary                                                     # re-summarise mutants/
+    python bench/mutation.py run qexport/safetensors_io.py qexport/formats/int8.py   # mutate, test, summarise
+    python bench/mutation.py run qexport/verify/layout_checks.py::check_layout       # one function's mutants
+    python bench/mutation.py summary                                                 # re-summarise every run
 
-`run` calls `mutmut run` (configuration: [tool.mutmut] in pyproject.toml, including the test selection) limited to
-the mutants of the modules given (default: all of qexport/), then writes the summary. mutmut works in ./mutants/
-(a mutated copy of the tree; git-ignored) and keeps its results there, so a second `run` only tests what changed.
-The summary lists, per module: mutants, killed, survived, other outcomes (no covering test, timeout, ...) and the
-diff of every survivor (`mutmut show NAME`).
+Why per module: mutmut 3 runs, for each mutant, the tests of its selection that executed the mutated function
+while it collected coverage ("stats") once. With one selection for all of qexport/, every test that builds and
+exports a model covers the reader, writer and format code, so a mutant of `nbytes` ran minutes of export and
+verify tests. Here each group of modules (SELECTIONS below) gets its own mutmut state directory,
+bench/.mutation/<group>/ (git-ignored), holding links to qexport/, tests/, conftest.py and fixtures/ and a
+pyproject.toml whose [tool.mutmut] names only that group's modules and that group's tests; the shared settings
+(fork server, preload, pytest arguments) come from [tool.mutmut] in pyproject.toml. A second `run` only tests
+mutants not tested yet (mutmut keeps its results in the group's mutants/ folder); delete the folder to start over.
+
+Two speed-ups live in conftest.py, active only under mutmut (MUTANT_UNDER_TEST set): the tests a mutant runs are
+ordered fastest first (mutmut's fork server passes them unordered; with -x a killed mutant stops at its first
+failing test), and for groups marked `cached_exports` (verify code, which the export never imports) the tiny
+models and their exports come from a disk cache keyed by the source of every non-verify module and the input's
+bytes. A mutant outside qexport.verify never reads that cache (conftest.py checks the mutant's name).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import os
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+import tomllib
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "MUTATION.md"
+WORK = ROOT / "bench" / ".mutation"
+EXPORT_CACHE = Path(os.environ.get("QEXPORT_CACHE", Path.home() / ".cache" / "qexport")) / "mutation-exports"
+LINKED = ("qexport", "tests", "conftest.py", "fixtures")
 # mutmut's exit-code meanings (mutmut/stats.py): 1 and 3 are kills, 0 a survivor.
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
-          24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"}
+          24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "type check", None: "not checked"}
+
+# group -> (module globs it mutates, the tests mutmut maps onto them, whether verify's disk cache of exports is on).
+# The tests are the fast ones that state each module's behaviour; mutmut runs, per mutant, only those of them that
+# executed the mutated function.
+SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
+    "thresholds": (["qexport/thresholds.py"],
+                   ["tests/test_units.py",
+                    "tests/test_planted_defects.py::test_threshold_errors_name_the_option_they_came_from",
+                    "tests/test_planted_defects.py::test_unknown_format_gets_the_fp16_thresholds",
+                    "tests/test_planted_defects.py::test_regression_allowance_is_absolute_plus_relative_to_the_baseline",
+                    "tests/test_planted_defects.py::test_defect_just_past_a_default_threshold_fails_it_and_passes_just_beyond"],
+                   True),
+    "io": (["qexport/safetensors_io.py", "qexport/checkpoint.py"],
+           ["tests/test_units.py", "tests/test_hostile_inputs.py", "tests/test_fuzz_inputs.py",
+            "tests/test_bad_input.py"], False),
+    "formats": (["qexport/formats/*"],
+                ["tests/test_units.py", "tests/test_property_quant.py", "tests/test_ct_compat.py",
+                 "tests/test_int4_asym.py", "tests/test_int4_group_size.py", "tests/test_fp16_overflow.py"], False),
+    "export": (["qexport/export.py"],
+               ["tests/test_units.py", "tests/test_export_core.py", "tests/test_atomic.py", "tests/test_bad_input.py",
+                "tests/test_ratio.py"], False),
+    "verify": (["qexport/verify/*"],
+               ["tests/test_planted_defects.py", "tests/test_no_silent_pass.py", "tests/test_reload_checks.py"], True),
+}
 
 
-def mutmut(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=ROOT, text=True, **kw)
+def group_of(module: str) -> str:
+    for group, (globs, _, _) in SELECTIONS.items():
+        if any(fnmatch.fnmatch(module, g) for g in globs):
+            return group
+    raise SystemExit(f"{module}: no group in SELECTIONS mutates it (bench/mutation.py)")
 
 
-def module_pattern(path: str) -> str:
+def mutant_pattern(path: str) -> str:
     """qexport/verify/layout_checks.py -> the mutant-name glob mutmut matches: qexport.verify.layout_checks.*;
     qexport/verify/layout_checks.py::check_layout -> only that function's mutants."""
     path, _, function = path.partition("::")
@@ -40,12 +84,37 @@ def module_pattern(path: str) -> str:
     return f"{module}.x_{function}__mutmut_*" if function else f"{module}.*"
 
 
-def results(modules: list[str] | None) -> dict[str, dict[str, int | None]]:
-    """module file -> {mutant name: exit code} from mutmut's .meta files."""
+def toml_value(value) -> str:
+    return json.dumps(value)  # strings, numbers, booleans and lists of them read the same in TOML
+
+
+def prepare(group: str) -> Path:
+    """The group's state directory: links to the tree and a pyproject.toml with the group's [tool.mutmut]."""
+    globs, tests, _ = SELECTIONS[group]
+    work = WORK / group
+    work.mkdir(parents=True, exist_ok=True)
+    for name in LINKED:
+        link = work / name
+        if not link.is_symlink():
+            link.symlink_to(os.path.relpath(ROOT / name, work))
+    text = (ROOT / "pyproject.toml").read_text()
+    base = tomllib.loads(text)["tool"]["mutmut"]
+    settings = {**base, "only_mutate": globs, "pytest_add_cli_args_test_selection": tests,
+                "preload_modules_file": str(ROOT / base["preload_modules_file"]),
+                "use_git_change_detection": False}
+    head, _, rest = text.partition("[tool.mutmut]")
+    tail = rest[rest.find("\n[") + 1:] if "\n[" in rest else ""
+    section = "\n".join(f"{k} = {toml_value(v)}" for k, v in settings.items())
+    (work / "pyproject.toml").write_text(f"{head}[tool.mutmut]\n{section}\n\n{tail}")
+    return work
+
+
+def results(work: Path, globs: list[str]) -> dict[str, dict[str, int | None]]:
+    """module file -> {mutant name: exit code} from mutmut's .meta files in one group's state directory."""
     out: dict[str, dict[str, int | None]] = {}
-    for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
-        rel = meta.relative_to(ROOT / "mutants").as_posix().removesuffix(".meta")
-        if modules and rel not in modules:
+    for meta in sorted((work / "mutants").rglob("*.py.meta")):
+        rel = meta.relative_to(work / "mutants").as_posix().removesuffix(".meta")
+        if not any(fnmatch.fnmatch(rel, g) for g in globs):
             continue
         codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
         if codes:
@@ -53,30 +122,69 @@ def results(modules: list[str] | None) -> dict[str, dict[str, int | None]]:
     return out
 
 
-def summarise(modules: list[str] | None, wall: float | None, note: str) -> str:
-    by_module = results(modules)
+def load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+
+
+def run(modules: list[str], max_children: int) -> None:
+    by_group: dict[str, list[str]] = {}
+    for m in modules:
+        by_group.setdefault(group_of(m.partition("::")[0]), []).append(m)
+    for group, members in by_group.items():
+        work = prepare(group)
+        globs, _, cached = SELECTIONS[group]
+        before = sum(c is not None for codes in results(work, globs).values() for c in codes.values())
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # the mutants/ copy must be the qexport the tests import
+        if cached:
+            env["QEXPORT_MUTATION_EXPORT_CACHE"] = str(EXPORT_CACHE)
+        start, load_start = time.monotonic(), load()
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children),
+                        *[mutant_pattern(m) for m in members]], cwd=work, env=env)
+        wall = time.monotonic() - start
+        after = sum(c is not None for codes in results(work, globs).values() for c in codes.values())
+        log = work / "runs.json"
+        runs = json.loads(log.read_text()) if log.exists() else []
+        runs.append({"modules": members, "wall_s": round(wall), "tested": after - before, "max_children": max_children,
+                     "load_start": load_start, "load_end": load(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                        time.gmtime())})
+        log.write_text(json.dumps(runs, indent=1))
+
+
+def summarise(note: str) -> str:
     lines = ["# Mutation testing (mutmut)", "",
-             "Generated by `python bench/mutation.py` (see its docstring and README \"Mutation testing\"); the test "
-             "selection is `[tool.mutmut] pytest_add_cli_args_test_selection` in pyproject.toml.", ""]
+             "Generated by `python bench/mutation.py summary` (see its docstring and README \"Mutation testing\"); "
+             "each group of modules has its own test selection (`SELECTIONS` in bench/mutation.py).", ""]
     if note:
         lines += [note, ""]
-    if wall is not None:
-        lines += [f"Wall time of this run: {wall / 60:.1f} min.", ""]
-    lines += ["| module | mutants | killed | survived | other | score (killed / tested) |", "|---|---|---|---|---|---|"]
-    survivors = defaultdict(list)
-    for module, codes in by_module.items():
-        counts = Counter(STATUS.get(code, "suspicious") for code in codes.values())
-        tested = counts["killed"] + counts["survived"]
-        other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in ("killed", "survived")) or "-"
-        score = f"{100 * counts['killed'] / tested:.0f}%" if tested else "-"
-        lines.append(f"| {module} | {len(codes)} | {counts['killed']} | {counts['survived']} | {other} | {score} |")
-        survivors[module] = sorted(name for name, code in codes.items() if STATUS.get(code) == "survived")
+    table = ["| module | mutants | killed | survived | other | score (killed / tested) |", "|---|---|---|---|---|---|"]
+    runs_table = ["| group | modules run | mutants tested | wall | s per mutant | children | load (start, end) | date |",
+                  "|---|---|---|---|---|---|---|---|"]
+    survivors: dict[str, list[tuple[Path, str]]] = {}
+    for group, (globs, tests, _) in SELECTIONS.items():
+        work = WORK / group
+        for module, codes in results(work, globs).items():
+            counts = Counter(STATUS.get(code, "suspicious") for code in codes.values())
+            tested = counts["killed"] + counts["survived"]
+            other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in ("killed", "survived")) or "-"
+            score = f"{100 * counts['killed'] / tested:.0f}%" if tested else "-"
+            table.append(f"| {module} | {len(codes)} | {counts['killed']} | {counts['survived']} | {other} | {score} |")
+            survivors[module] = [(work, n) for n, c in sorted(codes.items()) if STATUS.get(c) == "survived"]
+        log = work / "runs.json"
+        for r in json.loads(log.read_text()) if log.exists() else []:
+            per = f"{r['wall_s'] / r['tested']:.1f}" if r["tested"] else "-"
+            runs_table.append(f"| {group} | {', '.join(r['modules'])} | {r['tested']} | {r['wall_s'] / 60:.1f} min | "
+                              f"{per} | {r['max_children']} | {r['load_start']}, {r['load_end']} | {r['date']} |")
+    lines += table + ["", "## Runs", "", *runs_table, "", "## Test selections", ""]
+    lines += [f"- {group} ({', '.join(globs)}): {', '.join(tests)}" + (" (verify's disk cache of exports)" if c else "")
+              for group, (globs, tests, c) in SELECTIONS.items()]
     for module, names in survivors.items():
         if not names:
             continue
         lines += ["", f"## Survivors in {module}", ""]
-        for name in names:
-            diff = mutmut("show", name, capture_output=True).stdout.strip()
+        for work, name in names:
+            diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, text=True,
+                                  capture_output=True).stdout.strip()
             lines += [f"`{name}`", "", "```diff", diff, "```", ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -84,25 +192,16 @@ def summarise(modules: list[str] | None, wall: float | None, note: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="mutate and test the given modules, then write bench/MUTATION.md")
-    run.add_argument("modules", nargs="*", help="module files, e.g. qexport/thresholds.py, or one function of one: "
-                     "qexport/verify/layout_checks.py::check_layout (default: all of qexport/)")
-    run.add_argument("--max-children", type=int, default=2)
-    run.add_argument("--note", default="", help="a line for the summary (machine, load, what was left out)")
-    summary = sub.add_parser("summary", help="write bench/MUTATION.md from the results in mutants/")
-    summary.add_argument("modules", nargs="*")
-    summary.add_argument("--note", default="")
-    summary.add_argument("--wall-minutes", type=float)
+    run_ = sub.add_parser("run", help="mutate and test the given modules, then write bench/MUTATION.md")
+    run_.add_argument("modules", nargs="+", help="module files, e.g. qexport/thresholds.py, or one function of one: "
+                      "qexport/verify/layout_checks.py::check_layout")
+    run_.add_argument("--max-children", type=int, default=2)
+    for p in (run_, sub.add_parser("summary", help="write bench/MUTATION.md from every group's results")):
+        p.add_argument("--note", default="", help="a paragraph for the summary (machine, what was left out)")
     args = parser.parse_args(argv)
     if args.cmd == "run":
-        patterns = [module_pattern(m) for m in args.modules]
-        start = time.monotonic()
-        mutmut("run", "--max-children", str(args.max_children), *patterns)
-        wall = time.monotonic() - start
-    else:
-        wall = None if args.wall_minutes is None else args.wall_minutes * 60
-    files = sorted({m.partition("::")[0] for m in args.modules}) or None
-    OUT.write_text(summarise(files, wall, args.note))
+        run(args.modules, args.max_children)
+    OUT.write_text(summarise(args.note))
     print(f"wrote {OUT}")
     return 0
 
