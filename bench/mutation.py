@@ -49,11 +49,10 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
 # executed the mutated function.
 SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
     "thresholds": (["qexport/thresholds.py"],
-                   ["tests/test_units.py",
+                   ["tests/test_unit_thresholds.py",
                     "tests/test_planted_defects.py::test_threshold_errors_name_the_option_they_came_from",
                     "tests/test_planted_defects.py::test_unknown_format_gets_the_fp16_thresholds",
-                    "tests/test_planted_defects.py::test_regression_allowance_is_absolute_plus_relative_to_the_baseline",
-                    "tests/test_planted_defects.py::test_defect_just_past_a_default_threshold_fails_it_and_passes_just_beyond"],
+                    "tests/test_planted_defects.py::test_regression_allowance_is_absolute_plus_relative_to_the_baseline"],
                    True),
     "io": (["qexport/safetensors_io.py", "qexport/checkpoint.py"],
            ["tests/test_units.py", "tests/test_hostile_inputs.py", "tests/test_fuzz_inputs.py",
