@@ -1,0 +1,290 @@
+"""qexport/safetensors_io.py on hand-made files (no model; milliseconds): headers read and checked, files written.
+
+The reference side is the safetensors library: files it writes must read back entry for entry, files qexport writes
+must load in it, and every malformed header is refused with one line naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import _TYPES as SAFETENSORS_DTYPES
+from safetensors.torch import load_file, save_file
+
+from qexport import safetensors_io as st
+from qexport.errors import InputError
+
+
+def raw_file(path, header: dict, data: bytes = b"", header_len: int | None = None, pad: bytes = b""):
+    """A safetensors file from a header dict and data bytes; header_len overrides the length prefix."""
+    raw = json.dumps(header).encode() + pad
+    path.write_bytes(struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data)
+    return path
+
+
+def one(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def refused(path, match):
+    with pytest.raises(InputError, match=match) as e:
+        st.read_header(path)
+    assert str(e.value).startswith(str(path)), e.value
+    return str(e.value)
+
+
+def test_dtype_tables_agree_with_the_safetensors_library():
+    assert st.DTYPES == {name: SAFETENSORS_DTYPES[name] for name in st.ITEMSIZES}
+    assert st.DTYPE_NAMES == {dtype: name for name, dtype in st.DTYPES.items()}
+    assert all(st.itemsize(n) == torch.empty(0, dtype=d).element_size() for n, d in st.DTYPES.items())
+
+
+def test_an_unknown_module_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="has no attribute 'NOPE'"):
+        st.NOPE  # noqa: B018
+
+
+def test_nbytes_is_itemsize_times_elements():
+    assert st.nbytes("BF16", (3, 5)) == 30
+    assert st.nbytes("I64", ()) == 8
+    assert st.nbytes("F8_E5M2", (0, 7)) == 0
+
+
+@pytest.mark.parametrize("dtype", sorted(st.ITEMSIZES))
+def test_every_dtype_written_by_the_library_reads_back_with_its_offsets(tmp_path, dtype):
+    tensors = {"a": torch.zeros(3, 2, dtype=st.DTYPES[dtype]), "b": torch.ones(5, dtype=st.DTYPES[dtype])}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    entries, metadata = st.read_header(path)
+    header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert metadata == {"format": "pt"}
+    end = 0
+    for name in sorted(entries, key=lambda n: entries[n].start):
+        e = entries[name]
+        assert (e.name, e.file, e.dtype, e.shape) == (name, path, dtype, tuple(tensors[name].shape))
+        assert (e.start, e.nbytes, e.data_start) == (end, st.nbytes(dtype, e.shape), 8 + header_len)
+        assert e.end == e.start + e.nbytes
+        end = e.end
+
+
+def test_header_without_metadata_or_with_null_metadata_reads_as_empty(tmp_path):
+    assert st.read_header(raw_file(tmp_path / "a", {"t": one()}, bytes(8)))[1] == {}
+    assert st.read_header(raw_file(tmp_path / "b", {"__metadata__": None, "t": one()}, bytes(8)))[1] == {}
+
+
+def test_missing_file_is_named(tmp_path):
+    refused(tmp_path / "nope.safetensors", "nope.safetensors: not found$")
+
+
+def test_file_shorter_than_the_length_prefix_is_truncated(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"\x01\x02\x03")
+    refused(path, r"truncated safetensors file \(3 bytes, no header length\)")
+
+
+def test_header_length_may_reach_the_end_of_the_file_but_not_past_it(tmp_path):
+    exact = raw_file(tmp_path / "exact", {})  # a header and no tensors: header_len == size - 8
+    assert st.read_header(exact) == ({}, {})
+    size = exact.stat().st_size
+    msg = refused(raw_file(tmp_path / "long", {}, header_len=size - 7), "is larger than the file")
+    assert f"header length {size - 7} is larger than the file ({size} bytes)" in msg
+
+
+def test_header_length_above_100_mib_is_refused_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(st, "MAX_HEADER_BYTES", 16)
+    assert st.read_header(raw_file(tmp_path / "ok", {}, pad=b" " * 14)) == ({}, {})  # 16 bytes: at the limit
+    refused(raw_file(tmp_path / "big", {}, pad=b" " * 15), "header length 17 is above the 100 MiB limit")
+
+
+def test_tensor_count_limit_counts_entries_before_parsing(tmp_path, monkeypatch):
+    monkeypatch.setattr(st, "MAX_TENSORS_PER_FILE", 2)
+    two = {"a": one(offsets=(0, 8)), "b": one(offsets=(8, 16))}
+    assert len(st.read_header(raw_file(tmp_path / "two", two, bytes(16)))[0]) == 2
+    three = {**two, "c": one(offsets=(16, 24))}
+    refused(raw_file(tmp_path / "three", three, bytes(24)), "header lists 3 tensors, above qexport's limit of 2 per file")
+
+
+@pytest.mark.parametrize("raw,why", [(b"{", "is not JSON"), (b"\xff\xfe", "is not JSON"),
+                                     (b"[1, 2]", "is not a JSON object")])
+def test_header_that_is_not_a_json_object_is_refused(tmp_path, raw, why):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    refused(path, why)
+
+
+@pytest.mark.parametrize("metadata", [[], "", {"a": 1}, {"a": None}])
+def test_metadata_must_be_an_object_of_strings(tmp_path, metadata):
+    refused(raw_file(tmp_path / "m", {"__metadata__": metadata}), "__metadata__ is not an object of strings")
+
+
+@pytest.mark.parametrize("info,why", [
+    ("x", "header entry is not an object"),
+    (one(dtype="F4"), "unknown dtype 'F4'"),
+    ({"shape": [2], "data_offsets": [0, 8]}, "unknown dtype None"),
+    (one(shape=(-1,)), "is not a list of non-negative integers"),
+    (one(shape=(True,)), "is not a list of non-negative integers"),
+    (one(shape=(2.0,)), "is not a list of non-negative integers"),
+    ({"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, "is not a list of non-negative integers"),
+    (one(shape=(1,) * 9, offsets=(0, 4)), "has more than 8 dimensions or a dimension above 2\\*\\*40"),
+    (one(shape=(0, 2**40 + 1), offsets=(0, 0)), "has more than 8 dimensions"),
+    (one(offsets=(0,)), "is not a pair of non-negative integers"),
+    (one(offsets=(0, 8, 8)), "is not a pair of non-negative integers"),
+    (one(offsets=(-8, 0)), "is not a pair of non-negative integers"),
+    (one(offsets=(False, 8)), "is not a pair of non-negative integers"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": "0,8"}, "is not a pair of non-negative integers"),
+    (one(offsets=(0, 12)), r"data_offsets \[0, 12\] hold 12 bytes but dtype F32 shape \[2\] needs 8"),
+])
+def test_malformed_entry_is_refused_naming_the_tensor(tmp_path, info, why):
+    msg = refused(raw_file(tmp_path / "m", {"w": info}, bytes(8)), why)
+    assert ": tensor 'w': " in msg
+
+
+def test_entry_at_the_dimension_limits_is_accepted(tmp_path):
+    header = {"a": one(shape=(1,) * 8, offsets=(0, 4)), "b": one(shape=(0, 2**40), offsets=(4, 4))}
+    entries, _ = st.read_header(raw_file(tmp_path / "m", header, bytes(4)))
+    assert entries["b"].shape == (0, 2**40) and entries["a"].shape == (1,) * 8
+
+
+def test_tensors_out_of_order_in_the_header_but_tiling_the_data_are_accepted(tmp_path):
+    header = {"late": one(offsets=(8, 16)), "early": one(offsets=(0, 8))}
+    entries, _ = st.read_header(raw_file(tmp_path / "m", header, bytes(16)))
+    assert (entries["early"].start, entries["late"].start) == (0, 8)
+
+
+def test_data_shorter_than_the_tensors_is_truncated_naming_the_cut_tensor(tmp_path):
+    header = {"a": one(offsets=(0, 8)), "b": one(offsets=(8, 16)), "c": one(offsets=(16, 24))}
+    msg = refused(raw_file(tmp_path / "m", header, bytes(12)), "truncated: tensor 'b' ends at data byte 16")
+    assert "but the data section holds 12 bytes (tensors need 24)" in msg
+
+
+def test_bytes_after_the_last_tensor_are_refused(tmp_path):
+    refused(raw_file(tmp_path / "m", {"a": one()}, bytes(11)), "3 bytes after the last tensor belong to no tensor")
+
+
+def test_gap_before_a_tensor_is_refused(tmp_path):
+    header = {"a": one(offsets=(0, 8)), "b": one(offsets=(12, 20))}
+    refused(raw_file(tmp_path / "m", header, bytes(20)), "4 bytes before tensor 'b' belong to no tensor")
+
+
+def test_gap_at_the_start_is_refused(tmp_path):
+    refused(raw_file(tmp_path / "m", {"a": one(offsets=(4, 12))}, bytes(12)),
+            "4 bytes before tensor 'a' belong to no tensor")
+
+
+def test_overlapping_tensors_are_refused(tmp_path):
+    header = {"a": one(offsets=(0, 8)), "b": one(offsets=(4, 12)), "c": one(offsets=(12, 20))}
+    refused(raw_file(tmp_path / "m", header, bytes(20)), "tensors 'a' and 'b' overlap in the data section")
+
+
+def test_offsets_past_the_data_are_out_of_range(tmp_path):
+    header = {"a": one(offsets=(0, 8)), "b": one(offsets=(12, 20))}
+    msg = refused(raw_file(tmp_path / "m", header, bytes(16)), r"tensor 'b': data_offsets \[12, 20\] out of range")
+    assert "(data section is 16 bytes)" in msg
+
+
+LAYOUT = [("w", "F16", (3, 4)), ("i", "I32", (5,)), ("e", "BF16", (0, 2)), ("s", "F32", ())]
+
+
+def tensors_for(layout):
+    gen = torch.Generator().manual_seed(0)
+    return {n: (torch.randn(s, generator=gen) * 100).to(st.DTYPES[d]) for n, d, s in layout}
+
+
+def test_stream_writer_writes_what_the_library_reads_and_file_bytes_predicts(tmp_path):
+    path = tmp_path / "out.safetensors"
+    tensors = tensors_for(LAYOUT)
+    writer = st.StreamWriter(path, LAYOUT, {"format": "pt"})
+    for name, _, _ in LAYOUT:
+        writer.add(name, tensors[name])
+    sha = writer.close()
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest() == st.sha256_file(path) == st.sha256_file(path, 5)
+    assert path.stat().st_size == st.file_bytes(LAYOUT, {"format": "pt"})
+    back = load_file(path)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[n], tensors[n]) for n in tensors)
+    entries, metadata = st.read_header(path)
+    assert metadata == {"format": "pt"} and [entries[n].start for n, _, _ in LAYOUT] == [0, 24, 44, 44]
+
+
+@pytest.mark.parametrize("metadata", [{}, {"format": "pt"}, {"k": "x" * 13}])
+def test_header_is_padded_to_8_bytes_and_its_length_prefix_is_exact(metadata):
+    raw = st.header_bytes(LAYOUT, metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    assert length == len(raw) - 8 and length % 8 == 0
+    header = json.loads(raw[8:])
+    assert header.pop("__metadata__") == metadata
+    assert header == {n: {"dtype": d, "shape": list(s), "data_offsets": [o, o + st.nbytes(d, s)]}
+                      for (n, d, s), o in zip(LAYOUT, [0, 24, 44, 44])}
+
+
+def test_file_bytes_is_header_plus_data():
+    assert st.file_bytes(LAYOUT, {}) == len(st.header_bytes(LAYOUT, {})) + 24 + 20 + 0 + 4
+
+
+@pytest.mark.parametrize("name,tensor", [("i", torch.zeros(3, 4, dtype=torch.float16)),  # out of order
+                                         ("w", torch.zeros(3, 4, dtype=torch.float32)),  # wrong dtype
+                                         ("w", torch.zeros(4, 3, dtype=torch.float16))])  # wrong shape
+def test_stream_writer_refuses_a_tensor_that_is_not_the_planned_next(tmp_path, name, tensor):
+    writer = st.StreamWriter(tmp_path / "out", LAYOUT, {})
+    with pytest.raises(RuntimeError, match=r"written where the plan has \('w', 'F16', \(3, 4\)\)"):
+        writer.add(name, tensor)
+    writer.abort()
+
+
+def test_stream_writer_refuses_more_tensors_than_planned(tmp_path):
+    writer = st.StreamWriter(tmp_path / "out", LAYOUT[:1], {})
+    writer.add("w", torch.zeros(3, 4, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match=r"where the plan has None"):
+        writer.add("w", torch.zeros(3, 4, dtype=torch.float16))
+    writer.close()
+
+
+def test_stream_writer_refuses_to_close_with_tensors_unwritten(tmp_path):
+    writer = st.StreamWriter(tmp_path / "out", LAYOUT, {})
+    writer.add("w", torch.zeros(3, 4, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="closed with 3 planned tensors unwritten"):
+        writer.close()
+    writer.abort()
+    assert writer._file.closed
+
+
+def test_a_non_contiguous_tensor_is_written_in_logical_order(tmp_path):
+    path = tmp_path / "out"
+    t = torch.arange(12, dtype=torch.float16).reshape(4, 3).t()
+    writer = st.StreamWriter(path, [("t", "F16", (3, 4))], {})
+    writer.add("t", t)
+    writer.close()
+    assert torch.equal(load_file(path)["t"], t)
+
+
+def test_write_errors_without_a_file_name_get_the_files_name(tmp_path):
+    with pytest.raises(OSError) as e:
+        with st._naming(tmp_path / "out"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOSPC, "No space left on device",
+                                                                    str(tmp_path / "out"))
+    with pytest.raises(OSError) as e:
+        with st._naming(tmp_path / "out"):
+            raise OSError(errno.EIO, "I/O error", "/elsewhere")
+    assert e.value.filename == "/elsewhere"
+
+
+def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
+    writer = st.StreamWriter(tmp_path / "out", LAYOUT, {})
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "still full")
+
+    writer._file = Full()
+    with pytest.raises(OSError) as e:
+        writer.add("w", torch.zeros(3, 4, dtype=torch.float16))
+    assert e.value.filename == str(tmp_path / "out")
+    writer.abort()  # a second error while aborting is swallowed
