@@ -40,6 +40,9 @@ OUT = ROOT / "bench" / "MUTATION.md"
 WORK = ROOT / "bench" / ".mutation"
 EXPORT_CACHE = Path(os.environ.get("QEXPORT_CACHE", Path.home() / ".cache" / "qexport")) / "mutation-exports"
 LINKED = ("qexport", "tests", "conftest.py", "fixtures")
+# survivors judged equivalent (no test can tell them from the original), each with the reason; the summary scores
+# killed / (tested - equivalent) and prints the reason under the diff
+EQUIVALENT = ROOT / "bench" / "mutation_equivalent.json"
 # mutmut's exit-code meanings (mutmut/stats.py): 1 and 3 are kills, 0 a survivor.
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "type check", None: "not checked"}
@@ -66,6 +69,16 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
     "export": (["qexport/export.py"],
                ["tests/test_units.py", "tests/test_export_core.py", "tests/test_atomic.py", "tests/test_bad_input.py",
                 "tests/test_ratio.py"], False),
+    # verify's file-level checks: the planted faults and defects that only file checks decide (verify with one
+    # check, under a second each, on cached exports); rows decided by a model load are left to the "verify" group
+    "verify-files": (["qexport/verify/config_checks.py", "qexport/verify/file_checks.py",
+                      "qexport/verify/weight_checks.py", "qexport/verify/layout_checks.py"],
+                     ["-k", "not stray_g_idx and not int8_scales and not overflows and not (just_past and (kld or top1))",
+                      "tests/test_planted_defects.py::test_file_fault_fails_its_check_naming_it",
+                      "tests/test_planted_defects.py::test_dense_export_with_a_quantization_config_fails_layout",
+                      "tests/test_planted_defects.py::test_defect_fails_its_check_and_no_other_file_check",
+                      "tests/test_planted_defects.py::test_defect_just_past_a_default_threshold_fails_it_and_passes_just_beyond"],
+                     True),
     "verify": (["qexport/verify/*"],
                ["tests/test_planted_defects.py", "tests/test_no_silent_pass.py", "tests/test_reload_checks.py"], True),
 }
@@ -159,7 +172,9 @@ def summarise(note: str) -> str:
              "each group of modules has its own test selection (`SELECTIONS` in bench/mutation.py).", ""]
     if note:
         lines += [note, ""]
-    table = ["| module | mutants | killed | survived | other | score (killed / tested) |", "|---|---|---|---|---|---|"]
+    equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
+    table = ["| module | mutants | killed | survived (equivalent) | other | score: killed / (tested - equivalent) |",
+             "|---|---|---|---|---|---|"]
     runs_table = ["| group | modules run | mutants tested | wall | s per mutant | children | load (start, end) | date |",
                   "|---|---|---|---|---|---|---|---|"]
     survivors: dict[str, list[tuple[Path, str]]] = {}
@@ -167,10 +182,12 @@ def summarise(note: str) -> str:
         work = WORK / group
         for module, codes in results(work, globs).items():
             counts = Counter(STATUS.get(code, "suspicious") for code in codes.values())
-            tested = counts["killed"] + counts["survived"]
+            same = sum(1 for n, c in codes.items() if STATUS.get(c) == "survived" and n in equivalent)
+            tested = counts["killed"] + counts["survived"] - same
             other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in ("killed", "survived")) or "-"
-            score = f"{100 * counts['killed'] / tested:.0f}%" if tested else "-"
-            table.append(f"| {module} | {len(codes)} | {counts['killed']} | {counts['survived']} | {other} | {score} |")
+            score = f"{100 * counts['killed'] / tested:.1f}%" if tested else "-"
+            table.append(f"| {module} | {len(codes)} | {counts['killed']} | {counts['survived']} ({same}) | {other} | "
+                         f"{score} |")
             survivors[module] = [(work, n) for n, c in sorted(codes.items()) if STATUS.get(c) == "survived"]
         log = work / "runs.json"
         for r in json.loads(log.read_text()) if log.exists() else []:
@@ -187,7 +204,8 @@ def summarise(note: str) -> str:
         for work, name in names:
             diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, text=True,
                                   capture_output=True).stdout.strip()
-            lines += [f"`{name}`", "", "```diff", diff, "```", ""]
+            lines += [f"`{name}`" + (f": equivalent. {equivalent[name]}" if name in equivalent else ": not killed yet"),
+                      "", "```diff", diff, "```", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
