@@ -261,3 +261,17 @@ def test_layer_counts_of_nested_configs_are_checked_and_booleans_ignored(tmp_pat
 
 def test_is_float_is_true_for_floating_dtypes_only():
     assert [is_float(n) for n in ("F32", "BF16", "F8_E4M3", "I8", "I64", "BOOL")] == [True] * 3 + [False] * 3
+
+
+def test_side_folder_may_link_to_a_file_elsewhere_in_the_model_folder_but_not_outside_it(tmp_path):
+    # the Hugging Face cache links files to blobs: a link is fine while it stays inside the model folder
+    root = sharded(tmp_path)
+    (root / "tokenizer.json").write_text("{}")
+    (root / "sub").mkdir()
+    (root / "sub" / "tok.json").symlink_to(root / "tokenizer.json")
+    ckpt = Checkpoint.open(root)
+    assert dict(ckpt.side_tree())["sub/tok.json"] == (root / "tokenizer.json").resolve()
+    (tmp_path / "outside.txt").write_text("x")
+    (root / "sub" / "out.txt").symlink_to(tmp_path / "outside.txt")
+    with pytest.raises(InputError, match="symlink leads outside"):
+        ckpt.side_tree()

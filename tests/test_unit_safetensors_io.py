@@ -288,3 +288,17 @@ def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
         writer.add("w", torch.zeros(3, 4, dtype=torch.float16))
     assert e.value.filename == str(tmp_path / "out")
     writer.abort()  # a second error while aborting is swallowed
+
+
+def test_a_failed_close_names_the_file(tmp_path):
+    writer = st.StreamWriter(tmp_path / "out", [], {})
+    writer._file.close()
+
+    class FullOnClose:
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._file = FullOnClose()
+    with pytest.raises(OSError) as e:
+        writer.close()
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "out"))
