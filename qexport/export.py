@@ -29,7 +29,7 @@ import torch
 from . import __version__, safe_fs
 from .architecture import Architecture, inspect_architecture
 from .card import CARD_FILE, base_model_id, write_card
-from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, declared_dtype
 from .errors import InputError
 from .formats import Format, format_name, get_format
 from .formats.base import nonfinite_error
@@ -258,8 +258,8 @@ def compute_dtype_of(source: "TensorSource", linear_weights: Iterable[str] = ())
     dtype, whose Linear weights are all stored as BF16. Keeping bf16 keeps bf16's range: an fp16 export of a model
     whose activations pass 65504 computes NaN (issue: every export of such a model loaded as NaN in float16).
     """
-    declared = source.config.get("dtype") or source.config.get("torch_dtype")
-    if isinstance(declared, str) and declared not in ("auto",):
+    declared = declared_dtype(source.config)
+    if declared is not None:
         return "bfloat16" if declared == "bfloat16" else "float16"
     dtypes = {source.entries[n].dtype for n in linear_weights if n in source.entries}
     return "bfloat16" if dtypes == {"BF16"} else "float16"
