@@ -300,8 +300,8 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
         # NaN / Inf in the source, or values beyond fp16, surface in the stored floats (for a quantized weight
         # in its scales, which hold each group's absmax): checking those costs little next to checking the source.
         if not all(all_finite(t) for t in encoded.values()):
-            error = nonfinite_error(tp.source, w, options.allow_nonfinite,
-                                    getattr(source.entries[tp.source], "file", source.folder), fmt.dtype)
+            origin = source.origin(tp.source) if hasattr(source, "origin") else source.entries[tp.source].file
+            error = nonfinite_error(tp.source, w, options.allow_nonfinite, origin, fmt.dtype)
             if error is not None:
                 raise error
         return tp, encoded
