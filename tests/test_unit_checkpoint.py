@@ -275,3 +275,20 @@ def test_side_folder_may_link_to_a_file_elsewhere_in_the_model_folder_but_not_ou
     (root / "sub" / "out.txt").symlink_to(tmp_path / "outside.txt")
     with pytest.raises(InputError, match="symlink leads outside"):
         ckpt.side_tree()
+
+
+@pytest.mark.parametrize("config,dtype", [
+    ({"dtype": "bfloat16"}, "bfloat16"),
+    ({"torch_dtype": "torch.float16"}, "float16"),
+    ({"dtype": "float32", "torch_dtype": "float16"}, "float32"),  # transformers 5's key first
+    ({"dtype": "auto", "torch_dtype": "float64"}, "float64"),  # a key naming no floating dtype is skipped
+    ({"dtype": "auto"}, None),
+    ({"dtype": "int8"}, None),
+    ({"dtype": 16}, None),
+    ({}, None),
+    (None, None),
+])
+def test_declared_dtype_is_the_floating_dtype_config_json_names(config, dtype):
+    from qexport.checkpoint import declared_dtype
+
+    assert declared_dtype(config) == dtype
