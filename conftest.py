@@ -43,28 +43,38 @@ def pytest_collection_modifyitems(config, items):
             return
 
 
-def _export_cache() -> Path | None:
-    """The disk cache of tiny models and exports, or None: only when bench/mutation.py turns it on (a group whose
-    mutants are all verify code) and the mutant under test, if any, is verify code. qexport's export path never
-    imports qexport.verify, so such a mutant cannot change what the cache holds; any other mutant builds afresh."""
-    root = os.environ.get("QEXPORT_MUTATION_EXPORT_CACHE")
+def _disk_cache(what: str) -> Path | None:
+    """The disk cache of tiny models ("model") or of their exports ("export"), or None to build afresh.
+
+    Only under bench/mutation.py, which sets QEXPORT_MUTATION_CACHE (and QEXPORT_MUTATION_CACHE_EXPORTS for groups
+    whose mutants are all verify code). A model comes from qexport.tiny alone (it imports no other qexport module),
+    so it is cached unless the mutant under test is in qexport.tiny. An export is cached only in those verify
+    groups and only for a verify mutant (or the runs mutmut makes without one): the export path never imports
+    qexport.verify, so such a mutant cannot change what the cache holds. Any other mutant exports afresh."""
+    root = os.environ.get("QEXPORT_MUTATION_CACHE")
     mutant = _mutant()
-    if not root or ("__mutmut_" in mutant and not mutant.startswith("qexport.verify.")):
+    if not root:
+        return None
+    if what == "model":
+        return None if mutant.startswith("qexport.tiny.") else Path(root)
+    if not os.environ.get("QEXPORT_MUTATION_CACHE_EXPORTS") or ("__mutmut_" in mutant
+                                                                and not mutant.startswith("qexport.verify.")):
         return None
     return Path(root)
 
 
-def _digest(*parts) -> str:
-    """sha256 over every non-verify qexport source file (as imported: the mutated copy under mutmut), the library
-    versions and `parts`."""
+def _digest(parts, modules=None) -> str:
+    """sha256 over the library versions, `parts` and qexport's source files as imported (the mutated copy under
+    mutmut): the given modules (paths relative to the package), or every one outside qexport/verify/."""
     import qexport
     import torch
     import transformers
 
     sha = hashlib.sha256(f"{torch.__version__} {transformers.__version__} {parts!r}".encode())
     package = Path(qexport.__file__).parent
-    for path in sorted(package.rglob("*.py")):
-        if "verify" not in path.relative_to(package).parts:
+    paths = [package / m for m in modules] if modules else sorted(package.rglob("*.py"))
+    for path in paths:
+        if modules or "verify" not in path.relative_to(package).parts:
             sha.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
     return sha.hexdigest()[:24]
 
@@ -109,11 +119,11 @@ def build_model(tmp_path_factory):
     def build(preset: str = "qwen3", dtype: str = "bfloat16", max_shard_size="5GB", seed: int = 0,
               norm_noise: float = 0.0, **overrides):
         key = (preset, dtype, str(max_shard_size), seed, norm_noise, tuple(sorted(overrides.items())))
-        if key not in cache and (disk := _export_cache()) is not None:
+        if key not in cache and (disk := _disk_cache("model")) is not None:
             def make(folder):
                 build_tiny_model(folder / "model", preset, dtype=dtype, seed=seed, max_shard_size=max_shard_size,
                                  overrides=overrides or None, norm_noise=norm_noise)
-            cache[key] = _cached(disk, "model-" + _digest(key), make)[0] / "model"
+            cache[key] = _cached(disk, "model-" + _digest(key, ["tiny.py"]), make)[0] / "model"
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"src-{preset}-{dtype}")
             cache[key] = build_tiny_model(folder / "model", preset, dtype=dtype, seed=seed,
@@ -133,7 +143,7 @@ def export_model(tmp_path_factory):
 
     def run(src, formats=("fp16", "int8", "int4"), **options):
         key = (str(src), tuple(formats), tuple(sorted(options.items())))
-        if key not in cache and (disk := _export_cache()) is not None:
+        if key not in cache and (disk := _disk_cache("export")) is not None:
             def make(folder):
                 return export_folder(src, folder, ExportOptions(formats=tuple(formats), progress=False, **options))
             content = (_tree_digest(src), tuple(formats), tuple(sorted(options.items())))

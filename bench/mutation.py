@@ -17,9 +17,10 @@ mutants not tested yet (mutmut keeps its results in the group's mutants/ folder)
 
 Two speed-ups live in conftest.py, active only under mutmut (MUTANT_UNDER_TEST set): the tests a mutant runs are
 ordered fastest first (mutmut's fork server passes them unordered; with -x a killed mutant stops at its first
-failing test), and for groups marked `cached_exports` (verify code, which the export never imports) the tiny
-models and their exports come from a disk cache keyed by the source of every non-verify module and the input's
-bytes. A mutant outside qexport.verify never reads that cache (conftest.py checks the mutant's name).
+failing test); tiny source models come from a disk cache keyed by qexport/tiny.py's source (unless the mutant is
+in qexport.tiny), and for groups of verify code (which the export never imports) their exports too, keyed by the
+source of every non-verify module and the input's bytes. A mutant outside qexport.verify never reads a cached
+export (conftest.py checks the mutant's name); every cached folder is re-hashed before use.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ EQUIVALENT = ROOT / "bench" / "mutation_equivalent.json"
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "type check", None: "not checked"}
 
-# group -> (module globs it mutates, the tests mutmut maps onto them, whether verify's disk cache of exports is on).
+# group -> (module globs it mutates, the tests mutmut maps onto them, whether exports come from the disk cache: only
+# for groups of verify code; tiny source models come from it in every group).
 # The tests are the fast ones that state each module's behaviour; mutmut runs, per mutant, only those of them that
 # executed the mutated function.
 SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
@@ -151,8 +153,9 @@ def run(modules: list[str], max_children: int) -> None:
         before = sum(c is not None for codes in results(work, globs).values() for c in codes.values())
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)  # the mutants/ copy must be the qexport the tests import
+        env["QEXPORT_MUTATION_CACHE"] = str(EXPORT_CACHE)  # tiny models, for every group (see conftest.py)
         if cached:
-            env["QEXPORT_MUTATION_EXPORT_CACHE"] = str(EXPORT_CACHE)
+            env["QEXPORT_MUTATION_CACHE_EXPORTS"] = "1"
         start, load_start = time.monotonic(), load()
         subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children),
                         *[mutant_pattern(m) for m in members]], cwd=work, env=env)
