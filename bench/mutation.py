@@ -69,8 +69,7 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                  "tests/test_int4_asym.py::test_compressed_tensors_decompresses_our_tensors_to_our_dequantization"],
                 False),
     "export": (["qexport/export.py"],
-               ["tests/test_units.py", "tests/test_export_core.py", "tests/test_atomic.py", "tests/test_bad_input.py",
-                "tests/test_ratio.py"], False),
+               ["tests/test_unit_export.py"], False),  # run per function: the planning and folder helpers
     # verify's file-level checks: the planted faults and defects that only file checks decide (verify with one
     # check, under a second each, on cached exports); rows decided by a model load are left to the "verify" group
     "verify-files": (["qexport/verify/config_checks.py", "qexport/verify/file_checks.py",

@@ -1,0 +1,213 @@
+"""qexport/export.py's planning and folder helpers as plain functions (no model build, no export; milliseconds):
+which tensors are quantized, how they are sharded, what config.json says, where an export may be written."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from qexport.architecture import Architecture
+from qexport.errors import InputError
+from qexport.export import TMP_MARK, ExportOptions, OwnedFolder, _assign_shards, _ignored, check_destination, \
+    check_not_input, check_shapes, choose_group_size, clean_stale, compute_dtype_of, dense_linears_warning, \
+    input_folders, output_config, plan_format
+from qexport.formats import get_format
+
+
+@dataclass
+class Entry:
+    dtype: str
+    shape: tuple
+    file: Path = Path("src/model.safetensors")
+
+
+@dataclass
+class Source:
+    entries: dict
+    config: dict = field(default_factory=dict)
+    folder: Path = Path("src")
+
+    @property
+    def names(self):
+        return list(self.entries)
+
+
+def arch(shapes: dict, linear=(), tied=(), ignored=()):
+    return Architecture("TinyForCausalLM", shapes, frozenset(linear), frozenset(tied), True, tuple(ignored))
+
+
+def test_ignore_patterns_match_a_module_or_its_trailing_name_parts():
+    assert _ignored("lm_head", ["lm_head"]) and _ignored("model.layers.0.mlp.up_proj", ["mlp.up_proj"])
+    assert not _ignored("model.layers.0.mlp.up_proj", ["up"])  # whole name parts only
+    assert not _ignored("xlm_head", ["lm_head"]) and not _ignored("lm_head", [])
+
+
+@pytest.mark.parametrize("shapes,group", [
+    ([(8, 256), (8, 512)], 128),  # every input divides by the largest candidate
+    ([(8, 576), (8, 1152)], 64),  # 576 = 9 x 64
+    ([(8, 96)], 32),
+    ([(100, 128), (1, 96), (1, 100)], 32),  # none covers all: the candidate quantizing the most weights
+    ([(100, 128), (1, 64), (1, 100)], 64),  # 64 and 32 cover as much: the larger
+    ([(1, 128), (100, 96)], 32),  # 96 divides by 32 only: 32 covers everything
+])
+def test_group_size_is_the_largest_dividing_every_input_else_the_one_covering_most_weights(shapes, group):
+    assert choose_group_size(shapes, (128, 64, 32)) == group
+
+
+def test_group_size_ties_go_to_the_larger_group():
+    assert choose_group_size([(4, 100)], (128, 64, 32)) == 128  # covers nothing whichever: the largest
+
+
+def plans(sizes):
+    from qexport.export import TensorPlan
+
+    return [TensorPlan(f"t{i}", False, [(f"t{i}", "U8", (n,))]) for i, n in enumerate(sizes)]
+
+
+def test_a_single_shard_is_model_safetensors():
+    ps = plans([10, 20, 30])
+    assert _assign_shards(ps, 60) == ["model.safetensors"] and [p.shard for p in ps] == [0, 0, 0]
+
+
+def test_shards_fill_greedily_in_source_order_and_an_oversized_tensor_gets_its_own():
+    ps = plans([10, 20, 31, 100, 5])
+    names = _assign_shards(ps, 60)
+    assert [p.shard for p in ps] == [0, 0, 1, 2, 3]
+    assert names == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+
+
+def test_a_shard_may_be_filled_exactly():
+    ps = plans([30, 30, 1])
+    _assign_shards(ps, 60)
+    assert [p.shard for p in ps] == [0, 0, 1]
+
+
+def test_output_config_keeps_every_source_key_and_sets_the_dtype_and_quantization_config():
+    config = {"model_type": "qwen3", "torch_dtype": "bfloat16", "vocab_size": 7}
+    out = output_config(config, get_format("int8"), ["b", "a", "b"])
+    assert out["model_type"] == "qwen3" and out["vocab_size"] == 7
+    assert out["dtype"] == out["torch_dtype"] == "float16"
+    assert out["quantization_config"] == get_format("int8").quantization_config(["a", "b"])
+    assert config == {"model_type": "qwen3", "torch_dtype": "bfloat16", "vocab_size": 7}  # not modified
+    assert "torch_dtype" not in output_config({"model_type": "x"}, get_format("fp16"), [])
+    assert "quantization_config" not in output_config({"model_type": "x"}, get_format("fp16"), [])
+
+
+def test_output_config_of_original_keeps_the_source_dtype_and_sentence_transformers_get_dequantize():
+    assert output_config({"dtype": "bfloat16"}, get_format("original"), []) == {"dtype": "bfloat16"}
+    st = output_config({}, get_format("int4"), [], sentence_transformers=True)["quantization_config"]
+    assert st == {**get_format("int4").quantization_config([]), "dequantize": True}
+
+
+@pytest.mark.parametrize("config,dtypes,expected", [
+    ({"dtype": "bfloat16"}, {"F32"}, "bfloat16"),
+    ({"dtype": "float32"}, {"BF16"}, "float16"),  # the declared dtype decides
+    ({}, {"BF16"}, "bfloat16"),  # undeclared: bf16 Linear weights keep bf16
+    ({}, {"BF16", "F32"}, "float16"),
+    ({}, set(), "float16"),
+])
+def test_compute_dtype_is_bf16_for_a_bf16_source_else_fp16(config, dtypes, expected):
+    entries = {f"l{i}.weight": Entry(d, (2, 2)) for i, d in enumerate(sorted(dtypes))}
+    entries["emb"] = Entry("F32", (4, 2))
+    assert compute_dtype_of(Source(entries, config), list(entries)[:-1] + ["missing.weight"]) == expected
+
+
+def test_dense_linears_warning_counts_per_reason_and_shows_the_first_few():
+    dense = {f"m.{i}.weight": "odd" for i in range(5)} | {"x.weight": "2-D"}
+    assert dense_linears_warning("int4", dense, shown=2) == (
+        "int4: 6 Linear weight(s) stay dense; odd: 5 (m.0, m.1, ...); 2-D: 1 (x) (all listed in config.json's "
+        "ignore and qexport.json's dense_linears)")
+    assert dense_linears_warning("int4", {"a.weight": "r", "b.weight": "r"}, shown=2).count("...") == 0
+
+
+def test_plan_quantizes_linear_weights_and_keeps_the_rest_dense_with_reasons():
+    entries = {"emb": Entry("BF16", (16, 128)), "a.weight": Entry("BF16", (8, 128)), "b.weight": Entry("BF16", (8, 96)),
+               "c.weight": Entry("I32", (8, 128)), "d.weight": Entry("BF16", (8, 128)),
+               "lm_head.weight": Entry("BF16", (16, 128)), "tied.weight": Entry("BF16", (16, 128))}
+    a = arch({n: e.shape for n, e in entries.items()}, linear=["a.weight", "b.weight", "c.weight", "d.weight",
+                                                                "lm_head.weight", "tied.weight"], tied=["tied.weight"])
+    plan = plan_format(Source(entries), a, get_format("int4", group_size=128), ExportOptions(formats=("int4",)),
+                       nonfinite={"d.weight"})
+    assert {t.source: t.quantize for t in plan.tensors} == {"emb": False, "a.weight": True, "b.weight": False,
+                                                            "c.weight": False, "d.weight": False,
+                                                            "lm_head.weight": False}
+    assert plan.dense_linears == {"b.weight": "input size 96 does not divide by group size 128",
+                                  "c.weight": "dtype I32 is not floating point",
+                                  "d.weight": "holds NaN or Inf (kept dense because of --allow-nonfinite)"}
+    assert plan.ignore == ["lm_head", "b", "c", "d"] and plan.shard_names == ["model.safetensors"]
+    quantized = next(t for t in plan.tensors if t.source == "a.weight")
+    assert quantized.stored == get_format("int4").stored("a.weight", "BF16", (8, 128), True)
+    assert plan.shard_layout(0) == [s for t in plan.tensors for s in t.stored]
+    dense = plan_format(Source(entries), a, get_format("fp16"), ExportOptions(formats=("fp16",)))
+    assert not any(t.quantize for t in dense.tensors) and dense.dense_linears == {}
+
+
+def test_check_shapes_refuses_a_missing_linear_a_stray_tensor_and_a_wrong_shape():
+    entries = {"a.weight": Entry("F32", (2, 2)), "extra.rotary": Entry("F32", (3,))}
+    ok = arch({"a.weight": (2, 2), "t.weight": (2, 2)}, linear=["a.weight", "t.weight"], tied=["t.weight"],
+              ignored=[r"rotary$"])
+    check_shapes(Source(entries), ok)
+    with pytest.raises(InputError, match=r"^src: tensor 'b.weight' of TinyForCausalLM is missing from the checkpoint "
+                                         r"\(2 Linear weights missing in all\)"):
+        check_shapes(Source(entries), arch({"a.weight": (2, 2)}, linear=["a.weight", "b.weight", "c.weight"]))
+    with pytest.raises(InputError, match=r"^src/model.safetensors: tensor 'extra.rotary' is not part of "
+                                         r"TinyForCausalLM as config.json describes it"):
+        check_shapes(Source(entries), arch({"a.weight": (2, 2)}))
+    with pytest.raises(InputError, match=r"tensor 'a.weight' has shape \[2, 2\] but TinyForCausalLM expects \[2, 3\]"):
+        check_shapes(Source(entries), arch({"a.weight": (2, 3)}, ignored=[r"rotary$"]))
+
+
+def test_export_options_read_format_names_in_any_case_once_each():
+    assert ExportOptions(formats=("INT4", "int4", "Fp16")).formats == ("int4", "fp16")
+    with pytest.raises(InputError, match="--formats: unknown format 'q5'"):
+        ExportOptions(formats=("q5",))
+
+
+def test_output_inside_an_input_or_replacing_one_is_refused(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    check_not_input(tmp_path / "out", [tmp_path / "out" / "int4"], [src])
+    with pytest.raises(InputError, match=rf"^--out {src}/sub: is inside the input {src}; qexport never writes"):
+        check_not_input(src / "sub", [], [src])
+    with pytest.raises(InputError, match=rf"^--out {src}: is inside the input"):
+        check_not_input(src, [], [src])
+    with pytest.raises(InputError, match=rf"replacing {tmp_path} would delete the input {src}"):
+        check_not_input(tmp_path / "o", [tmp_path], [src])
+    assert input_folders(Source({})) == [Path("src")]
+
+
+def test_destination_must_be_a_writable_folder_without_the_formats_unless_overwriting(tmp_path):
+    out = tmp_path / "out"
+    check_destination(out / "deeper", ["int4"], overwrite=False)  # created later
+    (out / "int4").mkdir(parents=True)
+    with pytest.raises(InputError, match=rf"^--out {out}/int4: already exists \(pass --overwrite to replace it\)"):
+        check_destination(out, ["fp16", "int4"], overwrite=False)
+    check_destination(out, ["int4"], overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        check_destination(tmp_path / "file", ["int4"], overwrite=True)
+    with pytest.raises(InputError, match=rf"{tmp_path}/file is not a folder"):
+        check_destination(tmp_path / "file" / "out", ["int4"], overwrite=True)
+    assert not [p for p in out.iterdir() if p.name.startswith(".qexport-probe")]  # the probe is removed
+
+
+def test_clean_stale_removes_unlocked_temporaries_only(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    live = OwnedFolder(out / f".int4{TMP_MARK}live")
+    dead = OwnedFolder(out / f".int8{TMP_MARK}dead")
+    dead.release()
+    dead.release()  # twice is harmless
+    (out / f".fp16{TMP_MARK}old-1").write_text("moved aside")
+    (out / f".fp16{TMP_MARK}keep").write_text("not an old- file")
+    (out / "int4").mkdir()
+    clean_stale(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f".int4{TMP_MARK}live", f".fp16{TMP_MARK}keep", "int4"])
+    live.release()
+    clean_stale(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f".fp16{TMP_MARK}keep", "int4"])
+    clean_stale(tmp_path / "nothing")  # no folder: nothing to do
+    assert os.path.isdir(out)
