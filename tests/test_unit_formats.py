@@ -216,3 +216,8 @@ def test_float8_tensors_are_checked_too():
     big = torch.tensor([57344.0]).to(torch.float8_e5m2)
     assert nonfinite_error("t", big, allow_nonfinite=False, dtype=torch.bfloat16) is None
     assert nonfinite_error("t", big, allow_nonfinite=False, dtype=torch.float16) is None  # 57344 < 65504
+
+
+def test_overflow_of_another_stored_dtype_names_that_dtype():
+    err = nonfinite_error("t", torch.tensor([1e39], dtype=torch.float64), allow_nonfinite=False, dtype=torch.float32)
+    assert "overflows torch.float32 (max 3.40282e+38)" in str(err)
