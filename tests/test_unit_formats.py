@@ -221,3 +221,18 @@ def test_float8_tensors_are_checked_too():
 def test_overflow_of_another_stored_dtype_names_that_dtype():
     err = nonfinite_error("t", torch.tensor([1e39], dtype=torch.float64), allow_nonfinite=False, dtype=torch.float32)
     assert "overflows torch.float32 (max 3.40282e+38)" in str(err)
+
+
+def test_a_new_quantizing_format_quantizes_2d_weights_by_default():
+    class ProbeQ(Format):
+        name, quantizes = "probe-q", True
+
+        def stored(self, name, dtype, shape, quantize):
+            return []
+
+        def encode(self, name, w, quantize):
+            return {}
+
+    assert ProbeQ().why_not_quantizable(W, (4, 8)) is None
+    assert ProbeQ().why_not_quantizable(W, (4, 8, 2)) is not None
+    assert ProbeQ().why_not_quantizable(W, (8,)) is not None
