@@ -28,13 +28,15 @@ def layout_of(tensors: dict) -> list:
 
 @pytest.mark.parametrize("fmt", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(16, 256), (3, 128), (24, 384)])
+@pytest.mark.parametrize("shape", [(16, 256), (3, 128), (24, 384), (72, 128)])
 @pytest.mark.parametrize("quantize", [True, False])
 def test_stored_predicts_exactly_what_encode_returns(fmt, dtype, shape, quantize):
     f = get_format(fmt)
     quantize = quantize and f.why_not_quantizable(W, shape) is None
     w = weight(shape, dtype)
-    assert layout_of(f.encode(W, w, quantize)) == f.stored(W, DTYPE_NAMES[dtype], shape, quantize)
+    stored = f.stored(W, DTYPE_NAMES[dtype], shape, quantize)
+    assert layout_of(f.encode(W, w, quantize)) == stored
+    assert all(type(d) is int for _, _, s in stored for d in s)  # shapes go into the safetensors header as JSON
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "int4-asym"])
