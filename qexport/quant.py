@@ -117,7 +117,9 @@ def _pack_words(nibbles: torch.Tensor) -> torch.Tensor:
 def pack_int4_columns(q: torch.Tensor) -> torch.Tensor:
     """Pack int4 codes [out, groups] along the output dimension into int32 words [ceil(out / 8), groups]: how
     compressed-tensors stores zero points (`pack_to_int32(..., packed_dim=0)`)."""
-    return pack_int4(q.t().contiguous()).t().contiguous()
+    # clone, not contiguous(): the transpose of a one-column [out, 1] is [1, out] with strides (1, 1), which counts
+    # as contiguous; pack_int4's byte-to-int32 view then fails on it (int4-asym of any Linear with one group a row).
+    return pack_int4(q.t().clone(memory_format=torch.contiguous_format)).t().contiguous()
 
 
 def unpack_int4_columns(packed: torch.Tensor, rows: int) -> torch.Tensor:

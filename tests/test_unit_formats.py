@@ -238,3 +238,13 @@ def test_a_new_quantizing_format_quantizes_2d_weights_by_default():
     assert ProbeQ().why_not_quantizable(W, (4, 8)) is None
     assert ProbeQ().why_not_quantizable(W, (4, 8, 2)) is not None
     assert ProbeQ().why_not_quantizable(W, (8,)) is not None
+
+
+@pytest.mark.parametrize("rows", [1, 8, 16, 17, 72])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_zero_points_pack_and_unpack_by_rows_for_any_row_and_group_count(rows, groups):
+    # one group a row (in == group_size) made the packing fail for 16 rows or more (a transposed [rows, 1])
+    q = torch.randint(-8, 8, (rows, groups), dtype=torch.int8, generator=torch.Generator().manual_seed(rows))
+    packed = quant.pack_int4_columns(q)
+    assert packed.shape == ((rows + 7) // 8, groups) and packed.dtype == torch.int32
+    assert torch.equal(quant.unpack_int4_columns(packed, rows), q)
