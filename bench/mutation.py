@@ -80,6 +80,7 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                       "tests/test_planted_defects.py::test_defect_fails_its_check_and_no_other_file_check",
                       "tests/test_planted_defects.py::test_defect_just_past_a_default_threshold_fails_it_and_passes_just_beyond",
                       "tests/test_verify_side_files.py", "tests/test_verify_config_faults.py",
+                      "tests/test_verify_weight_faults.py",
                       "tests/test_no_silent_pass.py::test_generation_config_changed_after_export_fails_side_files_without_a_manifest",
                       "tests/test_no_silent_pass.py::test_generation_config_reserialised_by_another_tool_passes_side_files",
                       "tests/test_no_silent_pass.py::test_readme_may_differ_from_the_reference",
