@@ -98,9 +98,22 @@ def group_of(module: str) -> str:
     raise SystemExit(f"{module}: no group in SELECTIONS mutates it (bench/mutation.py)")
 
 
+def module_file(arg: str) -> str:
+    """A module file, a module::function, or a mutant name (qexport.formats.int8.xǁINT8ǁencode__mutmut_27) -> its
+    module file."""
+    if "__mutmut_" in arg:
+        parts = arg.split(".")
+        module = ".".join(parts[:next(i for i, p in enumerate(parts) if p.startswith("x"))])
+        return module.replace(".", "/") + ".py"
+    return arg.partition("::")[0]
+
+
 def mutant_pattern(path: str) -> str:
     """qexport/verify/layout_checks.py -> the mutant-name glob mutmut matches: qexport.verify.layout_checks.*;
-    qexport/verify/layout_checks.py::check_layout -> only that function's mutants."""
+    qexport/verify/layout_checks.py::check_layout -> only that function's mutants; a mutant name -> itself (mutmut
+    then tests it again even if it has a result)."""
+    if "__mutmut_" in path:
+        return path
     path, _, function = path.partition("::")
     module = path.removesuffix(".py").replace("/", ".")
     return f"{module}.x_{function}__mutmut_*" if function else f"{module}.*"
@@ -151,7 +164,7 @@ def load() -> str:
 def run(modules: list[str], max_children: int) -> None:
     by_group: dict[str, list[str]] = {}
     for m in modules:
-        by_group.setdefault(group_of(m.partition("::")[0]), []).append(m)
+        by_group.setdefault(group_of(module_file(m)), []).append(m)
     for group, members in by_group.items():
         work = prepare(group)
         globs, _, cached = SELECTIONS[group]
@@ -221,8 +234,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     run_ = sub.add_parser("run", help="mutate and test the given modules, then write bench/MUTATION.md")
-    run_.add_argument("modules", nargs="+", help="module files, e.g. qexport/thresholds.py, or one function of one: "
-                      "qexport/verify/layout_checks.py::check_layout")
+    run_.add_argument("modules", nargs="+", help="module files, e.g. qexport/thresholds.py, one function of one: "
+                      "qexport/verify/layout_checks.py::check_layout, or mutant names (tested again)")
     run_.add_argument("--max-children", type=int, default=2)
     for p in (run_, sub.add_parser("summary", help="write bench/MUTATION.md from every group's results")):
         p.add_argument("--note", default="", help="a paragraph for the summary (machine, what was left out)")
