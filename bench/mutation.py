@@ -116,6 +116,9 @@ def mutant_pattern(path: str) -> str:
         return path
     path, _, function = path.partition("::")
     module = path.removesuffix(".py").replace("/", ".")
+    if module.endswith(".__init__"):  # mutmut names a package's own mutants after the package
+        module = module.removesuffix(".__init__")
+        return f"{module}.x_{function}__mutmut_*" if function else f"{module}.x*"
     return f"{module}.x_{function}__mutmut_*" if function else f"{module}.*"
 
 
