@@ -93,3 +93,41 @@ def test_a_json_list_instead_of_the_object_fails(readme_export, tmp_path):
     folder = copy(tmp_path, export)
     (folder / "generation_config.json").write_text("[]")
     assert not only(folder, src, "side_files").passed
+
+
+def test_an_export_tokenizer_that_does_not_load_fails_the_tokenizer_check(readme_export, tmp_path):
+    src, export = readme_export
+    folder = copy(tmp_path, export)
+    (folder / "tokenizer.json").write_text("{not json")
+    result = only(folder, src, "tokenizer")
+    assert not result.passed and result.detail.startswith("AutoTokenizer.from_pretrained(export) fails: ")
+
+
+def test_a_good_export_tokenizer_encodes_every_text_as_the_reference(readme_export):
+    src, export = readme_export
+    result = only(export, src, "tokenizer")
+    assert result.passed and not result.skipped and result.detail.endswith("encodes 8 texts as the reference does")
+
+
+def test_a_reference_without_tokenizer_or_side_files_skips_those_checks(readme_export, tmp_path):
+    src, export = readme_export
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(src / name, ref / name)
+    checks = {c.name: c for c in verify(export, ref, only=["tokenizer", "tokenizer_files", "side_files"]).checks}
+    assert all(c.passed and c.skipped for c in checks.values()), [(c.name, c.detail) for c in checks.values()]
+    assert checks["tokenizer"].detail == "the reference has no tokenizer"
+    assert checks["side_files"].detail == checks["tokenizer_files"].detail == "the reference has none"
+
+
+def test_hidden_files_weights_and_the_manifest_are_not_side_files(readme_export, tmp_path):
+    src, export = readme_export
+    ref = tmp_path / "ref"
+    shutil.copytree(src, ref)
+    for name in (".cache", "extra.bin", "old.pt", "qexport.json"):
+        (ref / name).write_text("not compared")
+    (ref / "sub").mkdir()
+    (ref / "sub" / "note.txt").write_text("compared")
+    result = only(copy(tmp_path, export), ref, "side_files")
+    assert result.metrics["missing"] == ["sub/note.txt"], result.detail
