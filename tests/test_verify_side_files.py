@@ -131,3 +131,12 @@ def test_hidden_files_weights_and_the_manifest_are_not_side_files(readme_export,
     (ref / "sub" / "note.txt").write_text("compared")
     result = only(copy(tmp_path, export), ref, "side_files")
     assert result.metrics["missing"] == ["sub/note.txt"], result.detail
+
+
+def test_a_card_with_bytes_that_are_not_utf8_is_still_read(readme_export, tmp_path):
+    # another tool appended a Latin-1 line to the card: the check still reads the embedded README (and passes)
+    src, export = readme_export
+    folder = copy(tmp_path, export)
+    card = folder / "README.md"
+    card.write_bytes(card.read_bytes() + "\nEdited by caf\xe9 tool\n".encode("latin-1"))
+    assert only(folder, src, "side_files").passed
