@@ -13,7 +13,8 @@ verify tests. Here each group of modules (SELECTIONS below) gets its own mutmut 
 bench/.mutation/<group>/ (git-ignored), holding links to qexport/, tests/, conftest.py and fixtures/ and a
 pyproject.toml whose [tool.mutmut] names only that group's modules and that group's tests; the shared settings
 (fork server, preload, pytest arguments) come from [tool.mutmut] in pyproject.toml. A second `run` only tests
-mutants not tested yet (mutmut keeps its results in the group's mutants/ folder); delete the folder to start over.
+mutants without a result (or with a timeout) yet: mutmut keeps its results in the group's mutants/ folder; delete the
+folder to start over, or name mutants to test them again.
 
 Two speed-ups live in conftest.py, active only under mutmut (MUTANT_UNDER_TEST set): the tests a mutant runs are
 ordered fastest first (mutmut's fork server passes them unordered; with -x a killed mutant stops at its first
@@ -160,6 +161,24 @@ def results(work: Path, globs: list[str]) -> dict[str, dict[str, int | None]]:
     return out
 
 
+def resume(work: Path, globs: list[str], members: list[str]) -> list[str]:
+    """What to hand mutmut: named mutants as given (tested again); for a module or function, its mutants without a
+    result yet or with a timeout (mutmut re-tests every mutant matching a pattern, so a stopped run would start
+    over). Before the group's first run, the patterns themselves (no mutant exists yet)."""
+    known = {name: code for codes in results(work, globs).values() for name, code in codes.items()}
+    if not known:
+        return [mutant_pattern(m) for m in members]
+    names = []
+    for m in members:
+        pattern = mutant_pattern(m)
+        if "__mutmut_" in m:
+            names.append(m)
+            continue
+        names += [n for n, code in known.items() if fnmatch.fnmatch(n, pattern) and STATUS.get(code) in
+                  ("not checked", "timeout")]
+    return names
+
+
 def load() -> str:
     return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
 
@@ -177,9 +196,13 @@ def run(modules: list[str], max_children: int) -> None:
         env["QEXPORT_MUTATION_CACHE"] = str(EXPORT_CACHE)  # tiny models, for every group (see conftest.py)
         if cached:
             env["QEXPORT_MUTATION_CACHE_EXPORTS"] = "1"
+        names = resume(work, globs, members)
+        if not names:
+            print(f"{group}: every mutant of {', '.join(members)} has a result")
+            continue
         start, load_start = time.monotonic(), load()
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children),
-                        *[mutant_pattern(m) for m in members]], cwd=work, env=env)
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
+                       cwd=work, env=env)
         wall = time.monotonic() - start
         after = sum(c is not None for codes in results(work, globs).values() for c in codes.values())
         log = work / "runs.json"
