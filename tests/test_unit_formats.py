@@ -248,3 +248,10 @@ def test_zero_points_pack_and_unpack_by_rows_for_any_row_and_group_count(rows, g
     packed = quant.pack_int4_columns(q)
     assert packed.shape == ((rows + 7) // 8, groups) and packed.dtype == torch.int32
     assert torch.equal(quant.unpack_int4_columns(packed, rows), q)
+
+
+def test_format_name_errors_name_the_option_given_or_formats_by_default():
+    with pytest.raises(InputError, match=r"^--formats: unknown format 'gguf'"):
+        format_name("gguf")
+    with pytest.raises(InputError, match=r"^--qexport-formats: unknown format 'gguf'"):
+        get_format("gguf", option="--qexport-formats")
