@@ -302,3 +302,19 @@ def test_a_failed_close_names_the_file(tmp_path):
     with pytest.raises(OSError) as e:
         writer.close()
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "out"))
+
+
+def test_a_written_file_is_byte_identical_to_the_librarys_for_the_same_tensor_order(tmp_path):
+    from safetensors.torch import save
+
+    tensors = tensors_for(LAYOUT[:2])
+    theirs = tmp_path / "theirs"
+    theirs.write_bytes(save(tensors, metadata={"format": "pt"}))
+    entries, _ = st.read_header(theirs)
+    order = sorted(entries, key=lambda n: entries[n].start)  # the library's own order (by alignment, then name)
+    layout = [next(row for row in LAYOUT if row[0] == n) for n in order]
+    writer = st.StreamWriter(tmp_path / "ours", layout, {"format": "pt"})
+    for name in order:
+        writer.add(name, tensors[name])
+    writer.close()
+    assert (tmp_path / "ours").read_bytes() == theirs.read_bytes()
