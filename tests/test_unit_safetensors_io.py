@@ -318,3 +318,17 @@ def test_a_written_file_is_byte_identical_to_the_librarys_for_the_same_tensor_or
         writer.add(name, tensors[name])
     writer.close()
     assert (tmp_path / "ours").read_bytes() == theirs.read_bytes()
+
+
+def test_truncation_names_the_first_tensor_that_ends_past_the_data(tmp_path):
+    header = {"a": one(offsets=(0, 8)), "b": one(offsets=(8, 16)), "c": one(offsets=(16, 24))}
+    refused(raw_file(tmp_path / "m", header, bytes(16)), "truncated: tensor 'c' ends at data byte 24")
+
+
+def test_sha256_of_a_file_linked_inside_the_given_root(tmp_path):
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "link.json").symlink_to(tmp_path / "a.json")
+    assert st.sha256_file(tmp_path / "sub" / "link.json", root=tmp_path) == hashlib.sha256(b"{}").hexdigest()
+    with pytest.raises(InputError, match="symlink leads outside"):
+        st.sha256_file(tmp_path / "sub" / "link.json")  # default root: the file's own folder

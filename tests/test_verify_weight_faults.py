@@ -130,3 +130,10 @@ def test_at_most_three_problems_are_named_and_the_low_tensors_counted(out, qwen3
                                              "model.layers.1.input_layernorm.weight",
                                              "model.layers.0.post_attention_layernorm.weight")])
     assert sqnr(folder, qwen3_src).detail.count("shape [3]") == 3
+
+
+def test_unreadable_shards_skip_the_weight_check_saying_so(out, qwen3_src, tmp_path):
+    folder = copy(tmp_path, out / "int4")
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    result = sqnr(folder, qwen3_src)
+    assert (result.name, result.skipped, result.detail) == ("weights_sqnr", True, "shards unreadable")
