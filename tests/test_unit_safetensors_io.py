@@ -332,3 +332,16 @@ def test_sha256_of_a_file_linked_inside_the_given_root(tmp_path):
     assert st.sha256_file(tmp_path / "sub" / "link.json", root=tmp_path) == hashlib.sha256(b"{}").hexdigest()
     with pytest.raises(InputError, match="symlink leads outside"):
         st.sha256_file(tmp_path / "sub" / "link.json")  # default root: the file's own folder
+
+
+def test_adjacent_tensors_after_a_gap_are_not_an_overlap(tmp_path):
+    # a gap, then two tensors that touch: the gap is reported, not an overlap of the touching pair
+    header = {"a": one(offsets=(8, 16)), "b": one(offsets=(16, 24))}
+    refused(raw_file(tmp_path / "m", header, bytes(24)), "8 bytes before tensor 'a' belong to no tensor")
+
+
+@pytest.mark.parametrize("shape,why", [([-1] * 60, "is not a list of non-negative integers"),
+                                       ([1] * 40, "has more than 8 dimensions")])
+def test_a_long_bad_shape_is_quoted_up_to_100_characters(tmp_path, shape, why):
+    msg = refused(raw_file(tmp_path / "m", {"w": one(shape=shape, offsets=(0, 4))}, bytes(4)), why)
+    assert f"shape {str(shape)[:100]} " in msg
