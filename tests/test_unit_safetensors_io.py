@@ -345,3 +345,8 @@ def test_adjacent_tensors_after_a_gap_are_not_an_overlap(tmp_path):
 def test_a_long_bad_shape_is_quoted_up_to_100_characters(tmp_path, shape, why):
     msg = refused(raw_file(tmp_path / "m", {"w": one(shape=shape, offsets=(0, 4))}, bytes(4)), why)
     assert f"shape {str(shape)[:100]} " in msg
+
+
+def test_a_byte_count_mismatch_states_the_bytes_the_offsets_hold(tmp_path):
+    msg = refused(raw_file(tmp_path / "m", {"w": one(offsets=(8, 20))}, bytes(20)), "needs 8")
+    assert "data_offsets [8, 20] hold 12 bytes but dtype F32 shape [2] needs 8" in msg

@@ -140,3 +140,16 @@ def test_unreadable_shards_skip_the_weight_check_saying_so(out, qwen3_src, tmp_p
     (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     result = sqnr(folder, qwen3_src)
     assert (result.name, result.skipped, result.detail) == ("weights_sqnr", True, "shards unreadable")
+
+
+def test_a_tensor_the_reference_lacks_does_not_end_the_comparison(out, qwen3_src, tmp_path):
+    # the extra tensor (I64, named to sort first in the file) is tensor_names' business; every other tensor must
+    # still be compared: here one Linear's scales are off by 1.5x
+    folder = copy(tmp_path, out / "int4")
+
+    def change(t):
+        t["a.extra"] = torch.arange(3)
+        t[f"{DOWN}.weight_scale"] = t[f"{DOWN}.weight_scale"] * 1.5
+    defects.edit_tensors(folder, change)
+    result = sqnr(folder, qwen3_src)
+    assert not result.passed and f"worst {DOWN}.weight" in result.detail, result.detail
