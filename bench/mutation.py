@@ -104,8 +104,8 @@ def module_file(arg: str) -> str:
     module file."""
     if "__mutmut_" in arg:
         parts = arg.split(".")
-        module = ".".join(parts[:next(i for i, p in enumerate(parts) if p.startswith("x"))])
-        return module.replace(".", "/") + ".py"
+        module = ".".join(parts[:next(i for i, p in enumerate(parts) if p.startswith("x"))]).replace(".", "/")
+        return f"{module}/__init__.py" if (ROOT / module).is_dir() else f"{module}.py"
     return arg.partition("::")[0]
 
 
