@@ -350,3 +350,22 @@ def test_a_long_bad_shape_is_quoted_up_to_100_characters(tmp_path, shape, why):
 def test_a_byte_count_mismatch_states_the_bytes_the_offsets_hold(tmp_path):
     msg = refused(raw_file(tmp_path / "m", {"w": one(offsets=(8, 20))}, bytes(20)), "needs 8")
     assert "data_offsets [8, 20] hold 12 bytes but dtype F32 shape [2] needs 8" in msg
+
+
+def test_a_length_prefix_with_the_top_bit_set_is_above_the_limit_not_negative(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"\xff" * 8 + b"{}")
+    refused(path, f"header length {2**64 - 1} is above the 100 MiB limit")
+
+
+def test_a_path_through_a_file_cannot_be_read_and_says_why(tmp_path):
+    (tmp_path / "file").write_text("x")
+    refused(tmp_path / "file" / "model.safetensors", r"cannot read: Not a directory$")
+
+
+def test_a_header_linked_inside_the_given_root_is_read(tmp_path):
+    save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.safetensors").symlink_to(tmp_path / "model.safetensors")
+    assert set(st.read_header(tmp_path / "sub" / "m.safetensors", root=tmp_path)[0]) == {"w"}
+    refused(tmp_path / "sub" / "m.safetensors", "symlink leads outside")
