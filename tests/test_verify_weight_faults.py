@@ -153,3 +153,14 @@ def test_a_tensor_the_reference_lacks_does_not_end_the_comparison(out, qwen3_src
     defects.edit_tensors(folder, change)
     result = sqnr(folder, qwen3_src)
     assert not result.passed and f"worst {DOWN}.weight" in result.detail, result.detail
+
+
+def test_a_tensor_that_dequantizes_to_inf_does_not_hide_later_problems(out, qwen3_src, tmp_path):
+    folder = copy(tmp_path, out / "int4")
+
+    def change(t):
+        t[f"{DOWN}.weight_scale"][0, 0] = float("inf")
+        t["model.norm.weight"] = torch.ones(10, dtype=torch.bfloat16)
+    defects.edit_tensors(folder, change)
+    detail = sqnr(folder, qwen3_src).detail
+    assert "dequantizes to NaN/Inf" in detail and "model.norm.weight: shape [10]" in detail, detail
