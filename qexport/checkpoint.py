@@ -11,13 +11,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from . import safe_fs
+from . import safe_fs, safetensors_io
 from .errors import InputError
 from .safe_fs import MAX_CONFIG_BYTES, MAX_JSON_BYTES
-from .safetensors_io import DTYPES, TensorEntry, read_header, sha256_file
+from .safetensors_io import TensorEntry, read_header, sha256_file
+
+if TYPE_CHECKING:  # torch is imported when the first tensor is read: opening a checkpoint stays torch-free
+    import torch
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -186,8 +188,10 @@ class Checkpoint:
         resident memory and grow with the model; a plain read keeps memory at the tensor being worked on.
         Offsets were checked against the file when its header was read.
         """
+        import torch
+
         entry = self.entries[name]
-        dtype = DTYPES[entry.dtype]
+        dtype = safetensors_io.DTYPES[entry.dtype]
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
         buffer = bytearray(entry.nbytes)
@@ -248,4 +252,4 @@ def check_layer_counts(config: dict, entries: dict, config_path: Path) -> None:
 
 
 def is_float(dtype_name: str) -> bool:
-    return DTYPES[dtype_name].is_floating_point
+    return safetensors_io.DTYPES[dtype_name].is_floating_point

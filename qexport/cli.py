@@ -51,6 +51,15 @@ def _run_export(args) -> int:
     from .malloc import keep_freed_memory
 
     keep_freed_memory()
+    if args.src is not None and args.lora is None and not args.models and args.weights is None:
+        # The architecture's discovery (a child process in a fresh interpreter) starts before torch is imported
+        # here, so the two imports run on two cores; opening the checkpoint first refuses bad input as before.
+        from .architecture import prefetch
+        from .checkpoint import Checkpoint
+
+        source = Checkpoint.open(args.src)
+        if "quantization_config" not in source.config:
+            prefetch(source.config, source.folder / "config.json")
     from .export import ExportOptions, export
     from .merge import open_source
     from .report import print_export_summary
