@@ -29,8 +29,8 @@ def _add_export(sub):
                    help="int4 group size along the input. Default: the largest of 128, 64, 32 that every Linear's "
                         "input size divides by (one per model). Given: exactly that; Linears whose input does not "
                         "divide by it stay dense, with a warning")
-    p.add_argument("--workers", type=int, default=1,
-                   help="threads encoding tensors (default 1; the output is identical for any N)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="tensors encoded at once, one thread each (default 2; the output is identical for any N)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep Linear weights holding NaN/Inf dense instead of refusing the export")
     _add_writing_options(p, overwrite_help="replace existing OUT/<format> folders")
