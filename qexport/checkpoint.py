@@ -194,15 +194,15 @@ class Checkpoint:
         dtype = safetensors_io.DTYPES[entry.dtype]
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
-        buffer = bytearray(entry.nbytes)
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)  # not zero-filled first, as a bytearray would be
         try:
             with safe_fs.open_regular(entry.file, buffering=0) as f:
-                got = os.preadv(f.fileno(), [buffer], entry.data_start + entry.start)
+                got = os.preadv(f.fileno(), [buffer.numpy()], entry.data_start + entry.start)
         except OSError as e:
             raise InputError(f"{entry.file}: cannot read tensor {name!r}: {e.strerror or e}")
         if got != entry.nbytes:
             raise InputError(f"{entry.file}: tensor {name!r} is truncated ({got} of {entry.nbytes} bytes)")
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
+        return buffer.view(dtype).reshape(entry.shape)
 
     def source_files(self) -> list[dict]:
         """config.json and the weight files with their sizes and sha256, for the manifest."""
