@@ -164,7 +164,8 @@ def _in_child(config: dict, config_path) -> Future:
 
     def wait():
         try:
-            out, err = proc.communicate(json.dumps({"config": config, "config_path": str(config_path)}).encode())
+            request = {"config": config, "config_path": str(config_path), "parent": os.getpid()}
+            out, err = proc.communicate(json.dumps(request).encode())
             if proc.returncode != 0:
                 raise RuntimeError(f"architecture discovery failed (exit {proc.returncode}): "
                                    f"{err.decode(errors='replace').strip()[-2000:]}")
@@ -194,12 +195,27 @@ def _child_main() -> None:
     import sys
 
     request = json.loads(sys.stdin.buffer.read())
+    _die_with(request["parent"])
     try:
         answer = _to_json(inspect_architecture(request["config"], request["config_path"]))
     except InputError as e:
         answer = {"error": str(e.args[0] if e.args else e)}
     sys.stdout.write(json.dumps(answer))
     sys.stdout.flush()
+
+
+def _die_with(parent: int) -> None:
+    """Linux: end this child when the export that started it is killed (it would otherwise finish its imports)."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent went before the line above took effect
+        os._exit(1)
 
 
 EMBEDDING_PARTS = ("embed", "wte", "wpe", "shared")
