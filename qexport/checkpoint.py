@@ -7,9 +7,10 @@ weight files (single file or index + shards), every safetensors header, index/sh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,6 +158,8 @@ class Checkpoint:
     config: dict
     files: list[Path]
     entries: dict[str, TensorEntry]
+    # file -> (sha256 of its first `offset` bytes, offset): fed by `hash_read`, finished by `source_files`
+    _hashes: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, folder: str | Path) -> "Checkpoint":
@@ -223,7 +226,34 @@ class Checkpoint:
         paths = [self.folder / "config.json", *self.files]
         if os.path.lexists(self.folder / INDEX_FILE):
             paths.append(self.folder / INDEX_FILE)
-        return [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
+        return [{"name": p.name, "bytes": p.stat().st_size, "sha256": self._sha256(p)} for p in paths]
+
+    def hash_read(self, name: str, tensor: torch.Tensor) -> None:
+        """Feed a tensor `read` returned to its file's sha256 when it is the next span of the file. An export that
+        sees tensors in file order (one thread) so spares `source_files` a second full read of the source."""
+        import torch
+
+        entry = self.entries[name]
+        sha, offset = self._hashes.get(entry.file, (None, entry.data_start))
+        if entry.data_start + entry.start != offset or entry.nbytes == 0:
+            return
+        if sha is None:
+            with safe_fs.open_regular(entry.file) as f:
+                sha = hashlib.sha256(f.read(entry.data_start))  # the length prefix and the header
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._hashes[entry.file] = (sha, offset + entry.nbytes)
+
+    def _sha256(self, path: Path) -> str:
+        """A file's sha256: what `hash_read` saw, then the rest of the file (all of it if nothing was fed)."""
+        if path not in self._hashes:
+            return sha256_file(path)
+        sha, offset = self._hashes[path]
+        sha = sha.copy()
+        with safe_fs.open_regular(path) as f:
+            f.seek(offset)
+            while block := f.read(16 * 2**20):
+                sha.update(block)
+        return sha.hexdigest()
 
     def side_files(self) -> list[Path]:
         """Everything but weights and config: tokenizer, generation config, chat template, READMEs, subfolders."""

@@ -226,6 +226,21 @@ def in_background(fn: Callable) -> Future:
     return future
 
 
+class Deferred:
+    """fn() computed on the first call of .result(), on the calling thread (a Future's interface, no thread)."""
+
+    def __init__(self, fn: Callable):
+        self._fn, self._future = fn, Future()
+
+    def result(self, timeout=None):
+        if not self._future.done():
+            try:
+                self._future.set_result(self._fn())
+            except BaseException as e:
+                self._future.set_exception(e)
+        return self._future.result()
+
+
 def ordered_map(fn: Callable, items: list, workers: int):
     """Yield fn(item) in order, computing up to `workers` items ahead on worker threads (bounded memory).
 
@@ -287,12 +302,14 @@ def output_config(config: dict, fmt: Format, ignore: list[str], sentence_transfo
 
 def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: ExportOptions,
                  source_files: Future) -> dict:
-    """Write one complete export folder; returns its manifest. `source_files` is being hashed in the background."""
+    """Write one complete export folder; returns its manifest. `source_files`: the source's hashes, when done."""
     from tqdm import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)  # export() creates and locks it (OwnedFolder)
     fmt = plan.fmt
     tensors_info: dict[str, dict] = {}
+
+    hash_read = getattr(source, "hash_read", None)
 
     def encode(tp: TensorPlan):
         w = source.read(tp.source)
@@ -304,7 +321,7 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
             error = nonfinite_error(tp.source, w, options.allow_nonfinite, origin, fmt.dtype)
             if error is not None:
                 raise error
-        return tp, encoded
+        return tp, w, encoded
 
     files = []
     writers: dict[int, StreamWriter] = {}
@@ -312,7 +329,10 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
                disable=None if options.progress is None else not options.progress, file=sys.stderr)
     try:
         current = -1
-        for tp, encoded in ordered_map(encode, plan.tensors, options.workers):
+        for tp, w, encoded in ordered_map(encode, plan.tensors, options.workers):
+            if hash_read is not None:
+                hash_read(tp.source, w)  # in file order here, whatever the workers' order
+            del w
             if tp.shard != current:
                 if current >= 0:
                     files.append(_close(writers.pop(current), plan))
@@ -551,9 +571,11 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
         raise InputError(f"--workers: {options.workers} must be at least 1")
     if "quantization_config" in source.config:
         raise InputError(f"{source.folder / 'config.json'}: source is already quantized (has quantization_config)")
-    # Hashing the source is a full read of it: it runs on a second core (hashlib releases the GIL) while the
-    # architecture's modules import and tensors encode.
-    source_files = in_background(source.source_files)
+    # A checkpoint's files are hashed from the tensors as the first format reads them (`hash_read`; the manifest
+    # asks for the digests after that): one read of the source, not two. Other sources hash on a second core
+    # (hashlib releases the GIL) from the start.
+    source_files = (Deferred(source.source_files) if hasattr(source, "hash_read")
+                    else in_background(source.source_files))
     discovery = discover(source.config, source.folder / "config.json")
     # One thread per torch op: tensors encode in parallel on `workers` threads instead. Intra-op threads spin-wait
     # between the short ops of an encode and take the core that hashing and discovery need (1b int4 on 2 cores:

@@ -123,3 +123,27 @@ def test_a_fresh_command_line_export_discovers_in_a_child_and_writes_the_same_by
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert tree_sha256(tmp_path / "out") == direct
+
+
+def test_source_hashes_fed_from_reads_in_file_order_equal_the_files_sha256_gaps_and_all(llama_sharded_src):
+    from qexport.safetensors_io import sha256_file
+
+    source = Checkpoint.open(llama_sharded_src)
+    names = source.names
+    for name in names[:3] + names[4:]:  # one tensor never fed: the rest of its file is read from disk
+        source.hash_read(name, source.read(name))
+    assert {r["name"]: r["sha256"] for r in source.source_files()} == {
+        r["name"]: sha256_file(llama_sharded_src / r["name"]) for r in source.source_files()}
+    assert len(source.files) > 1
+
+
+def test_an_export_records_the_source_files_sha256(llama_sharded_src, tmp_path):
+    import json
+
+    from qexport.safetensors_io import sha256_file
+
+    export(Checkpoint.open(llama_sharded_src), tmp_path / "out", ExportOptions(**OPTIONS))
+    for fmt in OPTIONS["formats"]:
+        recorded = json.loads((tmp_path / "out" / fmt / "qexport.json").read_text())["source"]["files"]
+        assert {r["name"]: r["sha256"] for r in recorded} == {
+            r["name"]: sha256_file(llama_sharded_src / r["name"]) for r in recorded}
