@@ -267,6 +267,7 @@ def wrap(owner, attr, key):
     setattr(owner, attr, timed)
 wrap(Checkpoint, "read", "read tensors (positioned reads)")
 wrap(Checkpoint, "source_files", "hash the source (sha256)")
+wrap(Checkpoint, "hash_read", "hash the source (sha256)")
 wrap(formats.REGISTRY[sys.argv[3]], "encode", "encode (scales, quantize, pack)")
 def _write(self, data):  # StreamWriter._write, timed in two parts
     c = time.thread_time(); self._sha.update(data); c2 = time.thread_time()
