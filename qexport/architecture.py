@@ -122,15 +122,23 @@ def _config_key(config: dict, config_path) -> str:
     return json.dumps([config, str(config_path)], sort_keys=True)
 
 
-def discover(config: dict, config_path: Path | str = "config.json") -> Future:
+# Below this much tensor data the export is over before a child could import torch a second time: building the meta
+# model in-process costs less CPU and no more time. $QEXPORT_DISCOVERY_CHILD_MIN_BYTES overrides it (tests: 0).
+CHILD_MIN_BYTES = 64 * 2**20
+
+
+def discover(config: dict, config_path: Path | str = "config.json", source_bytes: int | None = None) -> Future:
     """A future of `inspect_architecture(config)`: done already when the modeling code is imported in this
-    process, else computed by a child process (started by `prefetch` or now). InputError passes through."""
+    process or the checkpoint is small (`source_bytes`), else computed by a child process (started by `prefetch`
+    or now). InputError passes through."""
+    import os
     import sys
 
     future = _prefetched.pop(_config_key(config, config_path), None)
     if future is not None:
         return future
-    if any(m in sys.modules for m in _HEAVY_MODULES):
+    threshold = int(os.environ.get("QEXPORT_DISCOVERY_CHILD_MIN_BYTES", CHILD_MIN_BYTES))
+    if any(m in sys.modules for m in _HEAVY_MODULES) or (source_bytes is not None and source_bytes < threshold):
         future = Future()
         try:
             future.set_result(inspect_architecture(config, config_path))
@@ -140,13 +148,19 @@ def discover(config: dict, config_path: Path | str = "config.json") -> Future:
     return _in_child(config, config_path)
 
 
-def prefetch(config: dict, config_path: Path | str = "config.json") -> None:
-    """Start `discover` now (a command line calls it before importing torch) for a later `discover` to pick up."""
+def prefetch(config: dict, config_path: Path | str = "config.json", source_bytes: int | None = None) -> None:
+    """Start `discover` now (a command line calls it before importing torch) for a later `discover` to pick up;
+    nothing where it would run in-process anyway."""
+    import os
+
+    threshold = int(os.environ.get("QEXPORT_DISCOVERY_CHILD_MIN_BYTES", CHILD_MIN_BYTES))
+    if source_bytes is not None and source_bytes < threshold:
+        return
     if not _prefetched:
         import atexit
 
         atexit.register(lambda: [cancel(f) for f in _prefetched.values()])  # one an early error left unused
-    _prefetched[_config_key(config, config_path)] = discover(config, config_path)
+    _prefetched[_config_key(config, config_path)] = discover(config, config_path, source_bytes)
 
 
 def _in_child(config: dict, config_path) -> Future:

@@ -194,6 +194,10 @@ class Checkpoint:
         return [self.folder]
 
     @property
+    def tensor_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    @property
     def names(self) -> list[str]:
         """Tensor names in file order, then offset order: the order that reads each file front to back."""
         return sorted(self.entries, key=lambda n: (self.files.index(self.entries[n].file), self.entries[n].start))

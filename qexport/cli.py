@@ -59,7 +59,7 @@ def _run_export(args) -> int:
 
         source = Checkpoint.open(args.src)
         if "quantization_config" not in source.config:
-            prefetch(source.config, source.folder / "config.json")
+            prefetch(source.config, source.folder / "config.json", source.tensor_bytes)
     from .export import ExportOptions, export
     from .merge import open_source
     from .report import print_export_summary

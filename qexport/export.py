@@ -576,7 +576,8 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     # (hashlib releases the GIL) from the start.
     source_files = (Deferred(source.source_files) if hasattr(source, "hash_read")
                     else in_background(source.source_files))
-    discovery = discover(source.config, source.folder / "config.json")
+    discovery = discover(source.config, source.folder / "config.json",
+                         sum(nbytes(e.dtype, e.shape) for e in source.entries.values()))
     # One thread per torch op: tensors encode in parallel on `workers` threads instead. Intra-op threads spin-wait
     # between the short ops of an encode and take the core that hashing and discovery need (1b int4 on 2 cores:
     # 14-18 s CPU with 2 intra-op threads, 8 s with 1).

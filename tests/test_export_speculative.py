@@ -117,7 +117,8 @@ def test_the_child_process_reports_a_bad_config_as_input_error(qwen3_src):
 def test_a_fresh_command_line_export_discovers_in_a_child_and_writes_the_same_bytes(llama_sharded_src, direct,
                                                                                   tmp_path):
     """The whole command in a new interpreter (transformers not imported: the child-process path)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               QEXPORT_DISCOVERY_CHILD_MIN_BYTES="0")  # a child even for this 4 MB model
     cmd = [sys.executable, "-m", "qexport.cli", "export", str(llama_sharded_src), "--out", str(tmp_path / "out"),
            "--formats", "fp16", "int8", "int4", "--max-shard-size", "600000", "--quiet"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -147,3 +148,15 @@ def test_an_export_records_the_source_files_sha256(llama_sharded_src, tmp_path):
         recorded = json.loads((tmp_path / "out" / fmt / "qexport.json").read_text())["source"]["files"]
         assert {r["name"]: r["sha256"] for r in recorded} == {
             r["name"]: sha256_file(llama_sharded_src / r["name"]) for r in recorded}
+
+
+def test_a_small_checkpoint_is_not_discovered_in_a_child(qwen3_src, monkeypatch):
+    import qexport.architecture as architecture
+
+    monkeypatch.delenv("QEXPORT_DISCOVERY_CHILD_MIN_BYTES", raising=False)
+    monkeypatch.setattr(architecture, "_in_child", lambda *_: pytest.fail("child process started"))
+    monkeypatch.setattr(architecture, "_HEAVY_MODULES", ("no.such.module",))  # as in a fresh process
+    config = load_config(qwen3_src)
+    architecture.prefetch(config, qwen3_src / "config.json", source_bytes=architecture.CHILD_MIN_BYTES - 1)
+    assert architecture.discover(config, qwen3_src / "config.json",
+                                 architecture.CHILD_MIN_BYTES - 1).result() == inspect_architecture(config)
