@@ -29,8 +29,8 @@ def _add_export(sub):
                    help="int4 group size along the input. Default: the largest of 128, 64, 32 that every Linear's "
                         "input size divides by (one per model). Given: exactly that; Linears whose input does not "
                         "divide by it stay dense, with a warning")
-    p.add_argument("--workers", type=int, default=1,
-                   help="threads encoding tensors (default 1; the output is identical for any N)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="tensors encoded at once, one thread each (default 2; the output is identical for any N)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep Linear weights holding NaN/Inf dense instead of refusing the export")
     _add_writing_options(p, overwrite_help="replace existing OUT/<format> folders")
@@ -51,6 +51,15 @@ def _run_export(args) -> int:
     from .malloc import keep_freed_memory
 
     keep_freed_memory()
+    if args.src is not None and args.lora is None and not args.models and args.weights is None:
+        # The architecture's discovery (a child process in a fresh interpreter) starts before torch is imported
+        # here, so the two imports run on two cores; opening the checkpoint first refuses bad input as before.
+        from .architecture import prefetch
+        from .checkpoint import Checkpoint
+
+        source = Checkpoint.open(args.src)
+        if "quantization_config" not in source.config:
+            prefetch(source.config, source.folder / "config.json", source.tensor_bytes)
     from .export import ExportOptions, export
     from .merge import open_source
     from .report import print_export_summary
