@@ -222,7 +222,8 @@ def summarise(note: str) -> str:
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     table = ["| module | mutants | killed | survived (equivalent) | other | score: killed / (tested - equivalent) |",
              "|---|---|---|---|---|---|"]
-    runs_table = ["| group | modules run | mutants tested | wall | s per mutant | children | load (start, end) | date |",
+    runs_table = ["| group | modules or mutants run | new results (re-runs and reset timeouts not counted) | wall | "
+                  "s per new result | children | load (start, end) | date |",
                   "|---|---|---|---|---|---|---|---|"]
     survivors: dict[str, list[tuple[Path, str]]] = {}
     for group, (globs, tests, _) in SELECTIONS.items():
@@ -238,8 +239,9 @@ def summarise(note: str) -> str:
             survivors[module] = [(work, n) for n, c in sorted(codes.items()) if STATUS.get(c) == "survived"]
         log = work / "runs.json"
         for r in json.loads(log.read_text()) if log.exists() else []:
-            per = f"{r['wall_s'] / r['tested']:.1f}" if r["tested"] else "-"
-            runs_table.append(f"| {group} | {', '.join(r['modules'])} | {r['tested']} | {r['wall_s'] / 60:.1f} min | "
+            per = f"{r['wall_s'] / r['tested']:.1f}" if r["tested"] > 0 else "-"
+            members = ", ".join(r["modules"]) if len(r["modules"]) <= 3 else f"{len(r['modules'])} named"
+            runs_table.append(f"| {group} | {members} | {max(r['tested'], 0)} | {r['wall_s'] / 60:.1f} min | "
                               f"{per} | {r['max_children']} | {r['load_start']}, {r['load_end']} | {r['date']} |")
     lines += table + ["", "## Runs", "", *runs_table, "", "## Test selections", ""]
     lines += [f"- {group} ({', '.join(globs)}): {', '.join(tests)}" + (" (verify's disk cache of exports)" if c else "")
