@@ -135,7 +135,6 @@ def main() -> None:
         models.append(smollm2_folder())
     groups = [None if str(g) == "auto" else int(g) for g in args.groups]
     store = args.out.with_suffix(".json")
-    results = json.loads(store.read_text()) if store.exists() else {}
     for src in models:
         run = {"environment": environment(), "rows": []}
         with tempfile.TemporaryDirectory(prefix="qexport-quality-") as tmp:
@@ -148,6 +147,8 @@ def main() -> None:
                     group = f"{m['group']}" + (" (auto)" if g is None and fmt.startswith("int4") else "")
                     run["rows"].append({"label": label, "group": group, "metrics": m})
                     print(label, group, {k: m.get(k) for k in COLUMNS}, f"{m['export_seconds']:.1f} s", flush=True)
+        # Read just before writing: another run may have recorded another model meanwhile.
+        results = json.loads(store.read_text()) if store.exists() else {}
         results[model_label(src)] = run
         store.write_text(json.dumps(results, indent=1, default=str) + "\n")
         args.out.write_text(render(results) + "\n")
