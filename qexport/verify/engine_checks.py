@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checkpoint import declared_dtype
 from .context import CheckResult, Context, _fail, _listing, _ok, _skip, has_tokenizer
 
 # |logprob(vLLM) - logprob(transformers)| on the same folder, tokens and dtype, per dtype. Measured on the tiny
@@ -142,7 +143,7 @@ def check_engine_vllm(ctx: Context) -> CheckResult:
 def engine_dtype(config: dict | None) -> str:
     """The dtype vLLM runs the folder in: config.json's (vLLM's `auto`) when fp16 or bf16; float16 instead of
     float32, since vLLM CPU runs int4 (CPUWNA16) only in fp16/bf16."""
-    named = str((config or {}).get("dtype") or (config or {}).get("torch_dtype") or "float16")
+    named = declared_dtype(config)
     return named if named in ("float16", "bfloat16") else "float16"
 
 
