@@ -112,6 +112,9 @@ def render(results: dict) -> str:
             lines.append(f"| {r['label']} | {r['group']} | " + " | ".join(cell(m.get(c)) for c in present)
                          + f" | {m['export_seconds']:.1f} | {m.get('verify', 'pass')} |")
         lines.append("")
+    notes = HERE / "quality_notes.md"  # hand-written analysis of the tables (and of experiments not kept)
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
     return "\n".join(lines)
 
 
