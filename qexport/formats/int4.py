@@ -12,8 +12,8 @@ from .int8 import INT8, _module
 
 # How scales (and zero points) are chosen; the stored layout is the same for every method.
 # rtn: round-to-nearest over each group's full range (compressed-tensors' minmax observer).
-# mse: each group's range clipped by the factor (1.0 down to 0.8) whose reconstruction has the lowest squared
-#      error (clip_search; compressed-tensors calls such a search the "mse" observer).
+# mse: each group's range clipped by the factor (1.0 down to 0.8) whose reconstruction has the lowest
+#      error, sum |w - ŵ|^2.4 (clip_search; compressed-tensors calls such a search the "mse" observer).
 INT4_METHODS = ("rtn", "mse")
 
 
