@@ -215,70 +215,118 @@ def bench_size(size: str, rounds: int, peer: Path | None, scratch: Path) -> list
         for name, spec in runs.items():
             shutil.rmtree(spec["clean"], ignore_errors=True)
             samples[name].append(run_measured(spec["cmd"]))
+            samples[name][-1]["load"] = float(Path("/proc/loadavg").read_text().split()[0])
             print(f"[{size} round {r + 1}/{rounds}] {name}: {samples[name][-1]['wall']:.2f} s", file=sys.stderr)
     rows = []
     for name, spec in runs.items():
         walls = [s["wall"] for s in samples[name]]
         median = statistics.median(walls)
         rows.append({
+            "size": size,
             "model": f"{size} ({params_of(src) / 1e9:.2f}B, {in_bytes / 1e9:.2f} GB)",
             "tool": name,
             "wall s median": round(median, 2),
             "min-max": f"{min(walls):.2f}-{max(walls):.2f}",
             "input GB/s": round(in_bytes / 1e9 / median, 2),
+            "steady GB/s": None,
             "peak RSS GB": round(max(s["rss"] for s in samples[name]) / 1e9, 3),
             "peak anon GB": round(max(s["anon"] for s in samples[name]) / 1e9, 3),
             "output GB": round(folder_bytes(spec["out"]) / 1e9, 3),
             "reloads": "-" if name.startswith("cp") else ("yes" if reloads(spec["out"]) else "NO"),
+            "load": f"{min(x['load'] for x in samples[name]):.1f}-{max(x['load'] for x in samples[name]):.1f}",
         })
         shutil.rmtree(spec["clean"], ignore_errors=True)
     return rows
 
 
-PHASES_SCRIPT = r"""
-import json, sys, time
+PROFILE_SCRIPT = r"""
+import json, resource, sys, threading, time
 t0 = time.perf_counter()
 from qexport.malloc import keep_freed_memory
 keep_freed_memory()
-import torch
-t1 = time.perf_counter()
-import qexport.export as E
-from qexport.architecture import inspect_architecture
+from qexport.architecture import prefetch
 from qexport.checkpoint import Checkpoint
 source = Checkpoint.open(sys.argv[1])
-t2 = time.perf_counter()
-inspect_architecture(source.config)
-t3 = time.perf_counter()
-hashed = time.perf_counter(); source.source_files(); hashed = time.perf_counter() - hashed
-source.source_files = lambda: []  # measured above on its own; the export hashes on a second core
-stats = {"read": 0.0, "encode": 0.0}
-read, fmt_cls = Checkpoint.read, None
-def timed_read(self, name):
-    t = time.perf_counter(); r = read(self, name); stats["read"] += time.perf_counter() - t; return r
-Checkpoint.read = timed_read
-from qexport.formats import REGISTRY
-encode = REGISTRY[sys.argv[3]].encode
-def timed_encode(self, *a):
-    t = time.perf_counter(); r = encode(self, *a); stats["encode"] += time.perf_counter() - t; return r
-REGISTRY[sys.argv[3]].encode = timed_encode
-t4 = time.perf_counter()
-E.export(source, sys.argv[2], E.ExportOptions(formats=(sys.argv[3],), overwrite=True, progress=False, workers=1))
-t5 = time.perf_counter()
-print(json.dumps({"import torch + qexport": t1 - t0, "read headers": t2 - t1,
-                  "import the architecture (transformers modeling) + meta model": t3 - t2,
-                  "export after imports (read, encode, write, hash output, card, manifest)": t5 - t4,
-                  "  of which: read tensors (positioned reads)": stats["read"],
-                  "  of which: encode (fp16 cast, scales, quantize, pack)": stats["encode"],
-                  "hash the source (sha256; overlaps the imports on a second core in a real run)": hashed}))
+prefetch(source.config, source.folder / "config.json")  # as the command line does: discovery starts first
+import torch
+import qexport.export as E
+from qexport import formats, safetensors_io
+imports_cpu, imports_wall = time.process_time(), time.perf_counter() - t0
+stats, lock = {}, threading.Lock()
+def account(key, seconds):
+    with lock:
+        stats[key] = stats.get(key, 0.0) + seconds
+def wrap(owner, attr, key):
+    original = getattr(owner, attr)
+    def timed(*a, **k):
+        c = time.thread_time()
+        try:
+            return original(*a, **k)
+        finally:
+            account(key, time.thread_time() - c)
+    setattr(owner, attr, timed)
+wrap(Checkpoint, "read", "read tensors (positioned reads)")
+wrap(Checkpoint, "source_files", "hash the source (sha256)")
+wrap(Checkpoint, "hash_read", "hash the source (sha256)")
+wrap(formats.REGISTRY[sys.argv[3]], "encode", "encode (scales, quantize, pack)")
+def _write(self, data):  # StreamWriter._write, timed in two parts
+    c = time.thread_time(); self._sha.update(data); c2 = time.thread_time()
+    with safetensors_io._naming(self.path):
+        self._file.write(data)
+    account("hash the output (sha256)", c2 - c); account("write the output", time.thread_time() - c2)
+safetensors_io.StreamWriter._write = _write
+E.export(source, sys.argv[2], E.ExportOptions(formats=(sys.argv[3],), overwrite=True, progress=False))
+wall = time.perf_counter() - t0
+me, child = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+total = me.ru_utime + me.ru_stime
+rows = {"interpreter, import torch + qexport": imports_cpu,
+        "architecture discovery (child process: python, torch, transformers modeling, meta model)":
+            child.ru_utime + child.ru_stime, **stats}
+rows["rest (planning, threads, side files, card, manifest)"] = total - imports_cpu - sum(stats.values())
+rows["all (both processes)"] = total + child.ru_utime + child.ru_stime
+print(json.dumps({"rows": rows, "wall": wall, "imports_wall": imports_wall}))
 """
 
 
-def phases(src: Path, fmt: str, scratch: Path) -> list[dict]:
-    """Where one export's wall time goes, phase by phase (imports warm the same way as a real run)."""
-    out = subprocess.run([sys.executable, "-c", PHASES_SCRIPT, str(src), str(scratch / "phases"), fmt],
+def profile(src: Path, fmt: str, scratch: Path) -> tuple[list[dict], str]:
+    """CPU seconds by phase of one export (default options), each phase timed on the thread that runs it."""
+    out = subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, str(src), str(scratch / "profile"), fmt],
                          capture_output=True, text=True, check=True).stdout
-    shutil.rmtree(scratch / "phases", ignore_errors=True)
-    return [{"phase": k, "seconds": round(v, 2)} for k, v in json.loads(out.splitlines()[-1]).items()]
+    shutil.rmtree(scratch / "profile", ignore_errors=True)
+    data = json.loads(out.splitlines()[-1])
+    note = (f"wall {data['wall']:.2f} s, imports done at {data['imports_wall']:.2f} s, load "
+            f"{Path('/proc/loadavg').read_text().split()[0]}")
+    return [{"phase": k, "CPU s": round(v, 2)} for k, v in data["rows"].items()], note
+
+
+def throughput(rows: list[dict], sizes: dict[str, int]) -> None:
+    """Steady-state GB/s of each tool: input bytes over wall time between the two model sizes (fixed start-up,
+    imports and discovery cancel out), written into the larger model's rows."""
+    if len(sizes) < 2:
+        return
+    small, large = sorted(sizes, key=sizes.get)[0], sorted(sizes, key=sizes.get)[-1]
+    wall = {(r["size"], r["tool"]): r["wall s median"] for r in rows}
+    for r in rows:
+        if r["size"] == large and (small, r["tool"]) in wall:
+            extra = r["wall s median"] - wall[(small, r["tool"])]
+            r["steady GB/s"] = round((sizes[large] - sizes[small]) / 1e9 / extra, 2) if extra > 0 else None
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per model and format: the best qexport row against the best model_free_ptq row (medians)."""
+    out = []
+    for size in dict.fromkeys(r["size"] for r in rows):
+        for fmt, scheme in (("int4", "W4A16"), ("int8", "W8A16")):
+            ours = [r for r in rows if r["size"] == size and r["tool"].startswith(f"qexport {fmt}")]
+            peer = [r for r in rows if r["size"] == size and r["tool"].startswith(f"model_free_ptq {scheme}")]
+            if ours and peer:
+                a = min(ours, key=lambda r: r["wall s median"])
+                b = min(peer, key=lambda r: r["wall s median"])
+                out.append({"model": a["model"], "format": fmt, "qexport s": a["wall s median"],
+                            "model_free_ptq s": b["wall s median"],
+                            "speed-up": round(b["wall s median"] / a["wall s median"], 2),
+                            "RSS ratio (peer / qexport)": round(b["peak RSS GB"] / a["peak RSS GB"], 2)})
+    return out
 
 
 def versions(peer: Path | None) -> str:
@@ -316,18 +364,28 @@ def main() -> int:
     peer = None if args.skip_peer else ensure_peer()
     CACHE.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=CACHE))  # one per run: checkouts may bench at once
-    rows = []
+    rows, sizes = [], {}
     for size in args.sizes:
         rows += bench_size(size, args.rounds, peer, scratch)
-    profile = ""
+        sizes[size] = folder_bytes(make_checkpoint(size))
+    throughput(rows, sizes)
+    ratio_rows = ratios(rows)
+    for r in rows:
+        del r["size"]
+    profiles = ""
     if "1b" in args.sizes:
         for fmt in ("int4", "int8"):
-            profile += f"\nPhases of one `qexport export --formats {fmt}` of the 1b checkpoint (one worker):\n\n"
-            profile += table(phases(make_checkpoint("1b"), fmt, scratch)) + "\n"
+            phase_rows, note = profile(make_checkpoint("1b"), fmt, scratch)
+            profiles += (f"\nCPU by phase of one `qexport export --formats {fmt}` of the 1b checkpoint (default options; "
+                         f"{note}):\n\n{table(phase_rows)}\n")
     help_walls = [run_measured([*QEXPORT, "--help"])["wall"] for _ in range(5)]
     startup = f"- `qexport --help` start-up: median {statistics.median(help_walls):.3f} s over 5 runs\n"
-    text = (f"# Export benchmark\n\n{versions(peer)}\n{startup}- {args.rounds} rounds, alternating tools within each round; "
-            f"whole processes (imports included); wall median and min-max\n\n{table(rows)}\n{profile}")
+    text = (f"# Export benchmark\n\n{versions(peer)}\n{startup}- {args.rounds} rounds, alternating tools within each "
+            f"round; whole processes (imports included); wall median and min-max; load = 1-minute load average "
+            f"when each run ended (2 cores: above ~0.5 means other work shared them); steady GB/s = input bytes "
+            f"over wall time between the two model sizes (start-up cancels out)\n\n{table(rows)}\n"
+            f"\nBest qexport row against the best model_free_ptq row, per model and format (medians):\n\n"
+            f"{table(ratio_rows)}\n{profiles}")
     print(text)
     Path(args.results).write_text(text)
     shutil.rmtree(scratch)

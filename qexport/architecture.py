@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +89,160 @@ def inspect_architecture(config: dict, config_path: Path | str = "config.json") 
     # non-persistent buffers (position_ids, inv_freq) that older checkpoints still store: transformers drops them
     ignored += tuple(f"^{re.escape(name)}$" for name, _ in model.named_buffers() if name not in shapes)
     return Architecture(type(model).__name__, shapes, linear, frozenset(tied), is_causal, ignored)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Discovery off the critical path. Importing transformers' modeling code costs 2-3 s in a fresh process (torch
+# distributed, dynamo, sympy ...), longer than reading and encoding a 1B model. In such a process the meta model is
+# built in a child process that runs on the other core while the export reads, hashes and encodes from a
+# prediction (`predict_architecture`); the export compares its plan against the real architecture's before
+# anything is renamed into place. Where the modeling code is already imported (a test session, a notebook), the
+# meta model costs milliseconds and is built in-process.
+
+# These modules loaded means the expensive part of building a meta model is paid already.
+_HEAVY_MODULES = ("transformers.modeling_utils",)
+_prefetched: dict[str, Future] = {}
+
+
+def _to_json(arch: Architecture) -> dict:
+    return {"model_class": arch.model_class, "shapes": {n: list(s) for n, s in arch.shapes.items()},
+            "linear_weights": sorted(arch.linear_weights), "tied_names": sorted(arch.tied_names),
+            "is_causal_lm": arch.is_causal_lm, "ignored_unexpected": list(arch.ignored_unexpected)}
+
+
+def _from_json(data: dict) -> Architecture:
+    return Architecture(data["model_class"], {n: tuple(s) for n, s in data["shapes"].items()},
+                        frozenset(data["linear_weights"]), frozenset(data["tied_names"]), data["is_causal_lm"],
+                        tuple(data["ignored_unexpected"]))
+
+
+def _config_key(config: dict, config_path) -> str:
+    import json
+
+    return json.dumps([config, str(config_path)], sort_keys=True)
+
+
+# Below this much tensor data the export is over before a child could import torch a second time: building the meta
+# model in-process costs less CPU and no more time. $QEXPORT_DISCOVERY_CHILD_MIN_BYTES overrides it (tests: 0).
+CHILD_MIN_BYTES = 64 * 2**20
+
+
+def discover(config: dict, config_path: Path | str = "config.json", source_bytes: int | None = None) -> Future:
+    """A future of `inspect_architecture(config)`: done already when the modeling code is imported in this
+    process or the checkpoint is small (`source_bytes`), else computed by a child process (started by `prefetch`
+    or now). InputError passes through."""
+    import os
+    import sys
+
+    future = _prefetched.pop(_config_key(config, config_path), None)
+    if future is not None:
+        return future
+    threshold = int(os.environ.get("QEXPORT_DISCOVERY_CHILD_MIN_BYTES", CHILD_MIN_BYTES))
+    if any(m in sys.modules for m in _HEAVY_MODULES) or (source_bytes is not None and source_bytes < threshold):
+        future = Future()
+        try:
+            future.set_result(inspect_architecture(config, config_path))
+        except BaseException as e:
+            future.set_exception(e)
+        return future
+    return _in_child(config, config_path)
+
+
+def prefetch(config: dict, config_path: Path | str = "config.json", source_bytes: int | None = None) -> None:
+    """Start `discover` now (a command line calls it before importing torch) for a later `discover` to pick up;
+    nothing where it would run in-process anyway."""
+    import os
+
+    threshold = int(os.environ.get("QEXPORT_DISCOVERY_CHILD_MIN_BYTES", CHILD_MIN_BYTES))
+    if source_bytes is not None and source_bytes < threshold:
+        return
+    if not _prefetched:
+        import atexit
+
+        atexit.register(lambda: [cancel(f) for f in _prefetched.values()])  # one an early error left unused
+    _prefetched[_config_key(config, config_path)] = discover(config, config_path, source_bytes)
+
+
+def _in_child(config: dict, config_path) -> Future:
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    package_root = str(Path(__file__).resolve().parent.parent)  # this qexport, wherever it is imported from
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", "from qexport.architecture import _child_main; _child_main()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    future: Future = Future()
+
+    def wait():
+        try:
+            request = {"config": config, "config_path": str(config_path), "parent": os.getpid()}
+            out, err = proc.communicate(json.dumps(request).encode())
+            if proc.returncode != 0:
+                raise RuntimeError(f"architecture discovery failed (exit {proc.returncode}): "
+                                   f"{err.decode(errors='replace').strip()[-2000:]}")
+            answer = json.loads(out)
+            if "error" in answer:
+                future.set_exception(InputError(answer["error"]))
+            else:
+                future.set_result(_from_json(answer))
+        except BaseException as e:
+            if not future.done():
+                future.set_exception(e)
+
+    threading.Thread(target=wait, daemon=True, name="qexport-discovery").start()
+    future.process = proc  # so that an export stopping early can end it
+    return future
+
+
+def cancel(future) -> None:
+    """End the child process behind a `discover` future, if it has one still running."""
+    proc = getattr(future, "process", None)
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+
+
+def _child_main() -> None:
+    import json
+    import sys
+
+    request = json.loads(sys.stdin.buffer.read())
+    _die_with(request["parent"])
+    try:
+        answer = _to_json(inspect_architecture(request["config"], request["config_path"]))
+    except InputError as e:
+        answer = {"error": str(e.args[0] if e.args else e)}
+    sys.stdout.write(json.dumps(answer))
+    sys.stdout.flush()
+
+
+def _die_with(parent: int) -> None:
+    """Linux: end this child when the export that started it is killed (it would otherwise finish its imports)."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent went before the line above took effect
+        os._exit(1)
+
+
+EMBEDDING_PARTS = ("embed", "wte", "wpe", "shared")
+
+
+def predict_architecture(config: dict, entries: dict) -> Architecture:
+    """What the meta model most likely is, from the checkpoint's own names and shapes: every tensor as stored, and
+    every 2-D `*.weight` whose module is not an embedding an nn.Linear. Only a guess to start work on: an export
+    confirms its plan against `inspect_architecture` before renaming anything into place."""
+    linear = frozenset(
+        name for name, e in entries.items()
+        if name.endswith(".weight") and len(e.shape) == 2
+        and not any(part in name.removesuffix(".weight").rsplit(".", 1)[-1] for part in EMBEDDING_PARTS))
+    architectures = config.get("architectures") or [str(config.get("model_type"))]
+    return Architecture(architectures[0], {n: tuple(e.shape) for n, e in entries.items()}, linear, frozenset(),
+                        architectures[0].endswith("ForCausalLM"))

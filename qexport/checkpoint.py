@@ -7,17 +7,20 @@ weight files (single file or index + shards), every safetensors header, index/sh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from . import safe_fs
+from . import safe_fs, safetensors_io
 from .errors import InputError
 from .safe_fs import MAX_CONFIG_BYTES, MAX_JSON_BYTES
-from .safetensors_io import DTYPES, TensorEntry, read_header, sha256_file
+from .safetensors_io import TensorEntry, read_header, sha256_file
+
+if TYPE_CHECKING:  # torch is imported when the first tensor is read: opening a checkpoint stays torch-free
+    import torch
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -155,6 +158,8 @@ class Checkpoint:
     config: dict
     files: list[Path]
     entries: dict[str, TensorEntry]
+    # file -> (sha256 of its first `offset` bytes, offset): fed by `hash_read`, finished by `source_files`
+    _hashes: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, folder: str | Path) -> "Checkpoint":
@@ -189,6 +194,10 @@ class Checkpoint:
         return [self.folder]
 
     @property
+    def tensor_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    @property
     def names(self) -> list[str]:
         """Tensor names in file order, then offset order: the order that reads each file front to back."""
         return sorted(self.entries, key=lambda n: (self.files.index(self.entries[n].file), self.entries[n].start))
@@ -200,26 +209,55 @@ class Checkpoint:
         resident memory and grow with the model; a plain read keeps memory at the tensor being worked on.
         Offsets were checked against the file when its header was read.
         """
+        import torch
+
         entry = self.entries[name]
-        dtype = DTYPES[entry.dtype]
+        dtype = safetensors_io.DTYPES[entry.dtype]
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
-        buffer = bytearray(entry.nbytes)
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)  # not zero-filled first, as a bytearray would be
         try:
             with safe_fs.open_regular(entry.file, buffering=0) as f:
-                got = os.preadv(f.fileno(), [buffer], entry.data_start + entry.start)
+                got = os.preadv(f.fileno(), [buffer.numpy()], entry.data_start + entry.start)
         except OSError as e:
             raise InputError(f"{entry.file}: cannot read tensor {name!r}: {e.strerror or e}")
         if got != entry.nbytes:
             raise InputError(f"{entry.file}: tensor {name!r} is truncated ({got} of {entry.nbytes} bytes)")
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
+        return buffer.view(dtype).reshape(entry.shape)
 
     def source_files(self) -> list[dict]:
         """config.json and the weight files with their sizes and sha256, for the manifest."""
         paths = [self.folder / "config.json", *self.files]
         if os.path.lexists(self.folder / INDEX_FILE):
             paths.append(self.folder / INDEX_FILE)
-        return [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
+        return [{"name": p.name, "bytes": p.stat().st_size, "sha256": self._sha256(p)} for p in paths]
+
+    def hash_read(self, name: str, tensor: torch.Tensor) -> None:
+        """Feed a tensor `read` returned to its file's sha256 when it is the next span of the file. An export that
+        sees tensors in file order (one thread) so spares `source_files` a second full read of the source."""
+        import torch
+
+        entry = self.entries[name]
+        sha, offset = self._hashes.get(entry.file, (None, entry.data_start))
+        if entry.data_start + entry.start != offset or entry.nbytes == 0:
+            return
+        if sha is None:
+            with safe_fs.open_regular(entry.file) as f:
+                sha = hashlib.sha256(f.read(entry.data_start))  # the length prefix and the header
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._hashes[entry.file] = (sha, offset + entry.nbytes)
+
+    def _sha256(self, path: Path) -> str:
+        """A file's sha256: what `hash_read` saw, then the rest of the file (all of it if nothing was fed)."""
+        if path not in self._hashes:
+            return sha256_file(path)
+        sha, offset = self._hashes[path]
+        sha = sha.copy()
+        with safe_fs.open_regular(path) as f:
+            f.seek(offset)
+            while block := f.read(16 * 2**20):
+                sha.update(block)
+        return sha.hexdigest()
 
     def side_files(self) -> list[Path]:
         """Everything but weights and config: tokenizer, generation config, chat template, READMEs, subfolders."""
@@ -262,4 +300,4 @@ def check_layer_counts(config: dict, entries: dict, config_path: Path) -> None:
 
 
 def is_float(dtype_name: str) -> bool:
-    return DTYPES[dtype_name].is_floating_point
+    return safetensors_io.DTYPES[dtype_name].is_floating_point

@@ -33,8 +33,8 @@ def _add_export(sub):
                    help="how int4 scales are chosen: rtn, round-to-nearest over each group's range (default); mse, "
                         "each group's range clipped by the factor (1.0 down to 0.8) with the lowest weight error "
                         "(sum |w - ŵ|^2.4) (slower; same stored layout)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="threads encoding tensors (default 1; the output is identical for any N)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="tensors encoded at once, one thread each (default 2; the output is identical for any N)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep Linear weights holding NaN/Inf dense instead of refusing the export")
     _add_writing_options(p, overwrite_help="replace existing OUT/<format> folders")
@@ -55,6 +55,15 @@ def _run_export(args) -> int:
     from .malloc import keep_freed_memory
 
     keep_freed_memory()
+    if args.src is not None and args.lora is None and not args.models and args.weights is None:
+        # The architecture's discovery (a child process in a fresh interpreter) starts before torch is imported
+        # here, so the two imports run on two cores; opening the checkpoint first refuses bad input as before.
+        from .architecture import prefetch
+        from .checkpoint import Checkpoint
+
+        source = Checkpoint.open(args.src)
+        if "quantization_config" not in source.config:
+            prefetch(source.config, source.folder / "config.json", source.tensor_bytes)
     from .export import ExportOptions, export
     from .merge import open_source
     from .report import print_export_summary

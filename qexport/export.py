@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from . import __version__, safe_fs
-from .architecture import Architecture, inspect_architecture
+from .architecture import Architecture, cancel, discover, inspect_architecture, predict_architecture  # noqa: F401
 from .card import CARD_FILE, base_model_id, write_card
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, declared_dtype
 from .errors import InputError
@@ -53,7 +53,7 @@ class ExportOptions:
     # How int4 scales (and zero points) are chosen: formats.int4.INT4_METHODS. Same layout for every method.
     int4_method: str = "rtn"
     max_shard_size: int = 5 * 10**9
-    workers: int = 1
+    workers: int = 2  # tensors encoded at once, one thread each (output identical for any number)
     overwrite: bool = False
     allow_nonfinite: bool = False
     ignore: tuple[str, ...] = ("lm_head",)  # module names (or trailing name parts) that always stay dense
@@ -228,6 +228,21 @@ def in_background(fn: Callable) -> Future:
     return future
 
 
+class Deferred:
+    """fn() computed on the first call of .result(), on the calling thread (a Future's interface, no thread)."""
+
+    def __init__(self, fn: Callable):
+        self._fn, self._future = fn, Future()
+
+    def result(self, timeout=None):
+        if not self._future.done():
+            try:
+                self._future.set_result(self._fn())
+            except BaseException as e:
+                self._future.set_exception(e)
+        return self._future.result()
+
+
 def ordered_map(fn: Callable, items: list, workers: int):
     """Yield fn(item) in order, computing up to `workers` items ahead on worker threads (bounded memory).
 
@@ -289,12 +304,14 @@ def output_config(config: dict, fmt: Format, ignore: list[str], sentence_transfo
 
 def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: ExportOptions,
                  source_files: Future) -> dict:
-    """Write one complete export folder; returns its manifest. `source_files` is being hashed in the background."""
+    """Write one complete export folder; returns its manifest. `source_files`: the source's hashes, when done."""
     from tqdm import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)  # export() creates and locks it (OwnedFolder)
     fmt = plan.fmt
     tensors_info: dict[str, dict] = {}
+
+    hash_read = getattr(source, "hash_read", None)
 
     def encode(tp: TensorPlan):
         w = source.read(tp.source)
@@ -306,7 +323,7 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
             error = nonfinite_error(tp.source, w, options.allow_nonfinite, origin, fmt.dtype)
             if error is not None:
                 raise error
-        return tp, encoded
+        return tp, w, encoded
 
     files = []
     writers: dict[int, StreamWriter] = {}
@@ -314,7 +331,10 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
                disable=None if options.progress is None else not options.progress, file=sys.stderr)
     try:
         current = -1
-        for tp, encoded in ordered_map(encode, plan.tensors, options.workers):
+        for tp, w, encoded in ordered_map(encode, plan.tensors, options.workers):
+            if hash_read is not None:
+                hash_read(tp.source, w)  # in file order here, whatever the workers' order
+            del w
             if tp.shard != current:
                 if current >= 0:
                     files.append(_close(writers.pop(current), plan))
@@ -542,8 +562,9 @@ def check_destination(out: Path, formats: Iterable[str], overwrite: bool) -> Non
 def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dict[str, dict]:
     """Export `source` to OUT/<format>/ for each format; returns the manifests by format name.
 
-    Everything that can be checked is checked before the first byte is written; the formats are written to
-    temporary folders and renamed into place only when all of them are complete.
+    Everything that can be checked is checked before the first byte is written (the architecture, when it is
+    still being discovered, before anything is renamed); the formats are written to temporary folders and renamed
+    into place only when all of them are complete and confirmed.
     """
     out = Path(out)
     if options.group_size is not None and (options.group_size <= 0 or options.group_size % 8):
@@ -552,45 +573,93 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
         raise InputError(f"--workers: {options.workers} must be at least 1")
     if "quantization_config" in source.config:
         raise InputError(f"{source.folder / 'config.json'}: source is already quantized (has quantization_config)")
-    # Hashing the source is a full read of it: it runs on a second core (hashlib releases the GIL) while the
-    # architecture's modules import and tensors encode.
-    source_files = in_background(source.source_files)
-    arch = inspect_architecture(source.config, source.folder / "config.json")
+    # A checkpoint's files are hashed from the tensors as the first format reads them (`hash_read`; the manifest
+    # asks for the digests after that): one read of the source, not two. Other sources hash on a second core
+    # (hashlib releases the GIL) from the start.
+    source_files = (Deferred(source.source_files) if hasattr(source, "hash_read")
+                    else in_background(source.source_files))
+    discovery = discover(source.config, source.folder / "config.json",
+                         sum(nbytes(e.dtype, e.shape) for e in source.entries.values()))
+    # One thread per torch op: tensors encode in parallel on `workers` threads instead. Intra-op threads spin-wait
+    # between the short ops of an encode and take the core that hashing and discovery need (1b int4 on 2 cores:
+    # 14-18 s CPU with 2 intra-op threads, 8 s with 1).
+    intra_op_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _export(source, out, options, discovery, source_files)
+    finally:
+        torch.set_num_threads(intra_op_threads)
+        cancel(discovery)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything an export decides from the architecture before writing: what a prediction must agree on."""
+
+    compute_dtype: str
+    plans: list[FormatPlan]
+
+    def signature(self) -> list:
+        return [(p.fmt.name, p.fmt.config_dtype, p.fmt.parameters(), p.shard_names, sorted(set(p.ignore)),
+                 p.dense_linears, [(t.source, t.quantize, t.stored, t.shard) for t in p.tensors])
+                for p in self.plans]
+
+
+def prepare(source: TensorSource, arch: Architecture, options: ExportOptions) -> Prepared:
+    """Check the checkpoint against the architecture and plan every format (no tensor data read, except the
+    Linear weights' finiteness under --allow-nonfinite)."""
     check_shapes(source, arch)
-    side_tree(source)  # links out of the folder and special files are refused before anything is written
     compute_dtype = compute_dtype_of(source, arch.linear_weights)
     group_size = options.group_size
     if group_size is None:
         group_size = choose_group_size(quantizable_linears(source, arch, options.ignore).values())
     formats = [get_format(name, group_size=group_size, dtype=compute_dtype, method=options.int4_method)
                for name in dict.fromkeys(options.formats)]
-    if compute_dtype == "bfloat16" and "fp16" in options.formats and source.config.get("model_type") in \
-            FP16_OVERFLOW_FAMILIES:
-        log.warning("fp16: %s models trained in bfloat16 are known to overflow fp16 activations (NaN logits); "
-                    "int8 / int4 keep bfloat16, and `qexport verify` runs the fp16 export in float16",
-                    source.config.get("model_type"))
-    check_destination(out, [f.name for f in formats], options.overwrite)
-    check_not_input(out, [out / f.name for f in formats], input_folders(source))
     nonfinite = (
         nonfinite_tensors(source, [n for n in source.names if n in arch.linear_weights])
         if options.allow_nonfinite
         else set()
     )
-    plans = [plan_format(source, arch, fmt, options, nonfinite) for fmt in formats]
-    for plan in plans:
-        if plan.dense_linears:
-            log.warning("%s", dense_linears_warning(plan.fmt.name, plan.dense_linears))
+    return Prepared(compute_dtype, [plan_format(source, arch, fmt, options, nonfinite) for fmt in formats])
+
+
+def _export(source: TensorSource, out: Path, options: ExportOptions, discovery: Future,
+            source_files: Future) -> dict[str, dict]:
+    # While the architecture is being discovered in a child process, work starts from a prediction made from the
+    # checkpoint's names and shapes; the real architecture's plan must equal it before anything is renamed into
+    # place, else the formats are written again from the real plan. (--allow-nonfinite reads every Linear weight
+    # up front: it waits.)
+    speculative = not discovery.done() and not options.allow_nonfinite
+    try:
+        if speculative:
+            prepared = prepare(source, predict_architecture(source.config, source.entries), options)
+        else:
+            prepared = prepare(source, discovery.result(), options)
+        side_tree(source)  # links out of the folder and special files are refused before anything is written
+        check_destination(out, [p.fmt.name for p in prepared.plans], options.overwrite)
+        check_not_input(out, [out / p.fmt.name for p in prepared.plans], input_folders(source))
+    except InputError:
+        if speculative:
+            confirmed(source, discovery, options)  # an error of the architecture is the one to report first
+        raise
 
     created = [d for d in (out, *out.parents) if not d.exists()]  # folders this export creates, deepest first
     clean_stale(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp_dirs = {p.fmt.name: out / f".{p.fmt.name}{TMP_MARK}{os.getpid()}" for p in plans}
+    tmp_dirs = {p.fmt.name: out / f".{p.fmt.name}{TMP_MARK}{os.getpid()}" for p in prepared.plans}
     owned: list[OwnedFolder] = []
     manifests = {}
     try:
-        for plan in plans:
+        for plan in prepared.plans:
             owned.append(OwnedFolder(tmp_dirs[plan.fmt.name]))
             manifests[plan.fmt.name] = write_format(source, plan, tmp_dirs[plan.fmt.name], options, source_files)
+        real = confirmed(source, discovery, options) if speculative else prepared
+        if real.signature() != prepared.signature():
+            log.info("the architecture differs from the prediction made from the checkpoint: writing again")
+            for plan in real.plans:
+                shutil.rmtree(tmp_dirs[plan.fmt.name], ignore_errors=True)
+                manifests[plan.fmt.name] = write_format(source, plan, tmp_dirs[plan.fmt.name], options, source_files)
+        _warn(source, real)
         for name, tmp in tmp_dirs.items():
             _replace_dir(tmp, out / name, options.overwrite)
     except BaseException:
@@ -604,6 +673,22 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
         for folder in owned:
             folder.release()
     return manifests
+
+
+def confirmed(source: TensorSource, discovery: Future, options: ExportOptions) -> Prepared:
+    """The plan from the real architecture (waits for its discovery); InputError where the checkpoint does not fit."""
+    return prepare(source, discovery.result(), options)
+
+
+def _warn(source: TensorSource, prepared: Prepared) -> None:
+    if prepared.compute_dtype == "bfloat16" and "fp16" in [p.fmt.name for p in prepared.plans] and \
+            source.config.get("model_type") in FP16_OVERFLOW_FAMILIES:
+        log.warning("fp16: %s models trained in bfloat16 are known to overflow fp16 activations (NaN logits); "
+                    "int8 / int4 keep bfloat16, and `qexport verify` runs the fp16 export in float16",
+                    source.config.get("model_type"))
+    for plan in prepared.plans:
+        if plan.dense_linears:
+            log.warning("%s", dense_linears_warning(plan.fmt.name, plan.dense_linears))
 
 
 def _replace_dir(tmp: Path, target: Path, overwrite: bool = True) -> None:
