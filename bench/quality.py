@@ -96,7 +96,7 @@ def environment() -> str:
 def render(results: dict) -> str:
     """QUALITY.md from every model's recorded run (quality.json)."""
     lines = ["# INT4 quality by method and group size", "",
-             "Written by `bench/quality.py` from its measurements in `bench/quality.json` (a run replaces the rows "
+             "Written by `bench/quality.py` from its measurements in `bench/QUALITY.json` (a run replaces the rows "
              "it measures and keeps the others; each section says when its rows were measured).", "",
              "bits/w: stored bits per quantized weight (codes, scales, zero points, shapes); SQNR per quantized "
              "tensor, dB; cosine: pooled embeddings of verify's fixed sentences (encoders); ppl / KLD / top-1 "
