@@ -241,6 +241,9 @@ def _quantized_description(manifest: dict, config: dict) -> str:
         arithmetic = (f"asymmetric: scale = (max − min) / {2 ** bits - 1} over each group's range (widened to "
                       f"include 0), with a {bits}-bit zero point per group packed {32 // bits} per int32 word "
                       f"along the output dimension (`weight_zero_point`); w ≈ (q − zero point) · scale")
+    if manifest["parameters"].get("method") == "mse":
+        arithmetic += (" — each group's range first clipped by the factor from 1.0 down to 0.8 whose "
+                       "reconstruction has the lowest error (sum |w − ŵ|^2.4) (`--int4-method mse`, no data)")
     return (f"- **Quantized**: {count} `nn.Linear` weights, {manifest['summary']['quantized_weights']:,} "
             f"weights in all: {stored} and {scales}; {arithmetic}, round half to even. Activations stay 16-bit "
             f"({manifest['parameters'].get('scheme')}): transformers dequantizes on load, vLLM runs its own "

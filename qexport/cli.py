@@ -29,6 +29,10 @@ def _add_export(sub):
                    help="int4 group size along the input. Default: the largest of 128, 64, 32 that every Linear's "
                         "input size divides by (one per model). Given: exactly that; Linears whose input does not "
                         "divide by it stay dense, with a warning")
+    p.add_argument("--int4-method", choices=("rtn", "mse"), default="rtn",
+                   help="how int4 scales are chosen: rtn, round-to-nearest over each group's range (default); mse, "
+                        "each group's range clipped by the factor (1.0 down to 0.8) with the lowest weight error "
+                        "(sum |w - ŵ|^2.4) (slower; same stored layout)")
     p.add_argument("--workers", type=int, default=2,
                    help="tensors encoded at once, one thread each (default 2; the output is identical for any N)")
     p.add_argument("--allow-nonfinite", action="store_true",
@@ -68,6 +72,7 @@ def _run_export(args) -> int:
     options = ExportOptions(
         formats=tuple(args.formats),
         group_size=args.group_size,
+        int4_method=args.int4_method,
         max_shard_size=parse_size(args.max_shard_size),
         workers=args.workers,
         overwrite=args.overwrite,

@@ -50,6 +50,8 @@ class ExportOptions:
     # None: the largest of AUTO_GROUP_SIZES that every quantizable Linear's input divides by (one per model).
     # A number: that group size exactly; Linears whose input does not divide by it stay dense, with a warning.
     group_size: int | None = None
+    # How int4 scales (and zero points) are chosen: formats.int4.INT4_METHODS. Same layout for every method.
+    int4_method: str = "rtn"
     max_shard_size: int = 5 * 10**9
     workers: int = 2  # tensors encoded at once, one thread each (output identical for any number)
     overwrite: bool = False
@@ -611,7 +613,7 @@ def prepare(source: TensorSource, arch: Architecture, options: ExportOptions) ->
     group_size = options.group_size
     if group_size is None:
         group_size = choose_group_size(quantizable_linears(source, arch, options.ignore).values())
-    formats = [get_format(name, group_size=group_size, dtype=compute_dtype)
+    formats = [get_format(name, group_size=group_size, dtype=compute_dtype, method=options.int4_method)
                for name in dict.fromkeys(options.formats)]
     nonfinite = (
         nonfinite_tensors(source, [n for n in source.names if n in arch.linear_weights])

@@ -45,6 +45,7 @@ def test_max_shard_size_option_shards_the_output(qwen3_src, tmp_path):
     (["--max-shard-size", "lots"], "--max-shard-size"),
     (["--group-size", "100"], "--group-size"),
     (["--workers", "0"], "--workers"),
+    (["--int4-method", "gptq"], "--int4-method"),
 ])
 def test_bad_option_exits_2_with_one_line_naming_it(qwen3_src, tmp_path, args, names):
     result = qexport("export", qwen3_src, "--out", tmp_path / "out", *args)

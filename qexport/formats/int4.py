@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from .. import quant
+from .. import clip_search, quant
+from ..errors import InputError
 from .base import register
-from .int8 import INT8
+from .int8 import INT8, _module
+
+# How scales (and zero points) are chosen; the stored layout is the same for every method.
+# rtn: round-to-nearest over each group's full range (compressed-tensors' minmax observer).
+# mse: each group's range clipped by the factor (1.0 down to 0.8) whose reconstruction has the lowest
+#      error, sum |w - ŵ|^2.4 (clip_search; compressed-tensors calls such a search the "mse" observer).
+INT4_METHODS = ("rtn", "mse")
 
 
 @register
@@ -15,9 +22,12 @@ class INT4(INT8):
     name = "int4"
     num_bits = 4
 
-    def __init__(self, group_size: int = 128, dtype: str = "float16", **_options):
+    def __init__(self, group_size: int = 128, dtype: str = "float16", method: str = "rtn", **_options):
         super().__init__(dtype)
+        if method not in INT4_METHODS:
+            raise InputError(f"--int4-method: {method!r} is not one of {', '.join(INT4_METHODS)}")
         self.group_size = group_size
+        self.method = method
 
     def weights_args(self) -> dict:
         return {
@@ -27,6 +37,7 @@ class INT4(INT8):
             "group_size": self.group_size,
             "symmetric": True,
             "dynamic": False,
+            **({"observer": "mse"} if self.method == "mse" else {}),
         }
 
     def why_not_quantizable(self, name, shape):
@@ -38,3 +49,18 @@ class INT4(INT8):
 
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         return quant.pack_int4(q)
+
+    def encode(self, name, w, quantize):
+        if not quantize or self.method == "rtn":
+            return super().encode(name, w, quantize)
+        scales, _, q = clip_search.search_qparams(w.to(self.dtype), 4, self.group_size, symmetric=True,
+                                                  dtype=self.dtype)
+        module = _module(name)
+        return {
+            f"{module}.weight_packed": quant.pack_int4(q),
+            f"{module}.weight_scale": scales,
+            f"{module}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
+        }
+
+    def parameters(self):
+        return {**super().parameters(), "method": self.method}

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .. import quant
+from .. import clip_search, quant
 from .base import register
 from .int4 import INT4
 from .int8 import _module
@@ -42,8 +42,12 @@ class INT4Asymmetric(INT4):
             return {name: self.dense(w)}
         module = _module(name)
         wc = w.to(self.dtype)  # qparams from the weight in the compute dtype, as compressed-tensors computes them
-        scales, zero_points = quant.compute_asymmetric_qparams(wc, 4, self.group_size, dtype=self.dtype)
-        q = quant.quantize_asymmetric(wc, scales, zero_points, 4, self.group_size)
+        if self.method == "mse":
+            scales, zero_points, q = clip_search.search_qparams(wc, 4, self.group_size, symmetric=False,
+                                                                dtype=self.dtype)
+        else:
+            scales, zero_points = quant.compute_asymmetric_qparams(wc, 4, self.group_size, dtype=self.dtype)
+            q = quant.quantize_asymmetric(wc, scales, zero_points, 4, self.group_size)
         return {
             f"{module}.weight_packed": quant.pack_int4(q),
             f"{module}.weight_scale": scales,
