@@ -172,12 +172,12 @@ class Context:
         key = (str(self.reference.folder.resolve()), (self.reference.folder / "config.json").stat().st_mtime_ns,
                self.is_causal)
         if key not in _REFERENCE_OUTPUTS:
-            from ..functional import load_model
+            from ..functional import load_streamed
 
             self.unload()  # the reference model never sits in memory next to a load of the export
             _REFERENCE_OUTPUTS.clear()  # one reference at a time: bounded memory (and disk)
             inputs = self.inputs()  # the tokenizer loads before the model, not next to it
-            model, _ = load_model(self.reference.folder)
+            model = load_streamed(self.reference.folder)  # tensor by tensor: the model once, no mapped files
             _REFERENCE_OUTPUTS[key] = self.outputs(model)
             del model, inputs
             _release()
