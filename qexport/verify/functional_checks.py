@@ -121,7 +121,7 @@ def check_finite_outputs(ctx: Context) -> CheckResult:
         if dtype == ctx.config_dtype and ctx.candidate is None:  # what `functional` compares: no second load
             source = f"reloaded model ({str(dtype).removeprefix('torch.')})"
             ctx.candidate = (outputs, source, _param_dtype(loaded[0]))
-        del outputs
+        del outputs, loaded  # the next dtype's load frees this one: no name here may keep it alive
         ran.append(dtype_name(dtype))
         metrics[f"nonfinite_share_{dtype_name(dtype)}"] = 0.0 if nonfinite is None else nonfinite.share
         if nonfinite is not None:
