@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from .report import format_value, human_bytes
+from .checkpoint import declared_dtype
 from .safe_fs import write_text_atomic
 
 CARD_FILE = "README.md"
@@ -264,7 +265,7 @@ def _dense_description(manifest: dict, config: dict) -> list[str]:
         lines.append(f"- **Nothing is quantized**: floating-point tensors are stored as {dtypes}; integer tensors "
                      "are kept as they are.")
     else:
-        lines.append(f"- **Kept dense ({config.get('dtype') or config.get('torch_dtype') or 'float16'})**:")
+        lines.append(f"- **Kept dense ({declared_dtype(config) or 'float32'})**:")
         tensors = manifest["tensors"]
         for module in manifest.get("ignore", []):
             if f"{module}.weight" in manifest.get("dense_linears", {}):
@@ -350,7 +351,7 @@ def loading_snippet(config: dict, file_names: list[str]) -> str:
     lines = ["import torch", imports, "",
              f'model_dir = "{PATH_PLACEHOLDER}"  # or the Hub repo id once uploaded',
              f"model = {auto}.from_pretrained(model_dir)  # computes in config.json's dtype "
-             f"({config.get('dtype') or config.get('torch_dtype') or 'float32'})"]
+             f"({declared_dtype(config) or 'float32'})"]
     if has_tokenizer:
         lines += ["tokenizer = AutoTokenizer.from_pretrained(model_dir)",
                   'inputs = tokenizer("The quick brown fox", return_tensors="pt")']

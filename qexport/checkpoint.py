@@ -97,6 +97,20 @@ def load_config(folder: Path) -> dict:
     return config
 
 
+FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def declared_dtype(config: dict | None) -> str | None:
+    """The floating dtype config.json names: `dtype` (transformers 5) or `torch_dtype` (older writers), e.g.
+    "bfloat16"; None when it names none (absent, "auto", or not a floating dtype). The one reading of that key for
+    export, verify, the card and the engines: transformers then loads in float32."""
+    for key in ("dtype", "torch_dtype"):
+        value = (config or {}).get(key)
+        if isinstance(value, str) and value.removeprefix("torch.") in FLOAT_DTYPE_NAMES:
+            return value.removeprefix("torch.")
+    return None
+
+
 def _index_shards(folder: Path) -> list[str]:
     index_path = folder / INDEX_FILE
     index = load_json(index_path, INDEX_FILE)

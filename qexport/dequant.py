@@ -47,14 +47,34 @@ def dequantize_module(tensors: dict[str, torch.Tensor], num_bits: int, dtype=Non
     groups = scale.shape[1]
     group_size = None if groups == 1 else cols // groups
     codes = q.to(scale.dtype)
+    zp = None
     if "weight_zero_point" in tensors:
         zp = tensors["weight_zero_point"]
         zp_rows = rows if scale.shape[0] == rows else 1
         if zp.dtype == torch.int32:  # pack-quantized: packed along the output dimension (packed_dim=0)
             zp = unpack_int32(zp.t().contiguous(), num_bits, zp_rows).t()
         zp = zp.reshape(zp_rows, -1).to(scale.dtype)
+    g_idx = _column_groups(tensors.get("weight_g_idx"), cols, groups)
+    if g_idx is not None:  # activation order (GPTQ actorder="group"): column c uses group g_idx[c]
+        if zp is not None:
+            codes = codes - zp[:, g_idx]
+        return codes * scale[:, g_idx]
+    if zp is not None:
         codes = (quant._grouped(codes, group_size) - zp.unsqueeze(-1)).reshape(rows, cols)
     return quant.dequantize(codes, scale, group_size)
+
+
+def _column_groups(g_idx: torch.Tensor | None, cols: int, groups: int) -> torch.Tensor | None:
+    """The group of each input column from a stored `weight_g_idx`, as compressed-tensors and vLLM read it; None
+    when there is none or it is uninitialised (any -1: column order)."""
+    if g_idx is None or groups == 1:
+        return None
+    g_idx = g_idx.reshape(-1).long()
+    if bool((g_idx == -1).any()):
+        return None
+    if g_idx.numel() != cols or bool((g_idx < 0).any()) or bool((g_idx >= groups).any()):
+        raise ValueError(f"weight_g_idx {list(g_idx.shape)} does not map {cols} columns to {groups} groups")
+    return g_idx
 
 
 def num_bits_of(config: dict, module: str) -> int:

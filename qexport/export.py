@@ -29,7 +29,7 @@ import torch
 from . import __version__, safe_fs
 from .architecture import Architecture, inspect_architecture
 from .card import CARD_FILE, base_model_id, write_card
-from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, declared_dtype
 from .errors import InputError
 from .formats import Format, format_name, get_format
 from .formats.base import nonfinite_error
@@ -258,8 +258,8 @@ def compute_dtype_of(source: "TensorSource", linear_weights: Iterable[str] = ())
     dtype, whose Linear weights are all stored as BF16. Keeping bf16 keeps bf16's range: an fp16 export of a model
     whose activations pass 65504 computes NaN (issue: every export of such a model loaded as NaN in float16).
     """
-    declared = source.config.get("dtype") or source.config.get("torch_dtype")
-    if isinstance(declared, str) and declared not in ("auto",):
+    declared = declared_dtype(source.config)
+    if declared is not None:
         return "bfloat16" if declared == "bfloat16" else "float16"
     dtypes = {source.entries[n].dtype for n in linear_weights if n in source.entries}
     return "bfloat16" if dtypes == {"BF16"} else "float16"
@@ -300,8 +300,8 @@ def write_format(source: TensorSource, plan: FormatPlan, folder: Path, options: 
         # NaN / Inf in the source, or values beyond fp16, surface in the stored floats (for a quantized weight
         # in its scales, which hold each group's absmax): checking those costs little next to checking the source.
         if not all(all_finite(t) for t in encoded.values()):
-            error = nonfinite_error(tp.source, w, options.allow_nonfinite,
-                                    getattr(source.entries[tp.source], "file", source.folder), fmt.dtype)
+            origin = source.origin(tp.source) if hasattr(source, "origin") else source.entries[tp.source].file
+            error = nonfinite_error(tp.source, w, options.allow_nonfinite, origin, fmt.dtype)
             if error is not None:
                 raise error
         return tp, encoded

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .architecture import build_config, model_class
-from .checkpoint import load_config
+from .checkpoint import declared_dtype, load_config
 
 
 @contextlib.contextmanager
@@ -68,11 +68,7 @@ def load_model(folder: str | Path, dtype=torch.float32):
 def config_dtype(config: dict) -> torch.dtype:
     """The dtype `from_pretrained` loads a folder in by default: config.json's `dtype` (transformers 5) or
     `torch_dtype` (older writers); float32 when neither names a floating-point dtype."""
-    for key in ("dtype", "torch_dtype"):
-        value = getattr(torch, str(config.get(key)), None) if isinstance(config.get(key), str) else None
-        if isinstance(value, torch.dtype) and value.is_floating_point:
-            return value
-    return torch.float32
+    return getattr(torch, declared_dtype(config) or "float32")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

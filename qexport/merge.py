@@ -386,6 +386,12 @@ class AveragedSource:
             total = term if total is None else total.add_(term)
         return total.to(dtype)
 
+    def origin(self, name: str) -> str:
+        """The input file(s) to blame for a bad averaged tensor: those holding NaN / Inf in it, else all of them."""
+        files = [ckpt.entries[name].file for ckpt in self.checkpoints]
+        bad = [f for f, ckpt in zip(files, self.checkpoints) if not torch.isfinite(ckpt.read(name).float()).all()]
+        return ", ".join(map(str, bad or files))
+
     def side_files(self) -> list[Path]:
         return self.checkpoints[0].side_files()
 

@@ -190,7 +190,7 @@ def test_engine_equal_to_transformers_passes_and_off_by_0_05_fails(qwen3_out, qw
     # A misread scale or packing moves logprobs by far more than fp16 rounding (~1e-3 measured).
     generation["sequences"][1]["logprobs"][2] -= 0.05
     off = judge_vllm(ctx, child_result(stages=["config_parse", "generation"], generation=generation))
-    assert not off.passed and f"> {MAX_ABS_DLOGPROB['float16']:g} (float16)" in off.detail
+    assert not off.passed and f"> {MAX_ABS_DLOGPROB['float16']:g} (float16; floor" in off.detail
 
 
 def test_engine_picking_another_token_beyond_a_tie_fails(qwen3_out, qwen3_src):
@@ -268,3 +268,34 @@ def test_export_that_lost_modules_json_fails(minilm_out, minilm_src, tmp_path):
     (folder / "modules.json").unlink()
     check = st_check(tmp_path, minilm_src, "fp16")
     assert not check.passed and "no modules.json" in check.detail
+
+
+def test_engine_bound_scales_with_the_models_own_rounding_noise(qwen3_out, qwen3_src, monkeypatch):
+    # A real model's bf16 logprobs move by ~0.3 from float32 on their own (SmolLM2-135M: 0.107-0.360); an engine
+    # within the factor times that noise agrees with transformers, a little beyond does not. Scores are stubbed so
+    # the law is tested exactly: low = float32 + noise at one position.
+    import qexport.verify.engine_checks as engine_checks
+
+    ctx = Context(qwen3_out / "fp16", qwen3_src)
+    generation = transformers_generation(ctx.export, prompt_ids(ctx)[:1], steps=2)
+    seq = generation["sequences"][0]
+    vocab = int(ctx.reference.config["vocab_size"])
+    exact = torch.full((len(seq["prompt"]) + 1, vocab), -30.0)
+    targets = (seq["prompt"] + seq["tokens"])[1:]
+    for i, t in enumerate(targets):
+        exact[i, t] = -0.5
+    low = exact.clone()
+    low[0, targets[0]] += 0.3  # the dtype's own noise at one position
+    scores = {torch.float16: [low], torch.float32: [exact]}
+    monkeypatch.setattr(engine_checks, "_score", lambda folder, dtype, sequences: scores[dtype])
+
+    def judged(engine_shift: float):
+        seq["prompt_logprobs"] = [None] + [-0.5] * (len(seq["prompt"]) - 1)
+        seq["logprobs"] = [-0.5] * len(seq["tokens"])
+        seq["logprobs"][-1] += engine_shift
+        return judge_vllm(ctx, child_result(stages=["config_parse", "generation"], generation=generation))
+
+    bound = engine_checks.DTYPE_NOISE_FACTOR * 0.3
+    inside, outside = judged(bound - 0.01), judged(bound + 0.01)
+    assert inside.passed and inside.metrics["engine_dlogprob_bound"] == pytest.approx(bound, abs=1e-6), inside.detail
+    assert not outside.passed and f"{engine_checks.DTYPE_NOISE_FACTOR:g}x transformers' own 0.3" in outside.detail

@@ -369,3 +369,16 @@ def test_merge_cli_writes_a_folder_that_exports(adapters, tmp_path, capsys):
     assert code == 0 and (tmp_path / "merged" / "model.safetensors").is_file()
     code, _ = run_cli(capsys, "export", tmp_path / "merged", "--out", tmp_path / "out", "--formats", "int4", "--quiet")
     assert code == 0 and (tmp_path / "out" / "int4" / "model.safetensors").is_file()
+
+
+def test_nan_in_one_averaged_model_is_blamed_on_that_models_file(build_model, tmp_path, capsys):
+    first = build_model("qwen3", seed=0)
+    second = copy_folder(build_model("qwen3", seed=1), tmp_path / "second")
+    tensors = load_file(second / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, second / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    code, err = run_cli(capsys, "export", "--models", first, second, "--out", tmp_path / "out", "--formats", "int8")
+    assert code == 2 and err.count("\n") == 1, err
+    assert str(second / "model.safetensors") in err and str(first) not in err, err
+    assert "model.layers.1.mlp.up_proj.weight" in err

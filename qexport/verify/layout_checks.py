@@ -189,9 +189,6 @@ def check_layout(ctx: Context) -> CheckResult:
     return _ok(name, f"{len(quantized)} quantized modules match the config")
 
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
 def _predicted_module_bytes(ctx: Context, module: str, parts: dict[str, str]) -> int:
     """Bytes of a quantized module as its config predicts: codes at num_bits (in int32 words when packed, with the
     int64 [2] `weight_shape`), one scale per channel / group / tensor in the config's dtype (compressed-tensors
@@ -205,10 +202,9 @@ def _predicted_module_bytes(ctx: Context, module: str, parts: dict[str, str]) ->
         codes += 16  # weight_shape, int64 [2]
     strategy, group_size = args.get("strategy"), args.get("group_size")
     scales = 1 if strategy == "tensor" else rows * (cols // group_size if strategy == "group" and group_size else 1)
-    dtype = (ctx.config or {}).get("dtype") or (ctx.config or {}).get("torch_dtype") or "float16"
     other = sum(ctx.ckpt.entries[p].nbytes for leaf, p in parts.items()
                 if leaf not in ("weight", "weight_packed", "weight_shape", "weight_scale"))
-    return codes + scales * _DTYPE_BYTES.get(dtype, 4) + other
+    return codes + scales * ctx.config_dtype.itemsize + other
 
 
 def check_bytes(ctx: Context) -> CheckResult:
