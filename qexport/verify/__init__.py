@@ -216,7 +216,8 @@ def applies(check_name: str, *folders: Path) -> bool:
 
 
 # progress(name, index, total, elapsed, result): called when a check starts (result None) and when it ends (its
-# CheckResult); index counts from 1 over the checks that run, elapsed is seconds since verify() started.
+# CheckResult); index counts from 1 over the checks that run, elapsed is seconds since verify() started. A progress
+# object with a `step(name, done, total, unit, elapsed)` method also hears a long check's steps ("120/254 tensors").
 Progress = Callable[[str, int, int, float, "CheckResult | None"], None]
 
 
@@ -234,10 +235,17 @@ def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresh
               if (only is None or name in only) and applies(name, ctx.export, ctx.reference.folder)]
     chosen += [ENGINE_CHECKS[engine] for engine in ctx.engines if only is None or ENGINE_CHECKS[engine][1] in only]
     results = []
+    step = getattr(progress, "step", None)
     for index, (check, name) in enumerate(chosen, 1):
         if progress is not None:
             progress(name, index, len(chosen), time.perf_counter() - start, None)
+        if step is not None:
+            ctx.on_step = lambda done, total, unit, name=name: step(name, done, total, unit,
+                                                                    time.perf_counter() - start)
+        began = time.perf_counter()
         results.append(_run_one(check, name, ctx))
+        results[-1].seconds = round(time.perf_counter() - began, 3)
+        ctx.on_step = None
         if progress is not None:
             progress(name, index, len(chosen), time.perf_counter() - start, results[-1])
     return Verification(ctx.export, ctx.reference.folder, ctx.format, ctx.thresholds, results, ctx.defaults)

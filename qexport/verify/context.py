@@ -45,6 +45,7 @@ class CheckResult:
     skipped: bool = False
     # The thresholds this check compared against, as `threshold_entries` describes them (set by the runner).
     thresholds: list[dict] = field(default_factory=list)
+    seconds: float | None = None  # wall time the check took (set by the runner)
 
     @property
     def status(self) -> str:
@@ -52,7 +53,7 @@ class CheckResult:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "passed": self.passed, "detail": self.detail,
-                "metrics": self.metrics, "thresholds": self.thresholds}
+                "metrics": self.metrics, "thresholds": self.thresholds, "seconds": self.seconds}
 
 
 def _ok(name, detail, **metrics) -> CheckResult:
@@ -124,6 +125,12 @@ class Context:
         self._inputs = None
         self.input_kind = None  # "text", "sentences" or "random", set by inputs()
         self.candidate = None  # (outputs, which model, its dtype) of the export, set by check_functional
+        self.on_step = None  # on_step(done, total, unit): a long check's progress (verify() sets it per check)
+
+    def step(self, done: int, total: int, unit: str) -> None:
+        """A check that walks tensors (or windows, files) reports `done` of `total` so far."""
+        if self.on_step is not None:
+            self.on_step(done, total, unit)
 
     @property
     def is_causal(self) -> bool:
@@ -148,30 +155,35 @@ class Context:
             self._inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         return self._inputs
 
-    def outputs(self, model, windows: int | None = None) -> torch.Tensor:
-        """Logits [B, T, V] (causal LM) or mask-pooled embeddings [B, H] (encoder) on the fixed inputs
-        (the first `windows` rows only, when given)."""
-        from ..functional import model_outputs, pooled_embeddings
+    def outputs(self, model, windows: int | None = None):
+        """Logits of a causal LM as LogitWindows (one forward pass per window, each window's logits in a temporary
+        file: never all windows of several models in memory) or mask-pooled embeddings [B, H] of an encoder, on
+        the fixed inputs (the first `windows` rows only, when given)."""
+        from ..functional import pooled_embeddings, window_logits
 
         inputs = {k: v[:windows] for k, v in self.inputs().items()}
         if self.is_causal:
-            return model_outputs(model, inputs["input_ids"])
+            return window_logits(model, inputs["input_ids"], lambda done, total: self.step(done, total, "windows"))
         return pooled_embeddings(model, inputs)
 
-    def reference_outputs(self) -> torch.Tensor:
+    def reference_outputs(self):
+        """The reference model's outputs (see `outputs`), computed once per reference and cached; the reference
+        model is loaded only while they are computed and freed before anything else is loaded."""
         key = (str(self.reference.folder.resolve()), (self.reference.folder / "config.json").stat().st_mtime_ns,
                self.is_causal)
         if key not in _REFERENCE_OUTPUTS:
-            from ..functional import load_model
+            from ..functional import load_streamed
 
             self.unload()  # the reference model never sits in memory next to a load of the export
-            _REFERENCE_OUTPUTS.clear()  # one reference at a time: bounded memory
-            model, _ = load_model(self.reference.folder)
+            _REFERENCE_OUTPUTS.clear()  # one reference at a time: bounded memory (and disk)
+            inputs = self.inputs()  # the tokenizer loads before the model, not next to it
+            model = load_streamed(self.reference.folder)  # tensor by tensor: the model once, no mapped files
             _REFERENCE_OUTPUTS[key] = self.outputs(model)
-            del model
+            del model, inputs
+            _release()
         return _REFERENCE_OUTPUTS[key]
 
-    def rtn_outputs(self, dtype=torch.float32) -> torch.Tensor:
+    def rtn_outputs(self, dtype=torch.float32):
         """Outputs of the reference quantized by round-to-nearest with the export's declared scheme
         (reference_quant.rtn_model); cached per reference and scheme. Raises UnsupportedScheme."""
         import json as _json
@@ -183,9 +195,11 @@ class Context:
         if key not in _RTN_OUTPUTS:
             self.unload()  # nor does the round-to-nearest model
             _RTN_OUTPUTS.clear()  # one at a time: bounded memory
+            self.inputs()
             model = rtn_model(self.reference.folder, self.qc, dtype=dtype)
             _RTN_OUTPUTS[key] = self.outputs(model)
             del model
+            _release()
         return _RTN_OUTPUTS[key]
 
     @property
@@ -199,16 +213,13 @@ class Context:
         """(model, loading_info) of the export loaded through transformers in `dtype`, or None (the reason in
         `load_errors[dtype]`). Only the latest load is kept: loading another dtype drops the previous model
         first, so two copies of a large model never sit in memory together."""
-        import gc
-
         from ..functional import load_model
 
         if self._load is not None and self._load[0] == dtype:
             return self._load[1]
         if dtype in self.load_errors:
             return None
-        self._load = None
-        gc.collect()
+        self.unload()
         try:
             self._load = (dtype, load_model(self.export, dtype))
         except Exception as e:
@@ -218,10 +229,8 @@ class Context:
 
     def unload(self) -> None:
         """Drop the loaded export (the next `load` loads it again) before another model is built."""
-        import gc
-
         self._load = None
-        gc.collect()
+        _release()
 
     def reload(self) -> None:
         """Load the export in float32 (the exactness checks compare it with our own float32 dequantization)."""
@@ -241,16 +250,38 @@ class Context:
         return self.load(self.config_dtype)
 
     def dequantized_model(self):
-        from ..dequant import dequantized_state_dict
-        from ..functional import model_from_state_dict
+        """Our own dequantization of the export's shards in the reference architecture, float32, built one tensor
+        at a time (functional.model_from_tensors: the model once plus one module's tensors in flight). The
+        caller frees it (`del`) when done; nothing here keeps a reference."""
+        from ..dequant import dequantized_count, iter_dequantized
+        from ..functional import model_from_tensors
 
-        if isinstance(self.qc, dict) and self.qc.get("dequantize"):
-            # transformers' dequantize route (CompressedTensorsConfig dequantize=True) multiplies codes and scales in
-            # the scale dtype while loading, then casts: do the same to compare bit for bit.
-            dense = dequantized_state_dict(self.ckpt, self.config_dtype)
-            return model_from_state_dict(self.reference.config,
-                                         {n: t.float() if t.is_floating_point() else t for n, t in dense.items()})
-        return model_from_state_dict(self.reference.config, dequantized_state_dict(self.ckpt))
+        # transformers' dequantize route (CompressedTensorsConfig dequantize=True) multiplies codes and scales in
+        # the scale dtype while loading, then casts: do the same to compare bit for bit.
+        route = isinstance(self.qc, dict) and self.qc.get("dequantize")
+        dtype, total = (self.config_dtype if route else torch.float32), dequantized_count(self.ckpt)
+
+        def tensors():
+            for done, (name, t, _) in enumerate(iter_dequantized(self.ckpt, dtype), 1):
+                self.step(done, total, "tensors dequantized")
+                yield name, (t.float() if t.is_floating_point() else t)
+
+        self.unload()
+        return model_from_tensors(self.reference.config, tensors)
+
+
+def _release() -> None:
+    """Collect the freed model's reference cycles and hand glibc's free pages back to the system, so that the
+    next model loads into memory the previous one returned (resident memory stays at one model)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 _REFERENCE_OUTPUTS: dict = {}

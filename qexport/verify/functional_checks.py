@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .context import CheckResult, Context, _fail, _listing, _ok, _skip
+from .context import CheckResult, Context, _fail, _listing, _ok, _release, _skip
 
 
 def check_reload(ctx: Context) -> CheckResult:
@@ -38,14 +38,32 @@ def check_reload_matches_dequant(ctx: Context) -> CheckResult:
     # Equality needs no statistics: one window of the text is enough (and a fraction of the compute).
     loaded = ctx.outputs(ctx.loaded[0], windows=1)
     ctx.unload()  # our dequantized model is built only after transformers' load is freed: one model at a time
-    ours = ctx.outputs(ctx.dequantized_model(), windows=1)
-    diff = (loaded - ours).abs().max().item()
+    model = ctx.dequantized_model()
+    ours = ctx.outputs(model, windows=1)
+    del model
+    _release()
+    diff, bit_exact = _max_abs_diff(loaded, ours)
     limit = ctx.thresholds.reload_max_abs_diff
-    metrics = {"reload_vs_dequant_max_abs": diff, "bit_exact": bool(torch.equal(loaded, ours))}
+    metrics = {"reload_vs_dequant_max_abs": diff, "bit_exact": bit_exact}
     if not diff <= limit:
         return _fail(name, f"reloaded outputs differ from our dequantization by {diff:.3g} (> {limit:g})", **metrics)
     return _ok(name, "reloaded outputs " + ("equal our dequantization bit for bit" if metrics["bit_exact"]
                                             else f"within {diff:.3g} of our dequantization"), **metrics)
+
+
+def _max_abs_diff(a, b) -> tuple[float, bool]:
+    """max |a - b| (NaN if either holds one) and whether a and b are equal, over tensors or LogitWindows."""
+    from ..functional import LogitWindows
+
+    if not isinstance(a, LogitWindows):
+        return (a - b).abs().max().item(), bool(torch.equal(a, b))
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} windows of outputs against {len(b)}")
+    diffs, equal = [], True
+    for x, y in zip(a, b):
+        diffs.append((x - y).abs().max())
+        equal = equal and bool(torch.equal(x, y))
+    return torch.stack(diffs).max().item(), equal
 
 
 def _candidate(ctx: Context):
@@ -60,6 +78,8 @@ def _candidate(ctx: Context):
         else:
             return None
         ctx.candidate = (ctx.outputs(model), source, _param_dtype(model))
+        del model
+        _release()
     return ctx.candidate
 
 
@@ -101,7 +121,7 @@ def check_finite_outputs(ctx: Context) -> CheckResult:
         if dtype == ctx.config_dtype and ctx.candidate is None:  # what `functional` compares: no second load
             source = f"reloaded model ({str(dtype).removeprefix('torch.')})"
             ctx.candidate = (outputs, source, _param_dtype(loaded[0]))
-        del outputs
+        del outputs, loaded  # the next dtype's load frees this one: no name here may keep it alive
         ran.append(dtype_name(dtype))
         metrics[f"nonfinite_share_{dtype_name(dtype)}"] = 0.0 if nonfinite is None else nonfinite.share
         if nonfinite is not None:

@@ -88,8 +88,8 @@ def apply_rtn(model: torch.nn.Module, quantization_config: dict) -> list[str]:
 
 def rtn_model(reference_folder, quantization_config: dict, dtype=torch.float32):
     """The reference model with the declared scheme applied by round-to-nearest (see module docstring)."""
-    from ..functional import load_model
+    from ..functional import load_streamed
 
-    model, _ = load_model(reference_folder, dtype=dtype)
+    model = load_streamed(reference_folder, dtype=dtype)  # tensor by tensor: one model in memory
     apply_rtn(model, quantization_config)
     return model

@@ -11,14 +11,17 @@ from .context import CheckResult, Context, _fail, _ok, _skip
 
 def check_weights(ctx: Context) -> CheckResult:
     """Per-tensor SQNR of the dequantized export vs the reference weights (scales off, nibbles swapped, ...)."""
-    from ..dequant import iter_dequantized
+    from ..dequant import dequantized_count, iter_dequantized
     from ..functional import sqnr_db
 
     name = "weights_sqnr"
     if ctx.ckpt is None:
         return _skip(name, "shards unreadable")
     quantized_sqnr, dense_sqnr, problems = {}, {}, []
-    for tname, w_hat, is_quantized in iter_dequantized(ctx.ckpt, torch.float32):
+    total = dequantized_count(ctx.ckpt)
+    # One tensor at a time: the export's (dequantized, float32) and the reference's, then both are dropped.
+    for done, (tname, w_hat, is_quantized) in enumerate(iter_dequantized(ctx.ckpt, torch.float32), 1):
+        ctx.step(done, total, "tensors")
         if tname not in ctx.reference.entries:
             continue
         w = ctx.reference.read(tname)
@@ -37,7 +40,7 @@ def check_weights(ctx: Context) -> CheckResult:
             if not torch.equal(w, w_hat):
                 problems.append(f"{tname}: integer tensor differs from the reference")
             continue
-        value = sqnr_db(w.float(), w_hat)
+        value = sqnr_db(w, w_hat)  # float64 inside: the same as from w.float(), without that copy
         if math.isnan(value):
             problems.append(f"{tname}: SQNR is NaN")
             continue
