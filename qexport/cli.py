@@ -51,25 +51,11 @@ def _add_writing_options(p, overwrite_help: str) -> None:
     bar.add_argument("--quiet", dest="progress", action="store_false", help="never show the progress bar")
 
 
-def _run_export(args) -> int:
-    from .malloc import keep_freed_memory
-
-    keep_freed_memory()
-    if args.src is not None and args.lora is None and not args.models and args.weights is None:
-        # The architecture's discovery (a child process in a fresh interpreter) starts before torch is imported
-        # here, so the two imports run on two cores; opening the checkpoint first refuses bad input as before.
-        from .architecture import prefetch
-        from .checkpoint import Checkpoint
-
-        source = Checkpoint.open(args.src)
-        if "quantization_config" not in source.config:
-            prefetch(source.config, source.folder / "config.json", source.tensor_bytes)
-    from .export import ExportOptions, export
-    from .merge import open_source
-    from .report import print_export_summary
+def _export_options(args):
+    from .export import ExportOptions
     from .sizes import parse_size
 
-    options = ExportOptions(
+    return ExportOptions(
         formats=tuple(args.formats),
         group_size=args.group_size,
         int4_method=args.int4_method,
@@ -79,6 +65,31 @@ def _run_export(args) -> int:
         allow_nonfinite=args.allow_nonfinite,
         progress=args.progress,
     )
+
+
+def _run_export(args) -> int:
+    from .errors import InputError
+    from .malloc import keep_freed_memory
+
+    keep_freed_memory()
+    if args.src is not None and args.lora is None and not args.models and args.weights is None:
+        # The architecture's discovery (a child process in a fresh interpreter) starts before torch is imported
+        # here, so the two imports run on two cores; opening the checkpoint first refuses bad input as before.
+        from .architecture import prefetch
+        from .checkpoint import Checkpoint
+
+        try:
+            source = Checkpoint.open(args.src)
+        except InputError:
+            _export_options(args)  # a bad option is reported before a bad source, as when options came first
+            raise
+        if "quantization_config" not in source.config:
+            prefetch(source.config, source.folder / "config.json", source.tensor_bytes)
+    from .export import export
+    from .merge import open_source
+    from .report import print_export_summary
+
+    options = _export_options(args)
     manifests = export(open_source(args.src, lora=args.lora, models=args.models, weights=args.weights), args.out,
                        options)
     print_export_summary(manifests, args.out)

@@ -498,6 +498,7 @@ SIGNAL_DRIVER = r"""
 import os, signal, sys
 import qexport.cli, qexport.safetensors_io as io
 sig = getattr(signal, sys.argv[1])
+signal.signal(sig, signal.SIG_DFL)  # as from a terminal: nohup (a CI launcher) ignores SIGHUP, which the CLI respects
 add, calls = io.StreamWriter.add, [0]
 def add_then_signal(self, *a, **k):
     calls[0] += 1

@@ -67,7 +67,7 @@ def test_help_states_the_workers_default_and_the_real_presets(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(command)
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default 1;" in text  # --workers
+    assert "(default 2;" in text  # --workers (two: encoding uses both cores of a laptop or CI runner)
     assert f"tiny model preset: {', '.join(PRESETS)} (default qwen3)" in text
 
 
