@@ -380,7 +380,8 @@ def main() -> int:
                          f"{note}):\n\n{table(phase_rows)}\n")
     help_walls = [run_measured([*QEXPORT, "--help"])["wall"] for _ in range(5)]
     startup = f"- `qexport --help` start-up: median {statistics.median(help_walls):.3f} s over 5 runs\n"
-    text = (f"# Export benchmark\n\n{versions(peer)}\n{startup}- {args.rounds} rounds, alternating tools within each "
+    text = (f"# Export benchmark\n\nVerify and the pytest gate at scale: bench/VERIFY.md (bench_verify.py), bench/GATE.md "
+            f"(bench_gate.py); INT4 quality: bench/QUALITY.md.\n\n{versions(peer)}\n{startup}- {args.rounds} rounds, alternating tools within each "
             f"round; whole processes (imports included); wall median and min-max; load = 1-minute load average "
             f"when each run ended (2 cores: above ~0.5 means other work shared them); steady GB/s = input bytes "
             f"over wall time between the two model sizes (start-up cancels out)\n\n{table(rows)}\n"
