@@ -275,7 +275,6 @@ def _scheme_mismatches(ctx: Context, layers: dict) -> list[str]:
     return problems
 
 
-@torch.no_grad()
 def _bound_origin(metrics: dict) -> str:
     noise = metrics["engine_dtype_noise"]
     if metrics["engine_dlogprob_bound"] > metrics["engine_dlogprob_floor"]:
