@@ -76,8 +76,10 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                  "tests/test_int4_asym.py::test_zero_point_column_packing_equals_compressed_tensors",
                  "tests/test_int4_asym.py::test_compressed_tensors_decompresses_our_tensors_to_our_dequantization"],
                 False),
+    # export: the planning and folder helpers as plain functions, and the write path on a hand-made checkpoint with
+    # a hand-made Architecture in place of discovery (no model build)
     "export": (["qexport/export.py"],
-               ["tests/test_unit_export.py"], False),  # run per function: the planning and folder helpers
+               ["tests/test_unit_export.py", "tests/test_unit_export_write.py"], False),
     # verify's file-level checks: the planted faults and defects that only file checks decide (verify with one
     # check, under a second each, on cached exports); rows decided by a model load are left to the "verify" group
     "verify-files": (["qexport/verify/config_checks.py", "qexport/verify/file_checks.py",

@@ -292,3 +292,76 @@ def test_declared_dtype_is_the_floating_dtype_config_json_names(config, dtype):
     from qexport.checkpoint import declared_dtype
 
     assert declared_dtype(config) == dtype
+
+
+def test_one_byte_tensor_reads_back_its_value(tmp_path):
+    ckpt = Checkpoint.open(folder(tmp_path, {"model.safetensors": {"b": torch.tensor([0xA5], dtype=torch.uint8)}},
+                                  config={"model_type": "llama"}))
+    assert ckpt.read("b").tolist() == [0xA5]
+
+
+def test_zero_size_tensor_reads_as_empty_in_its_own_dtype(tmp_path):
+    ckpt = Checkpoint.open(folder(tmp_path, {"model.safetensors": {"e": torch.zeros(3, 0, dtype=torch.bfloat16),
+                                                                   "w": torch.ones(2)}},
+                                  config={"model_type": "llama"}))
+    empty = ckpt.read("e")
+    assert empty.shape == (3, 0) and empty.dtype == torch.bfloat16
+
+
+def test_reading_a_tensor_emits_no_warning(tmp_path):
+    import warnings
+
+    ckpt = Checkpoint.open(folder(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt.read("model.norm.weight")
+
+
+def test_a_weight_file_gone_after_opening_is_refused_naming_file_tensor_and_os_error(tmp_path):
+    root = folder(tmp_path)
+    ckpt = Checkpoint.open(root)
+    (root / "model.safetensors").unlink()
+    with pytest.raises(InputError) as e:
+        ckpt.read("model.norm.weight")
+    assert str(e.value) == f"{root / 'model.safetensors'}: cannot read tensor 'model.norm.weight': " \
+                           "No such file or directory"
+
+
+def test_opening_a_checkpoint_with_fewer_blocks_than_config_json_names_refuses_it_naming_config_json(tmp_path):
+    msg = refused(folder(tmp_path, config={**CONFIG, "num_hidden_layers": 3}), "num_hidden_layers=3 but")
+    assert msg.startswith(f"{tmp_path / 'model' / 'config.json'}: ")
+
+
+def file_digests(root, names):
+    import hashlib
+
+    return {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in names}
+
+
+def test_tensors_fed_in_file_order_give_each_weight_files_sha256_without_hashing_it_again(tmp_path, monkeypatch):
+    import qexport.checkpoint as checkpoint
+
+    root = sharded(tmp_path)
+    ckpt = Checkpoint.open(root)
+    for name in ckpt.names:
+        ckpt.hash_read(name, ckpt.read(name))
+    hashed = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path, *a, **k: hashed.append(path.name) or real(path))
+    files = {f["name"]: f["sha256"] for f in ckpt.source_files()}
+    assert files == file_digests(root, ["config.json", "a.safetensors", "b.safetensors", INDEX_FILE])
+    assert hashed == ["config.json", INDEX_FILE]  # the weight files were hashed from the tensors fed
+
+
+@pytest.mark.parametrize("order", [[1, 0, 2], [0, 2], [2], [0, 0, 1]])
+def test_tensors_fed_out_of_file_order_still_give_the_right_sha256(tmp_path, order):
+    # a tensor that is not the next span of its file is ignored; the rest of the file is read from disk
+    t = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, dtype=torch.bfloat16),
+         "c": torch.full((5,), 7, dtype=torch.int16)}
+    root = folder(tmp_path, {"model.safetensors": t}, config={"model_type": "llama"})
+    ckpt = Checkpoint.open(root)
+    for i in order:
+        name = ckpt.names[i]
+        ckpt.hash_read(name, ckpt.read(name))
+    assert {f["name"]: f["sha256"] for f in ckpt.source_files()} == file_digests(root, ["config.json",
+                                                                                        "model.safetensors"])
