@@ -70,7 +70,7 @@ def pickle_advice(folder: Path) -> str:
     if cls is None:
         cls, note = "AutoModel", (" (config.json names no architecture this transformers knows: replace AutoModel by "
                                   "the class of the model's task, e.g. AutoModelForCausalLM, or the head is lost)")
-    src = str(folder).rstrip("/")
+    src = str(folder)  # a Path never ends in "/" (but "/" itself, which stripping turned into "")
     src, out = (src, f"{src}-safetensors") if len(src) <= 200 else ("SRC", "SRC-safetensors")  # the line stays short
     ignore = ", ".join(f'"{p}"' for p in PICKLE_PATTERNS)  # double quotes: the code goes in '...' on a shell line
     code = (f"import shutil, sys; from transformers import {cls} as M; "

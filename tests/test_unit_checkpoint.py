@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -176,7 +178,8 @@ def test_folder_without_weights_is_refused(tmp_path):
         weight_files(root)
 
 
-@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "weights.pth", "x.ckpt", "shard-1.bin"])
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "consolidated.pt", "weights.pth", "x.ckpt",
+                                  "shard-1.bin"])
 def test_pickle_checkpoint_is_refused_with_a_conversion_command(tmp_path, name):
     root = folder(tmp_path, {})
     (root / name).write_bytes(b"not really a pickle")
@@ -208,6 +211,9 @@ def test_pickle_advice_for_a_very_long_path_uses_placeholders(tmp_path):
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "AutoModelForCausalLM"),
     ({"model_type": "bert", "architectures": ["BertModel"]}, "AutoModel"),
     ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "AutoModelForMaskedLM"),
+    # in the masked-LM mapping too, which sorts first by name: the preferred order decides
+    ({"model_type": "bart", "architectures": ["BartForConditionalGeneration"]}, "AutoModelForSeq2SeqLM"),
+    ({"model_type": "funnel", "architectures": ["FunnelBaseModel"]}, "AutoModel"),  # one of a tuple of classes
     ({"model_type": "llama", "architectures": ["BertModel"]}, "BertModel"),  # no mapping: the class itself
     ({"model_type": "llama", "architectures": ["NoSuchModel"]}, None),
     ({"model_type": "llama"}, None),
@@ -338,19 +344,42 @@ def file_digests(root, names):
     return {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in names}
 
 
-def test_tensors_fed_in_file_order_give_each_weight_files_sha256_without_hashing_it_again(tmp_path, monkeypatch):
+def test_tensors_fed_in_file_order_give_each_weight_files_sha256_without_reading_it_again(tmp_path, monkeypatch):
     import qexport.checkpoint as checkpoint
 
-    root = sharded(tmp_path)
+    t = {"a": torch.arange(6, dtype=torch.float32), "b": torch.tensor([9], dtype=torch.uint8),
+         "c": torch.zeros(0, dtype=torch.bfloat16), "d": torch.ones(3, dtype=torch.bfloat16)}
+    root = folder(tmp_path, {"model.safetensors": t}, config={"model_type": "llama"})
     ckpt = Checkpoint.open(root)
     for name in ckpt.names:
         ckpt.hash_read(name, ckpt.read(name))
-    hashed = []
-    real = checkpoint.sha256_file
-    monkeypatch.setattr(checkpoint, "sha256_file", lambda path, *a, **k: hashed.append(path.name) or real(path))
+    hashed, read = [], []
+    real_hash, real_open = checkpoint.sha256_file, checkpoint.safe_fs.open_regular
+
+    class Counted:
+        def __init__(self, path, f):
+            self.path, self.f = Path(path), f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def seek(self, offset):
+            self.f.seek(offset)
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read.append((self.path.name, len(data)))
+            return data
+
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path, *a, **k: hashed.append(path.name) or real_hash(path))
+    monkeypatch.setattr(checkpoint.safe_fs, "open_regular", lambda p, *a, **k: Counted(p, real_open(p, *a, **k)))
     files = {f["name"]: f["sha256"] for f in ckpt.source_files()}
-    assert files == file_digests(root, ["config.json", "a.safetensors", "b.safetensors", INDEX_FILE])
-    assert hashed == ["config.json", INDEX_FILE]  # the weight files were hashed from the tensors fed
+    assert files == file_digests(root, ["config.json", "model.safetensors"])
+    assert hashed == ["config.json"]
+    assert sum(n for name, n in read if name == "model.safetensors") == 0  # hashed from the tensors fed
 
 
 @pytest.mark.parametrize("order", [[1, 0, 2], [0, 2], [2], [0, 0, 1]])
@@ -365,3 +394,93 @@ def test_tensors_fed_out_of_file_order_still_give_the_right_sha256(tmp_path, ord
         ckpt.hash_read(name, ckpt.read(name))
     assert {f["name"]: f["sha256"] for f in ckpt.source_files()} == file_digests(root, ["config.json",
                                                                                         "model.safetensors"])
+
+
+def test_index_naming_an_empty_shard_name_is_refused(tmp_path):
+    root = folder(tmp_path, {"a.safetensors": tensors()}, {"weight_map": {"t": ""}})
+    with pytest.raises(InputError, match="tensor 't' names shard '', which is not a file in this folder"):
+        weight_files(root)
+
+
+def test_an_index_that_is_not_json_is_refused_naming_it(tmp_path):
+    root = folder(tmp_path, {"a.safetensors": tensors()})
+    (root / INDEX_FILE).write_text("{")
+    msg = refused(root, "not valid JSON")
+    assert msg.startswith(f"{root / INDEX_FILE}: {INDEX_FILE} is not valid JSON (")
+
+
+def test_a_config_json_that_is_not_json_is_refused_naming_it(tmp_path):
+    root = folder(tmp_path)
+    (root / "config.json").write_text("{")
+    assert refused(root, "not valid JSON").startswith(f"{root / 'config.json'}: config.json is not valid JSON (")
+
+
+def test_config_json_above_its_16_mib_cap_is_refused_even_when_valid(tmp_path):
+    # config.json's cap (MAX_CONFIG_BYTES, 16 MiB) is below the other JSON files' (64 MiB)
+    root = folder(tmp_path)
+    (root / "config.json").write_text(json.dumps(CONFIG) + " " * (16 * 2**20))
+    assert refused(root, "above qexport's 16 MiB limit").startswith(f"{root / 'config.json'}: config.json is ")
+
+
+def test_pickle_advice_for_a_known_architecture_has_no_note(tmp_path):
+    root = folder(tmp_path, {})
+    advice = pickle_advice(root)
+    assert "with its own class AutoModelForCausalLM, keeping the tokenizer and other files, then export that: " \
+           in advice
+
+
+def test_pickle_advice_without_a_known_architecture_names_a_head_class_to_use(tmp_path):
+    advice = pickle_advice(folder(tmp_path, {}, config={"model_type": "llama"}))
+    assert "replace AutoModel by the class of the model's task, e.g. AutoModelForCausalLM, or the head is lost" \
+           in advice
+
+
+@pytest.mark.parametrize("name", ["model ", "CKPT-X"])
+def test_pickle_advice_names_the_folder_as_it_is(tmp_path, name):
+    import shlex
+
+    root = tmp_path / name
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(CONFIG))
+    assert pickle_advice(root).endswith(f"{shlex.quote(str(root))} {shlex.quote(f'{root}-safetensors')}")
+
+
+@pytest.mark.parametrize("extra,placeholders", [(0, False), (1, True)])
+def test_pickle_advice_uses_placeholders_above_200_characters_of_path(tmp_path, extra, placeholders):
+    root = tmp_path / ("d" * (200 - len(str(tmp_path)) - 1 + extra))
+    assert len(str(root)) == 200 + extra
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(CONFIG))
+    assert pickle_advice(root).endswith(" SRC SRC-safetensors") == placeholders
+
+
+def test_pickle_advice_command_copies_the_folder_without_pickles_and_resaves_with_the_named_class(tmp_path,
+                                                                                                 monkeypatch):
+    # the advice's python code run as given, with a stand-in for the transformers class it names
+    import shlex
+    import sys
+    import types
+
+    root = folder(tmp_path, {})
+    (root / "pytorch_model.bin").write_bytes(b"pickle")
+    (root / "tokenizer.json").write_text("{}")
+    words = shlex.split(pickle_advice(root).split("export that: ", 1)[1])
+    assert words[:2] == ["python", "-c"]
+    calls = []
+
+    class Model:
+        @classmethod
+        def from_pretrained(cls, path, **kwargs):
+            calls.append(("from_pretrained", path, kwargs))
+            return cls()
+
+        def save_pretrained(self, path):
+            calls.append(("save_pretrained", path))
+
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(AutoModelForCausalLM=Model))
+    monkeypatch.setattr(sys, "argv", ["-c", *words[3:]])
+    exec(compile(words[2], "<advice>", "exec"), {})
+    out = root.parent / "model-safetensors"
+    assert words[3:] == [str(root), str(out)]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer.json"]
+    assert calls == [("from_pretrained", str(root), {"dtype": "auto"}), ("save_pretrained", str(out))]
