@@ -211,3 +211,51 @@ def test_clean_stale_removes_unlocked_temporaries_only(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([f".fp16{TMP_MARK}keep", "int4"])
     clean_stale(tmp_path / "nothing")  # no folder: nothing to do
     assert os.path.isdir(out)
+
+
+def test_quantizable_linears_are_the_stored_2d_linear_weights_not_tied_or_ignored():
+    from qexport.export import quantizable_linears
+
+    entries = {"emb.weight": Entry("BF16", (16, 128)), "a.weight": Entry("BF16", (8, 128)),
+               "b.weight": Entry("BF16", (8, 96)), "lm_head.weight": Entry("BF16", (16, 128)),
+               "tied.weight": Entry("BF16", (16, 128)), "conv.weight": Entry("BF16", (8, 4, 2)),
+               "norm.weight": Entry("BF16", (128,))}
+    a = arch({n: e.shape for n, e in entries.items()},
+             linear=["a.weight", "b.weight", "lm_head.weight", "tied.weight", "conv.weight"], tied=["tied.weight"])
+    assert quantizable_linears(Source(entries), a, ["lm_head"]) == {"a.weight": (8, 128), "b.weight": (8, 96)}
+
+
+def test_a_temporary_folder_is_stale_only_when_it_is_a_real_folder_whose_lock_is_free(tmp_path):
+    from qexport.export import _is_stale
+
+    free = OwnedFolder(tmp_path / "free")
+    free.release()
+    held = OwnedFolder(tmp_path / "held")
+    (tmp_path / "link").symlink_to(tmp_path / "free")
+    (tmp_path / "file").write_text("x")
+    assert _is_stale(tmp_path / "free") and not _is_stale(tmp_path / "held")
+    assert not _is_stale(tmp_path / "link")  # never followed: what it points to is not the link's to judge
+    assert not _is_stale(tmp_path / "file") and not _is_stale(tmp_path / "missing")
+    held.release()
+
+
+def test_in_background_runs_on_a_daemon_thread_and_hands_back_the_result_or_the_error():
+    import threading
+
+    from qexport.export import in_background
+
+    seen = {}
+
+    def work():
+        seen["thread"] = threading.current_thread()
+        return 42
+
+    assert in_background(work).result(timeout=10) == 42
+    assert seen["thread"] is not threading.current_thread() and seen["thread"].daemon
+    assert seen["thread"].name == "qexport-background"
+
+    def fail():
+        raise KeyboardInterrupt  # a BaseException too reaches whoever asks for the result
+
+    with pytest.raises(KeyboardInterrupt):
+        in_background(fail).result(timeout=10)

@@ -428,3 +428,61 @@ def test_an_architecture_error_is_reported_before_a_bad_destination_while_discov
     (tmp_path / "out").write_text("a file")
     with pytest.raises(InputError, match="the architecture cannot be built"):
         export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("int8",)))
+
+
+class Merged:
+    """A source that is not a Checkpoint (as qexport.merge presents one): no hash_read, no side_tree."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt, self.folder, self.config, self.entries = ckpt, ckpt.folder, ckpt.config, ckpt.entries
+        self.merge = {"method": "average", "inputs": ["a", "b"]}
+
+    @property
+    def names(self):
+        return self.ckpt.names
+
+    def read(self, name):
+        return self.ckpt.read(name)
+
+    def side_files(self):
+        return self.ckpt.side_files()
+
+    def source_files(self):
+        return [{"name": "merged", "bytes": 1, "sha256": "0" * 64}]
+
+    def origin(self, name):
+        return f"merge of a and b, tensor {name}"
+
+
+def test_a_source_that_is_not_a_checkpoint_is_exported_with_its_merge_record_and_top_level_side_files(
+        tmp_path, discovered):
+    src = checkpoint(tmp_path, side={"tokenizer.json": "{}", "sub/chat.jinja": "x"})
+    manifest = export(Merged(Checkpoint.open(src)), tmp_path / "out", options(formats=("int8",)))["int8"]
+    assert manifest["source"] == {"files": [{"name": "merged", "bytes": 1, "sha256": "0" * 64}],
+                                  "merge": {"method": "average", "inputs": ["a", "b"]}, "base_model": None}
+    folder = tmp_path / "out" / "int8"
+    assert (folder / "tokenizer.json").read_text() == "{}" and not (folder / "sub").exists()
+
+
+def test_nan_in_a_merged_source_is_reported_with_the_sources_origin_of_the_tensor(tmp_path, discovered):
+    ts = tensors()
+    ts[NORM][0] = float("inf")
+    with pytest.raises(InputError, match=rf"^merge of a and b, tensor {NORM}: tensor '{NORM}' \[128\] holds NaN"):
+        export(Merged(Checkpoint.open(checkpoint(tmp_path, ts))), tmp_path / "out", options(formats=("fp16",)))
+
+
+def test_an_output_inside_the_input_is_refused_before_anything_is_written(tmp_path, discovered):
+    src = checkpoint(tmp_path)
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(InputError, match="is inside the input"):
+        export(Checkpoint.open(src), src / "out", options(formats=("fp16",)))
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_a_side_file_linking_out_of_the_source_is_refused_before_anything_is_written(tmp_path, discovered):
+    src = checkpoint(tmp_path)
+    (tmp_path / "secret").write_text("x")
+    (src / "tokenizer.json").symlink_to(tmp_path / "secret")
+    with pytest.raises(InputError, match="symlink leads outside"):
+        export(Checkpoint.open(src), tmp_path / "out", options(formats=("fp16",)))
+    assert not (tmp_path / "out").exists()
