@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from qexport.architecture import Architecture
 from qexport.errors import InputError
@@ -259,3 +260,62 @@ def test_in_background_runs_on_a_daemon_thread_and_hands_back_the_result_or_the_
 
     with pytest.raises(KeyboardInterrupt):
         in_background(fail).result(timeout=10)
+
+
+@pytest.mark.parametrize("values,dtype,finite", [
+    ([1.0, -2.0], torch.bfloat16, True),
+    ([1.0, float("nan")], torch.float16, False),
+    ([1.0, float("inf")], torch.float32, False),
+    ([float("-inf"), 1.0], torch.float32, False),
+    ([1.0, float("nan")], torch.float8_e4m3fn, False),  # no aminmax kernel for float8: checked through float32
+    ([1.0, 2.0], torch.float8_e5m2, True),
+    ([], torch.float32, True),
+    ([1, 2], torch.int32, True),
+])
+def test_all_finite_is_false_for_any_nan_or_inf(values, dtype, finite):
+    from qexport.export import all_finite
+
+    assert all_finite(torch.tensor(values).to(dtype)) is finite
+
+
+def test_deferred_computes_once_on_the_first_result_call_on_the_calling_thread():
+    import threading
+
+    from qexport.export import Deferred
+
+    calls = []
+    deferred = Deferred(lambda: calls.append(threading.current_thread()) or len(calls))
+    assert calls == []
+    assert deferred.result() == 1 and deferred.result() == 1
+    assert calls == [threading.current_thread()]
+
+    def fail():
+        calls.append("fail")
+        raise ValueError("no")
+
+    failing = Deferred(fail)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no"):
+            failing.result()
+    assert calls.count("fail") == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_ordered_map_yields_in_order_with_at_most_workers_items_ahead(workers):
+    import threading
+
+    from qexport.export import ordered_map
+
+    started, lock = [], threading.Lock()
+
+    def fn(i):
+        with lock:
+            started.append(i)
+        return i * 10
+
+    out = []
+    for result in ordered_map(fn, list(range(7)), workers):
+        out.append(result)
+        assert len(started) <= len(out) + workers  # bounded memory: never more than `workers` computed ahead
+    assert out == [i * 10 for i in range(7)]
+    assert list(ordered_map(fn, [], workers)) == []

@@ -49,8 +49,13 @@ def known(arch: Architecture) -> Future:
 @pytest.fixture
 def discovered(monkeypatch):
     """Replace architecture discovery by a hand-made Architecture (default: the checkpoint's own Linears)."""
-    state = {"arch": architecture()}
-    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: known(state["arch"]))
+    state = {"arch": architecture(), "calls": []}
+
+    def discover(*args, **kwargs):
+        state["calls"].append((args, kwargs))
+        return known(state["arch"])
+
+    monkeypatch.setattr(export_module, "discover", discover)
     return state
 
 
@@ -203,11 +208,12 @@ def test_a_sentence_transformers_source_gets_dequantize_in_its_quantization_conf
 
 
 def test_side_files_are_copied_byte_for_byte_and_the_source_readme_is_embedded_in_the_card(tmp_path, discovered):
-    side = {"tokenizer.json": '{"a": 1}', "sub/deeper/chat.jinja": "{{ x }}", "README.md": "SOURCE CARD TEXT"}
+    side = {"tokenizer.json": '{"a": 1}', "sub/deeper/chat.jinja": "{{ x }}", "sub/deeper/more.txt": "y",
+            "README.md": "SOURCE CARD TEXT"}
     src = checkpoint(tmp_path, side=side)
     export(Checkpoint.open(src), tmp_path / "out", options(formats=("fp16",)))
     folder = tmp_path / "out" / "fp16"
-    for name in ("tokenizer.json", "sub/deeper/chat.jinja"):
+    for name in ("tokenizer.json", "sub/deeper/chat.jinja", "sub/deeper/more.txt"):
         assert (folder / name).read_bytes() == (src / name).read_bytes()
     card = (folder / "README.md").read_text()
     assert "SOURCE CARD TEXT" in card and card != side["README.md"]
@@ -486,3 +492,128 @@ def test_a_side_file_linking_out_of_the_source_is_refused_before_anything_is_wri
     with pytest.raises(InputError, match="symlink leads outside"):
         export(Checkpoint.open(src), tmp_path / "out", options(formats=("fp16",)))
     assert not (tmp_path / "out").exists()
+
+
+def test_discovery_gets_the_config_its_path_and_the_sources_tensor_bytes(tmp_path, discovered):
+    src = checkpoint(tmp_path)
+    export(Checkpoint.open(src), tmp_path / "out", options(formats=("fp16",)))
+    assert discovered["calls"] == [((CONFIG, src / "config.json", sum(2 * math.prod(s) for s in SHAPES.values())),
+                                    {})]
+
+
+def test_a_discovery_child_still_running_is_ended_when_the_export_returns(tmp_path, monkeypatch):
+    class Child:
+        killed = False
+
+        def poll(self):
+            return None
+
+        def kill(self):
+            self.killed = True
+
+    future = known(architecture())
+    future.process = Child()
+    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+    export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("fp16",)))
+    assert future.process.killed
+
+
+def test_json_files_are_written_indented_with_a_final_newline(tmp_path, discovered):
+    export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("int8",), max_shard_size=5000))
+    for name in ("config.json", INDEX_FILE, "qexport.json"):
+        text = (tmp_path / "out" / "int8" / name).read_text()
+        assert text == json.dumps(json.loads(text), indent=2) + "\n", name
+
+
+@pytest.mark.parametrize("progress,shown", [(True, True), (False, False), (None, False)])  # None: only on a terminal
+def test_a_progress_bar_counts_tensors_on_stderr_when_asked(tmp_path, discovered, capsys, progress, shown):
+    export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("int8",), progress=progress))
+    err = capsys.readouterr().err
+    assert ("export int8: 100%" in err and f"{len(SHAPES)}/{len(SHAPES)}" in err and "tensor/s" in err) is shown
+    assert shown or err == ""
+
+
+def test_a_value_that_rounds_past_bf16_is_refused_in_a_bf16_export(tmp_path, discovered):
+    ts = tensors(torch.float32)
+    ts[NORM][5] = 3.4028e38  # finite in fp32, inf once rounded to bf16
+    src = checkpoint(tmp_path, ts)  # config.json declares bfloat16: int8 computes and stores dense tensors in bf16
+    with pytest.raises(InputError, match=rf"tensor '{NORM}' \[128\] torch.float32: value 3.4028e\+38 overflows bf16"):
+        export(Checkpoint.open(src), tmp_path / "out", options(formats=("int8",)))
+
+
+def test_each_format_is_written_once_to_a_hidden_temporary_sibling_named_after_it(tmp_path, discovered, monkeypatch):
+    import os
+
+    written = []
+    real = export_module.write_format
+
+    def record(source, plan, folder, *a, **k):
+        written.append(folder)
+        return real(source, plan, folder, *a, **k)
+
+    monkeypatch.setattr(export_module, "write_format", record)
+    export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("fp16", "int4")))
+    assert written == [tmp_path / "out" / f".{name}{TMP_MARK}{os.getpid()}" for name in ("fp16", "int4")]
+
+
+def test_no_export_folder_stays_locked_after_the_export(tmp_path, discovered):
+    from qexport.export import _is_stale
+
+    export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("fp16", "int8")))
+    assert _is_stale(tmp_path / "out" / "fp16") and _is_stale(tmp_path / "out" / "int8")
+
+
+def test_allow_nonfinite_waits_for_the_real_architecture_instead_of_predicting(tmp_path, monkeypatch):
+    future: Future = Future()
+    future.done = lambda: False
+    future.set_result(architecture())
+    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+
+    def predict(*_a):
+        raise AssertionError("predicted")
+
+    monkeypatch.setattr(export_module, "predict_architecture", predict)
+    export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("fp16",), allow_nonfinite=True))
+
+
+def test_a_rewrite_after_a_wrong_prediction_leaves_nothing_of_the_first_write(tmp_path, monkeypatch):
+    # the prediction keeps up_proj dense in bf16: more bytes, so more shards than the real plan
+    future: Future = Future()
+    future.done = lambda: False
+    future.set_result(architecture())
+    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+    monkeypatch.setattr(export_module, "predict_architecture", lambda *_a: architecture(linear=LINEAR - {UP}))
+    shards = []
+    real = export_module.write_format
+    monkeypatch.setattr(export_module, "write_format",
+                        lambda s, plan, *a, **k: shards.append(len(plan.shard_names)) or real(s, plan, *a, **k))
+    manifest = export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out",
+                      options(formats=("int8",), max_shard_size=8500))["int8"]
+    assert shards[0] > shards[1]  # the precondition: the first write had shards the second does not
+    folder = tmp_path / "out" / "int8"
+    on_disk = sorted(p.name for p in folder.iterdir())
+    assert on_disk == sorted([f["name"] for f in manifest["files"]] + ["qexport.json"])
+
+
+@pytest.mark.parametrize("model_type,formats,torch_dtype,warned", [
+    ("gemma", ("fp16",), "bfloat16", True),
+    ("t5", ("int8", "fp16"), "bfloat16", True),
+    ("llama", ("fp16",), "bfloat16", False),  # not a family known to overflow fp16
+    ("gemma", ("int8",), "bfloat16", False),  # no fp16 export
+    ("gemma", ("fp16",), "float32", False),  # not a bf16 model
+])
+def test_fp16_exports_of_bf16_families_known_to_overflow_get_a_warning(tmp_path, discovered, caplog, model_type,
+                                                                       formats, torch_dtype, warned):
+    src = checkpoint(tmp_path, config={**CONFIG, "model_type": model_type, "torch_dtype": torch_dtype})
+    export(Checkpoint.open(src), tmp_path / "out", options(formats=formats))
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    expected = (f"fp16: {model_type} models trained in bfloat16 are known to overflow fp16 activations (NaN logits); "
+                "int8 / int4 keep bfloat16, and `qexport verify` runs the fp16 export in float16")
+    assert (expected in messages) is warned
+
+
+def test_linear_weights_kept_dense_are_named_in_one_warning_per_format(tmp_path, discovered, caplog):
+    export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("int4", "fp16"), group_size=128))
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert messages == [export_module.dense_linears_warning(
+        "int4", {DOWN: "input size 96 does not divide by group size 128"})]
