@@ -319,3 +319,30 @@ def test_ordered_map_yields_in_order_with_at_most_workers_items_ahead(workers):
         assert len(started) <= len(out) + workers  # bounded memory: never more than `workers` computed ahead
     assert out == [i * 10 for i in range(7)]
     assert list(ordered_map(fn, [], workers)) == []
+
+
+def test_dense_linears_warning_shows_three_names_per_reason_by_default():
+    dense = {f"m.{i}.weight": "odd" for i in range(4)}
+    assert "odd: 4 (m.0, m.1, m.2, ...)" in dense_linears_warning("int4", dense)
+
+
+def test_a_stale_folder_or_file_removed_by_another_run_meanwhile_is_no_error(tmp_path, monkeypatch):
+    import shutil
+
+    import qexport.export as export_module
+    from qexport.export import remove_stale
+
+    folder = tmp_path / f".int4{TMP_MARK}1"
+    folder.mkdir()
+    monkeypatch.setattr(export_module, "_is_stale", lambda p: shutil.rmtree(p) or True)  # gone once judged stale
+
+    class Vanishing(type(tmp_path)):
+        def is_file(self):  # removed by another run right after this look
+            found = super().is_file()
+            os.unlink(self)
+            return found
+
+    moved = tmp_path / f".int4{TMP_MARK}old-1"
+    moved.write_text("x")
+    remove_stale([folder, Vanishing(moved)])
+    assert not folder.exists() and not moved.exists()
