@@ -617,3 +617,28 @@ def test_linear_weights_kept_dense_are_named_in_one_warning_per_format(tmp_path,
     messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert messages == [export_module.dense_linears_warning(
         "int4", {DOWN: "input size 96 does not divide by group size 128"})]
+
+
+@pytest.mark.parametrize("old_kind", ["folder", "file"])
+def test_the_replaced_folder_removed_by_another_runs_cleanup_meanwhile_is_no_error(tmp_path, monkeypatch, old_kind):
+    # the old target is moved aside to a free-lock temporary name: another run's clean_stale may remove it first
+    import os
+    import shutil
+
+    target, tmp = tmp_path / "int8", tmp_path / f".int8{TMP_MARK}1"
+    tmp.mkdir()
+    if old_kind == "folder":
+        target.mkdir()
+    else:
+        target.write_text("old")
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if Path(src) == tmp:  # the new folder is in place: the other run cleans the old one now
+            old = next(tmp_path.glob(f".int8{TMP_MARK}old-*"))
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+    monkeypatch.setattr(os, "replace", replace)
+    export_module._replace_dir(tmp, target, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"] and target.is_dir()
