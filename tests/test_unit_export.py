@@ -18,6 +18,17 @@ from qexport.export import TMP_MARK, ExportOptions, OwnedFolder, _assign_shards,
 from qexport.formats import get_format
 
 
+@pytest.fixture(autouse=True)
+def fail_a_hang():
+    """These tests take well under a second each; one that waits on a future nobody completes (a broken Deferred or
+    ordered_map) fails after 120 s instead of hanging: mutmut's own limit counts CPU time, which a wait never uses."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
 @dataclass
 class Entry:
     dtype: str

@@ -31,6 +31,17 @@ CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hid
           "torch_dtype": "bfloat16", "vocab_size": 16}
 
 
+@pytest.fixture(autouse=True)
+def fail_a_hang():
+    """These tests take well under a second each; one that waits on a future nobody completes (a broken Deferred or
+    ordered_map) fails after 120 s instead of hanging: mutmut's own limit counts CPU time, which a wait never uses."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
 def tensors(dtype=torch.bfloat16, seed=0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {n: torch.randn(s, generator=gen).to(dtype) for n, s in SHAPES.items()}
