@@ -653,3 +653,23 @@ def test_the_replaced_folder_removed_by_another_runs_cleanup_meanwhile_is_no_err
     monkeypatch.setattr(os, "replace", replace)
     export_module._replace_dir(tmp, target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"] and target.is_dir()
+
+
+def test_a_replaced_folder_that_cannot_be_removed_does_not_fail_the_export(tmp_path, monkeypatch):
+    # the new folder is in place by then; a busy old one is left for the next run's clean_stale
+    import shutil
+
+    real = shutil.rmtree
+
+    def busy(path, ignore_errors=False, **kwargs):  # rmtree's contract on a filesystem that refuses the removal
+        if not ignore_errors:
+            raise OSError(16, "Device or resource busy", str(path))
+
+    target, tmp = tmp_path / "int8", tmp_path / f".int8{TMP_MARK}1"
+    tmp.mkdir()
+    (tmp / "new").write_text("new")
+    target.mkdir()
+    monkeypatch.setattr(shutil, "rmtree", busy)
+    export_module._replace_dir(tmp, target, overwrite=True)
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert (target / "new").read_text() == "new"
