@@ -380,3 +380,18 @@ def test_a_header_that_is_not_json_names_the_decoder_error_up_to_200_characters(
     except json.JSONDecodeError as e:
         expected = f"(JSONDecodeError: {str(e)[:200]})"
     assert refused(path, "is not JSON").endswith(expected)
+
+
+@pytest.mark.parametrize("first", ["DTYPES", "DTYPE_NAMES"])
+def test_dtype_tables_are_built_on_first_use_whichever_is_asked_first(monkeypatch, first):
+    # built lazily so that reading headers never imports torch; a fresh process may ask for either table first
+    monkeypatch.delattr(st, "DTYPES")
+    monkeypatch.delattr(st, "DTYPE_NAMES")
+    getattr(st, first)
+    assert st.DTYPES["F8_E4M3"] is torch.float8_e4m3fn and st.DTYPE_NAMES[torch.float8_e4m3fn] == "F8_E4M3"
+
+
+def test_other_missing_module_attributes_raise_attribute_error():
+    assert not hasattr(st, "NO_SUCH_TABLE")
+    with pytest.raises(AttributeError, match="module 'qexport.safetensors_io' has no attribute 'NO_SUCH_TABLE'"):
+        st.NO_SUCH_TABLE
