@@ -1,0 +1,73 @@
+"""Builders for the unit tests of verify's file checks (tests/test_unit_verify_*.py): a reference and an export
+written by hand in tmp_path (a config dict, a few tensors, side files, a manifest), and the real verify Context on
+them. No model is built, exported or loaded: the architecture comes from the config on the meta device
+(milliseconds once transformers is imported), and the reference holds only the tensors a test names."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qexport.verify.context import Context
+
+# A one-layer qwen3 small enough to write by hand: Linears [64, 32] (q_proj, gate_proj, up_proj), [16, 32]
+# (k_proj, v_proj), [32, 32] (o_proj), [32, 64] (down_proj); lm_head [64, 32].
+CONFIG = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=32, intermediate_size=64,
+              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=64,
+              max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6, dtype="float16")
+DOWN = "model.layers.0.mlp.down_proj"
+UP = "model.layers.0.mlp.up_proj"
+NORM = "model.norm.weight"
+
+
+def qc(num_bits=4, strategy="group", group_size=16, fmt="pack-quantized", **weights) -> dict:
+    """A compressed-tensors quantization_config as design.md gives it (group_size small enough for the tiny
+    Linears)."""
+    w = {"num_bits": num_bits, "type": "int", "strategy": strategy, "symmetric": True, "dynamic": False, **weights}
+    if strategy == "group":
+        w["group_size"] = group_size
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "format": fmt, "weights": w}},
+            "ignore": ["lm_head"]}
+
+
+def write_folder(folder: Path, tensors: dict[str, torch.Tensor] | None = None, config: dict | None = None,
+                 files: dict[str, str | bytes] | None = None) -> Path:
+    """A model folder: config.json (unless config is False), model.safetensors with `tensors`, and side files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is not False:
+        (folder / "config.json").write_text(json.dumps(CONFIG if config is None else config))
+    if tensors:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    for rel, content in (files or {}).items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder
+
+
+def config_with(**changes) -> dict:
+    """CONFIG with keys changed (a value of ... removes the key)."""
+    config = copy.deepcopy(CONFIG)
+    for key, value in changes.items():
+        if value is ...:
+            config.pop(key)
+        else:
+            config[key] = value
+    return config
+
+
+def reference_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two Linear weights and a norm in bf16, the dtype of a typical source."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"{DOWN}.weight": (torch.randn(32, 64, generator=g) * 0.05).bfloat16(),
+            f"{UP}.weight": (torch.randn(64, 32, generator=g) * 0.05).bfloat16(),
+            NORM: (1 + 0.1 * torch.randn(32, generator=g)).bfloat16()}
+
+
+def context(export: Path, reference: Path, thresholds: dict | None = None) -> Context:
+    return Context(export, reference, thresholds)
