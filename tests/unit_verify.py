@@ -71,3 +71,49 @@ def reference_weights(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def context(export: Path, reference: Path, thresholds: dict | None = None) -> Context:
     return Context(export, reference, thresholds)
+
+
+def int4_module(module: str, w: torch.Tensor, group_size: int = 16) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(what an int4 pack-quantized export stores for `module`, the float32 weight it dequantizes to), from qexport's
+    quantization primitives (scale = absmax / 7.5 in fp16, codes packed 8 per int32); the dequantized weight is
+    computed here as codes x scales in float32 (exact: a 4-bit code times an fp16 scale fits float32)."""
+    from qexport import quant
+
+    scales = quant.compute_scales(w.float(), 4, group_size, torch.float16)
+    q = quant.quantize(w.float(), scales, 4, group_size)
+    w_hat = (q.float().reshape(q.shape[0], -1, group_size) * scales.float().unsqueeze(-1)).reshape(q.shape)
+    return {f"{module}.weight_packed": quant.pack_int4(q), f"{module}.weight_scale": scales,
+            f"{module}.weight_shape": torch.tensor(list(w.shape))}, w_hat
+
+
+def sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """20 log10(||w|| / ||w - w_hat||), design.md's definition, in float64."""
+    import math
+
+    w, w_hat = w.double(), w_hat.double()
+    return 20 * math.log10(w.norm().item() / (w - w_hat).norm().item())
+
+
+def manifest_of(folder: Path, predicted: bool = True) -> dict:
+    """A qexport.json as an honest exporter writes it for `folder` as it is now: each *.safetensors file with its
+    size and sha256 (and predicted size = its size), each tensor with dtype, shape and bytes from the file header."""
+    import hashlib
+    import struct
+
+    files, tensors = [], {}
+    for path in sorted(folder.glob("*.safetensors")):
+        data = path.read_bytes()
+        record = {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        files.append(record | ({"predicted_bytes": len(data)} if predicted else {}))
+        (n,) = struct.unpack("<Q", data[:8])
+        for name, info in json.loads(data[8:8 + n]).items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                tensors[name] = {"dtype": info["dtype"], "shape": info["shape"]} | (
+                    {"predicted_bytes": end - start} if predicted else {})
+    return {"format": "int4", "files": files, "tensors": tensors}
+
+
+def write_manifest(folder: Path, manifest: dict | None = None) -> Path:
+    (folder / "qexport.json").write_text(json.dumps(manifest_of(folder) if manifest is None else manifest))
+    return folder
