@@ -66,3 +66,442 @@ def test_files_matching_the_manifest_pass_counting_them(tmp_path, ref):
 def test_no_manifest_skips_saying_hashes_are_not_checked(tmp_path, ref):
     result = check_manifest(context(int4_export(tmp_path, manifest=False), ref))
     assert result.skipped and result.detail == "no qexport.json (not written by qexport): file hashes not checked"
+
+
+def test_an_unreadable_manifest_fails_naming_why(tmp_path, ref):
+    folder = int4_export(tmp_path)
+    (folder / "qexport.json").write_text("[]")
+    result = check_manifest(context(folder, ref))
+    assert not result.passed and result.detail == "qexport.json: qexport.json is not a JSON object"
+
+
+def edited_manifest(tmp_path, change):
+    folder = int4_export(tmp_path, manifest=False)
+    manifest = manifest_of(folder)
+    change(manifest)
+    return write_manifest(folder, manifest)
+
+
+MANIFEST_FAULTS = [
+    # (id, change to the manifest, the check's whole detail)
+    ("file_missing", lambda m: m["files"].append({"name": "model-2.safetensors", "bytes": 8, "sha256": "0"}),
+     "model-2.safetensors is listed but missing"),
+    ("size", lambda m: m["files"][0].update(bytes=m["files"][0]["bytes"] + 1), None),
+    ("sha256", lambda m: m["files"][0].update(sha256="0" * 64),
+     "model.safetensors sha256 differs from the manifest (changed after export)"),
+    ("file_not_listed", lambda m: m.update(files=[]), "model.safetensors is not in the manifest"),
+    ("tensor_not_stored", lambda m: m["tensors"].update({"model.gone": {"dtype": "F16", "shape": [2]}}),
+     "tensor 'model.gone' is in the manifest but not in the shards"),
+    ("tensor_dtype", lambda m: m["tensors"][NORM].update(dtype="F32"),
+     f"tensor '{NORM}' is F16 [32], manifest says F32 [32]"),
+    ("tensor_shape", lambda m: m["tensors"][NORM].update(shape=[2, 16]),
+     f"tensor '{NORM}' is F16 [32], manifest says F16 [2, 16]"),
+]
+
+
+@pytest.mark.parametrize("change,detail", [f[1:] for f in MANIFEST_FAULTS], ids=[f[0] for f in MANIFEST_FAULTS])
+def test_a_file_or_tensor_disagreeing_with_the_manifest_fails_naming_it(tmp_path, ref, change, detail):
+    folder = edited_manifest(tmp_path, change)
+    size = (folder / "model.safetensors").stat().st_size
+    detail = detail or f"model.safetensors is {size} bytes, manifest says {size + 1}"
+    result = check_manifest(context(folder, ref))
+    assert not result.passed and result.detail == detail
+    assert result.metrics == {"problems": [detail]}
+
+
+def test_a_byte_changed_after_export_fails_the_manifest(tmp_path, ref):
+    folder = int4_export(tmp_path)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    assert check_manifest(context(folder, ref)).detail == ("model.safetensors sha256 differs from the manifest "
+                                                          "(changed after export)")
+
+
+def test_every_listed_file_is_checked_not_only_shards(tmp_path, ref):
+    folder = int4_export(tmp_path, manifest=False)
+    manifest = manifest_of(folder)
+    config = (folder / "config.json").read_bytes()
+    manifest["files"].append({"name": "config.json", "bytes": len(config),
+                              "sha256": hashlib.sha256(config).hexdigest()})
+    write_manifest(folder, manifest)
+    assert check_manifest(context(folder, ref)).detail == "2 files match their recorded size and sha256"
+    (folder / "config.json").write_bytes(config.replace(b'"qwen3"', b'"qwen4"'))
+    assert check_manifest(context(folder, ref)).detail == ("config.json sha256 differs from the manifest (changed "
+                                                           "after export)")
+
+
+def test_more_than_five_manifest_problems_are_counted(tmp_path, ref):
+    def change(m):
+        for i in range(7):
+            m["files"].append({"name": f"gone-{i}.safetensors", "bytes": 1, "sha256": "0"})
+
+    result = check_manifest(context(edited_manifest(tmp_path, change), ref))
+    assert not result.passed and result.detail.endswith("gone-4.safetensors is listed but missing; and 2 more")
+    assert result.detail.count("; ") == 5 and len(result.metrics["problems"]) == 7
+
+
+def test_a_manifest_without_tensors_checks_the_files_only(tmp_path, ref):
+    result = check_manifest(context(edited_manifest(tmp_path, lambda m: m.pop("tensors")), ref))
+    assert result.passed
+
+
+def test_with_unreadable_shards_the_manifest_still_checks_files(tmp_path, ref):
+    folder = int4_export(tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 4)
+    result = check_manifest(context(folder, ref))
+    size = len(b"\x00" * 4)
+    assert not result.passed and result.detail.startswith(f"model.safetensors is {size} bytes, manifest says ")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensor_names
+
+
+def test_every_reference_tensor_stored_once_passes(tmp_path, ref):
+    from qexport.verify.layout_checks import check_tensor_names
+
+    result = check_tensor_names(context(int4_export(tmp_path), ref))
+    assert result.passed and result.detail == "3 tensors (2 quantized), as in the reference"
+    assert result.metrics == {"missing": [], "extra": [], "tied_stored_twice": []}
+
+
+def test_a_missing_and_an_extra_tensor_fail_naming_them(tmp_path, ref):
+    from qexport.verify.layout_checks import check_tensor_names
+
+    tensors = int4_tensors()
+    del tensors[NORM]
+    tensors["model.extra"] = torch.ones(2)
+    result = check_tensor_names(context(int4_export(tmp_path, tensors), ref))
+    assert not result.passed and result.detail == f"missing {NORM}; not in the reference: model.extra"
+    assert result.metrics == {"missing": [NORM], "extra": ["model.extra"], "tied_stored_twice": []}
+
+
+def test_a_quantized_module_the_reference_lacks_is_extra(tmp_path, ref):
+    from qexport.verify.layout_checks import check_tensor_names
+
+    tensors = int4_tensors() | int4_module("model.layers.0.mlp.gate_proj", torch.randn(64, 32))[0]
+    result = check_tensor_names(context(int4_export(tmp_path, tensors), ref))
+    assert not result.passed and result.metrics["extra"] == ["model.layers.0.mlp.gate_proj.weight"]
+
+
+TIED = config_with(tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def tied_ref(tmp_path_factory):
+    # a tied checkpoint stores the shared embedding once, under embed_tokens
+    return write_folder(tmp_path_factory.mktemp("tied") / "ref",
+                        reference_weights() | {"model.embed_tokens.weight": torch.randn(64, 32).bfloat16()}, TIED)
+
+
+def tied_export(tmp_path, lm_head: bool):
+    from qexport.verify.layout_checks import check_tensor_names
+
+    tensors = int4_tensors() | {"model.embed_tokens.weight": torch.randn(64, 32).half()}
+    if lm_head:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    return int4_export(tmp_path, tensors, config_with(tie_word_embeddings=True, quantization_config=qc())), \
+        check_tensor_names
+
+
+def test_a_tied_tensor_stored_once_passes_saying_so(tmp_path, tied_ref):
+    folder, check = tied_export(tmp_path, lm_head=False)
+    result = check(context(folder, tied_ref))
+    assert result.passed and result.detail == "4 tensors (2 quantized), as in the reference; 1 tied stored once"
+
+
+def test_a_tied_tensor_stored_again_fails(tmp_path, tied_ref):
+    folder, check = tied_export(tmp_path, lm_head=True)
+    result = check(context(folder, tied_ref))
+    assert not result.passed
+    assert result.detail == "tied tensor(s) lm_head.weight stored again (tie_word_embeddings: store once)"
+    assert result.metrics == {"missing": [], "extra": [], "tied_stored_twice": ["lm_head.weight"]}
+
+
+def test_tensor_names_skips_unreadable_shards(tmp_path, ref):
+    from qexport.verify.layout_checks import check_bytes, check_layout, check_tensor_names
+
+    folder = int4_export(tmp_path, manifest=False)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 4)
+    for check in (check_tensor_names, check_layout, check_bytes):
+        result = check(context(folder, ref))
+        assert result.skipped and result.detail == "shards unreadable"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layout
+
+
+def layout(folder, ref):
+    from qexport.verify.layout_checks import check_layout
+
+    return check_layout(context(folder, ref))
+
+
+def test_an_int4_export_as_its_config_says_passes(tmp_path, ref):
+    result = layout(int4_export(tmp_path), ref)
+    assert result.passed and result.detail == "2 quantized modules match the config"
+
+
+def test_a_dense_export_without_a_quantization_config_passes(tmp_path, ref):
+    folder = write_folder(tmp_path / "fp16", {k: v.half() for k, v in reference_weights().items()})
+    result = layout(folder, ref)
+    assert result.passed and result.detail == "dense export: no quantized modules"
+
+
+def test_a_dense_export_with_a_quantization_config_fails(tmp_path, ref):
+    folder = write_folder(tmp_path / "fp16", {k: v.half() for k, v in reference_weights().items()},
+                          config_with(quantization_config=qc()))
+    result = layout(folder, ref)
+    assert not result.passed and result.detail == "quantization_config present but no module is stored quantized"
+
+
+@pytest.mark.parametrize("quantization_config", [..., ["compressed-tensors"]], ids=["none", "a_list"])
+def test_quantized_modules_without_a_quantization_config_object_fail(tmp_path, ref, quantization_config):
+    folder = int4_export(tmp_path, config=config_with(quantization_config=quantization_config))
+    result = layout(folder, ref)
+    assert not result.passed
+    assert result.detail == "2 modules stored quantized but config.json has no quantization_config"
+
+
+def int8_naive(module: str, w: torch.Tensor, packed: bool = False) -> dict[str, torch.Tensor]:
+    from qexport import quant
+
+    scales = quant.compute_scales(w.float(), 8, None, torch.float16)
+    q = quant.quantize(w.float(), scales, 8, None)
+    if packed:
+        return {f"{module}.weight_packed": quant.pack_int8(q), f"{module}.weight_scale": scales,
+                f"{module}.weight_shape": torch.tensor(list(w.shape))}
+    return {f"{module}.weight": q, f"{module}.weight_scale": scales}
+
+
+def int8_tensors(packed=False, **kw):
+    w = reference_weights()
+    return {NORM: w[NORM].half(), **int8_naive(DOWN, w[f"{DOWN}.weight"], packed),
+            **int8_naive(UP, w[f"{UP}.weight"], packed)}
+
+
+@pytest.mark.parametrize("fmt,packed", [("naive-quantized", False), ("int-quantized", False),
+                                        ("pack-quantized", True)])
+def test_int8_per_channel_exports_in_each_layout_pass(tmp_path, ref, fmt, packed):
+    folder = int4_export(tmp_path, int8_tensors(packed), config_with(quantization_config=qc(8, "channel", fmt=fmt)))
+    result = layout(folder, ref)
+    assert result.passed, result.detail
+
+
+def test_int8_per_tensor_scale_of_one_element_passes_in_either_shape(tmp_path, ref):
+    for shape in ((1,), (1, 1)):
+        tensors = int8_tensors()
+        for module in (DOWN, UP):
+            tensors[f"{module}.weight_scale"] = torch.ones(shape, dtype=torch.float16)
+        folder = int4_export(tmp_path / str(len(shape)), tensors,
+                             config_with(quantization_config=qc(8, "tensor", fmt="naive-quantized")))
+        assert layout(folder, ref).passed
+
+
+def bad_layout(tmp_path, ref, change, config=None, tensors=None):
+    tensors = int4_tensors() if tensors is None else tensors
+    change(tensors)
+    folder = int4_export(tmp_path, tensors, config)
+    return layout(folder, ref)
+
+
+D = DOWN
+LAYOUT_FAULTS = [
+    # (id, change to the int4 g16 tensors (down_proj [32, 64]), config (None: int4 g16 pack-quantized), problem)
+    ("packed_dtype", lambda t: t.update({f"{D}.weight_packed": t[f"{D}.weight_packed"].view(torch.float32)}), None,
+     f"{D}.weight_packed is F32 [32, 8], 4-bit packing of [32, 64] is I32 [32, 8]"),
+    ("packed_shape", lambda t: t.update({f"{D}.weight_packed": t[f"{D}.weight_packed"][:, :4]}), None,
+     f"{D}.weight_packed is I32 [32, 4], 4-bit packing of [32, 64] is I32 [32, 8]"),
+    ("packed_rows", lambda t: t.update({f"{D}.weight_packed": t[f"{D}.weight_packed"][:16]}), None,
+     f"{D}.weight_packed is I32 [16, 8], 4-bit packing of [32, 64] is I32 [32, 8]"),
+    ("no_weight_shape", lambda t: t.pop(f"{D}.weight_shape"), None, f"{D}: weight_packed without weight_shape"),
+    ("weight_shape_swapped", lambda t: t.update({f"{D}.weight_shape": torch.tensor([64, 32])}), None,
+     f"{D}.weight_shape is [64, 32], the reference weight is [32, 64]"),
+    ("scale_per_channel_for_group", lambda t: t.update({f"{D}.weight_scale": t[f"{D}.weight_scale"][:, :1]}), None,
+     f"{D}.weight_scale is [32, 1], group strategy needs [32, 4]"),
+    ("scale_transposed", lambda t: t.update({f"{D}.weight_scale": t[f"{D}.weight_scale"].T}), None,
+     f"{D}.weight_scale is [4, 32], group strategy needs [32, 4]"),
+    ("scale_integer", lambda t: t.update({f"{D}.weight_scale": t[f"{D}.weight_scale"].view(torch.int16)}), None,
+     f"{D}.weight_scale has dtype I16, not floating point"),
+    ("scale_only", lambda t: (t.pop(f"{D}.weight_packed"), t.pop(f"{D}.weight_shape")), None,
+     f"{D}: weight_scale without weight or weight_packed"),
+]
+
+
+@pytest.mark.parametrize("change,config,problem", [f[1:] for f in LAYOUT_FAULTS], ids=[f[0] for f in LAYOUT_FAULTS])
+def test_a_module_stored_unlike_its_config_fails_naming_it(tmp_path, ref, change, config, problem):
+    result = bad_layout(tmp_path, ref, change, config)
+    assert not result.passed and result.detail == f"1 problem(s): {problem}"
+    assert result.metrics == {"problems": [problem]}
+
+
+def test_packed_weights_under_an_unpacked_format_fail(tmp_path, ref):
+    result = bad_layout(tmp_path, ref, lambda t: None, config_with(quantization_config=qc(fmt="naive-quantized")))
+    assert result.metrics["problems"] == [f"{D}: packed weights but the config format is 'naive-quantized'",
+                                          f"{UP}: packed weights but the config format is 'naive-quantized'"]
+
+
+def test_bf16_scales_are_floating_point(tmp_path, ref):
+    result = bad_layout(tmp_path, ref, lambda t: t.update(
+        {f"{D}.weight_scale": t[f"{D}.weight_scale"].bfloat16(), f"{UP}.weight_scale": t[f"{UP}.weight_scale"].float()}))
+    assert result.passed
+
+
+def test_a_group_size_the_input_does_not_divide_by_fails(tmp_path, ref):
+    # up_proj's input is 32: group 24 leaves a remainder (down_proj's 64 does not divide either)
+    result = bad_layout(tmp_path, ref, lambda t: None, config_with(quantization_config=qc(group_size=24)))
+    assert not result.passed
+    assert result.metrics["problems"] == [f"{D}: input size 64 does not divide by group_size 24",
+                                          f"{UP}: input size 32 does not divide by group_size 24"]
+
+
+def test_a_group_strategy_without_group_size_needs_per_channel_scales(tmp_path, ref):
+    config = qc()
+    del config["config_groups"]["group_0"]["weights"]["group_size"]
+    result = bad_layout(tmp_path, ref, lambda t: None, config_with(quantization_config=config))
+    assert result.metrics["problems"][0] == f"{D}.weight_scale is [32, 4], group strategy needs [32, 1]"
+
+
+def test_int8_codes_of_the_wrong_shape_or_dtype_fail(tmp_path, ref):
+    naive = config_with(quantization_config=qc(8, "channel", fmt="naive-quantized"))
+    for i, bad in enumerate((torch.zeros(32, 32, dtype=torch.int8), torch.zeros(32, 64, dtype=torch.int16))):
+        result = bad_layout(tmp_path / str(i), ref, lambda t: t.update({f"{D}.weight": bad}), naive, int8_tensors())
+        dtype = "I8" if i == 0 else "I16"
+        assert result.metrics["problems"] == [f"{D}.weight is {dtype} {list(bad.shape)}, expected I8 [32, 64]"]
+
+
+def test_int8_codes_under_pack_quantized_fail(tmp_path, ref):
+    result = bad_layout(tmp_path, ref, lambda t: None, config_with(quantization_config=qc(8, "channel")),
+                        int8_tensors())
+    assert result.metrics["problems"] == [f"{D}: unpacked int8 codes but the config format is 'pack-quantized'",
+                                          f"{UP}: unpacked int8 codes but the config format is 'pack-quantized'"]
+
+
+def test_4_bit_codes_stored_one_per_byte_fail(tmp_path, ref):
+    # what a naive-quantized int4 export looks like: codes in [-8, 7] in int8 storage, per-group scales
+    from qexport import quant
+
+    w = reference_weights()
+    scales = quant.compute_scales(w[f"{DOWN}.weight"].float(), 4, 16, torch.float16)
+    codes = quant.quantize(w[f"{DOWN}.weight"].float(), scales, 4, 16)
+    tensors = {NORM: w[NORM].half(), f"{D}.weight": codes, f"{D}.weight_scale": scales,
+               **int8_naive(UP, w[f"{UP}.weight"])}
+    config = qc(fmt="naive-quantized")
+    config["ignore"].append(UP)
+    result = bad_layout(tmp_path, ref, lambda t: None, config_with(quantization_config=config), tensors)
+    assert f"{D}: 4-bit codes stored unpacked, one per byte (8 bits per weight); use pack-quantized" in \
+        result.metrics["problems"]
+
+
+def test_a_module_stored_quantized_but_ignored_fails(tmp_path, ref):
+    config = qc()
+    config["ignore"].append(UP)
+    result = bad_layout(tmp_path, ref, lambda t: None, config_with(quantization_config=config))
+    assert result.metrics["problems"] == [f"{UP}: stored quantized but no config group targets it (or it is ignored)"]
+
+
+def test_a_quantized_module_the_reference_has_no_matrix_for_fails(tmp_path, ref):
+    extra = int4_module("model.layers.0.mlp.gate_proj", torch.randn(64, 32))[0]
+    result = bad_layout(tmp_path, ref, lambda t: t.update(extra))
+    assert result.metrics["problems"] == ["model.layers.0.mlp.gate_proj: quantized but the reference has no 2-D "
+                                          "model.layers.0.mlp.gate_proj.weight"]
+
+
+def test_a_quantized_module_whose_reference_is_not_a_matrix_fails(tmp_path, ref):
+    extra = int4_module("model.norm", torch.randn(1, 32))[0]
+    result = bad_layout(tmp_path, ref, lambda t: (t.pop(NORM), t.update(extra)))
+    assert result.metrics["problems"] == ["model.norm: quantized but the reference has no 2-D model.norm.weight"]
+
+
+def test_a_targeted_linear_stored_dense_fails(tmp_path, ref):
+    def dense_up(t):
+        for leaf in ("weight_packed", "weight_scale", "weight_shape"):
+            t.pop(f"{UP}.{leaf}")
+        t[f"{UP}.weight"] = reference_weights()[f"{UP}.weight"].half()
+
+    result = bad_layout(tmp_path, ref, dense_up)
+    assert result.metrics["problems"] == [f"{UP}: a targeted Linear stored dense and not in ignore"]
+
+
+def test_a_linear_stored_dense_and_ignored_passes(tmp_path, ref):
+    def dense_up(t):
+        for leaf in ("weight_packed", "weight_scale", "weight_shape"):
+            t.pop(f"{UP}.{leaf}")
+        t[f"{UP}.weight"] = reference_weights()[f"{UP}.weight"].half()
+
+    config = qc()
+    config["ignore"].append("re:.*up_proj$")
+    result = bad_layout(tmp_path, ref, dense_up, config_with(quantization_config=config))
+    assert result.passed and result.detail == "1 quantized modules match the config"
+
+
+def test_more_than_three_layout_problems_are_cut_with_an_ellipsis(tmp_path, ref):
+    def change(t):
+        for m in (D, UP):
+            t.pop(f"{m}.weight_shape")
+            t[f"{m}.weight_scale"] = t[f"{m}.weight_scale"][:, :1]
+
+    result = bad_layout(tmp_path, ref, change)
+    assert not result.passed and len(result.metrics["problems"]) == 4
+    assert result.detail == "4 problem(s): " + "; ".join(result.metrics["problems"][:3]) + "; ..."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# asymmetric layouts (symmetric: false): zero points
+
+
+def asym_config(fmt="pack-quantized"):
+    return config_with(quantization_config=qc(fmt=fmt, symmetric=False))
+
+
+def with_zero_points(zp_shape, dtype=torch.int32):
+    def change(t):
+        for m in (D, UP):
+            t[f"{m}.weight_zero_point"] = torch.zeros(zp_shape(m), dtype=dtype)
+    return change
+
+
+def test_packed_asymmetric_zero_points_packed_along_the_output_dimension_pass(tmp_path, ref):
+    # down_proj [32, 64] g16: 4 groups, 32 rows x 4 bits = 4 int32 words; up_proj [64, 32]: 2 groups, 8 words
+    shapes = {D: (4, 4), UP: (8, 2)}
+    result = bad_layout(tmp_path, ref, with_zero_points(shapes.get), asym_config())
+    assert result.passed, result.detail
+
+
+def test_asymmetric_without_zero_points_fails(tmp_path, ref):
+    result = bad_layout(tmp_path, ref, lambda t: None, asym_config())
+    assert result.metrics["problems"] == [f"{D}: asymmetric (symmetric: false) but no weight_zero_point",
+                                          f"{UP}: asymmetric (symmetric: false) but no weight_zero_point"]
+
+
+def test_packed_zero_points_of_the_wrong_shape_or_dtype_fail(tmp_path, ref):
+    shapes = {D: (32, 4), UP: (8, 2)}
+    result = bad_layout(tmp_path, ref, with_zero_points(shapes.get), asym_config())
+    assert result.metrics["problems"] == [f"{D}.weight_zero_point is I32 [32, 4], expected I32 [4, 4]"]
+    shapes = {D: (4, 4), UP: (8, 2)}
+    result = bad_layout(tmp_path / "b", ref, with_zero_points(shapes.get, torch.int8), asym_config())
+    assert result.metrics["problems"] == [f"{D}.weight_zero_point is I8 [4, 4], expected I32 [4, 4]",
+                                          f"{UP}.weight_zero_point is I8 [8, 2], expected I32 [8, 2]"]
+
+
+def test_unpacked_asymmetric_zero_points_are_one_per_group_of_any_dtype(tmp_path, ref):
+    from qexport import quant
+
+    w = reference_weights()
+    tensors = {NORM: w[NORM].half()}
+    for m, (rows, cols) in ((D, (32, 64)), (UP, (64, 32))):
+        scales = quant.compute_scales(w[f"{m}.weight"].float(), 8, 16, torch.float16)
+        tensors |= {f"{m}.weight": quant.quantize(w[f"{m}.weight"].float(), scales, 8, 16),
+                    f"{m}.weight_scale": scales, f"{m}.weight_zero_point": torch.zeros(rows, cols // 16,
+                                                                                      dtype=torch.int8)}
+    config = config_with(quantization_config=qc(8, fmt="naive-quantized", symmetric=False))
+    assert bad_layout(tmp_path, ref, lambda t: None, config, tensors).passed
+    tensors[f"{D}.weight_zero_point"] = torch.zeros(4, 4, dtype=torch.int8)
+    result = bad_layout(tmp_path / "b", ref, lambda t: None, config, tensors)
+    assert result.metrics["problems"] == [f"{D}.weight_zero_point is I8 [4, 4], expected [32, 4]"]
+
+
+def test_symmetric_layouts_need_no_zero_points(tmp_path, ref):
+    assert bad_layout(tmp_path, ref, lambda t: None, config_with(quantization_config=qc(symmetric=True))).passed

@@ -55,7 +55,7 @@ def config_with(**changes) -> dict:
     config = copy.deepcopy(CONFIG)
     for key, value in changes.items():
         if value is ...:
-            config.pop(key)
+            config.pop(key, None)
         else:
             config[key] = value
     return config
