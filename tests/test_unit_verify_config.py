@@ -10,8 +10,13 @@ import copy
 import pytest
 import torch
 
-from qexport.verify.config_checks import check_config_keys, check_model_type, check_quantization_config
-from tests.unit_verify import CONFIG, DOWN, NORM, config_with, context, qc, reference_weights, write_folder
+from qexport.verify import config_checks
+from tests.unit_verify import CONFIG, DOWN, NORM, config_with, context, named, qc, reference_weights, write_folder
+
+# each check reports under the name `verify --only`, reports and baselines know it by
+check_model_type = named(config_checks.check_model_type, "model_type")
+check_config_keys = named(config_checks.check_config_keys, "config_keys")
+check_quantization_config = named(config_checks.check_quantization_config, "quantization_config")
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,14 @@ import json
 import pytest
 
 from qexport.card import CARD_MARK, README_BEGIN, README_END
-from qexport.verify.file_checks import check_side_files, check_tokenizer, check_tokenizer_files, same_content
-from tests.unit_verify import context, reference_weights, write_folder
+from qexport.verify import file_checks
+from qexport.verify.file_checks import same_content
+from tests.unit_verify import context, named, reference_weights, write_folder
+
+# each check reports under the name `verify --only`, reports and baselines know it by
+check_side_files = named(file_checks.check_side_files, "side_files")
+check_tokenizer_files = named(file_checks.check_tokenizer_files, "tokenizer_files")
+check_tokenizer = named(file_checks.check_tokenizer, "tokenizer")
 
 GENERATION = json.dumps({"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "4.51.0"}, indent=2)
 SIDE = {"generation_config.json": GENERATION, "modules.json": '[{"idx": 0, "type": "Transformer"}]',

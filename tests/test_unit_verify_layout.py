@@ -12,9 +12,16 @@ import json
 import pytest
 import torch
 
-from qexport.verify.layout_checks import check_manifest, check_shards
-from tests.unit_verify import (DOWN, NORM, UP, config_with, context, int4_module, manifest_of, qc, reference_weights,
-                               write_folder, write_manifest)
+from qexport.verify import layout_checks
+from tests.unit_verify import (DOWN, NORM, UP, config_with, context, int4_module, manifest_of, named, qc,
+                               reference_weights, write_folder, write_manifest)
+
+# each check reports under the name `verify --only`, reports and baselines know it by
+check_shards = named(layout_checks.check_shards, "shards")
+check_manifest = named(layout_checks.check_manifest, "manifest")
+check_tensor_names = named(layout_checks.check_tensor_names, "tensor_names")
+check_layout = named(layout_checks.check_layout, "layout")
+check_bytes = named(layout_checks.check_bytes, "bytes")
 
 
 @pytest.fixture(scope="module")
@@ -159,16 +166,12 @@ def test_with_unreadable_shards_the_manifest_still_checks_files(tmp_path, ref):
 
 
 def test_every_reference_tensor_stored_once_passes(tmp_path, ref):
-    from qexport.verify.layout_checks import check_tensor_names
-
     result = check_tensor_names(context(int4_export(tmp_path), ref))
     assert result.passed and result.detail == "3 tensors (2 quantized), as in the reference"
     assert result.metrics == {"missing": [], "extra": [], "tied_stored_twice": []}
 
 
 def test_a_missing_and_an_extra_tensor_fail_naming_them(tmp_path, ref):
-    from qexport.verify.layout_checks import check_tensor_names
-
     tensors = int4_tensors()
     del tensors[NORM]
     tensors["model.extra"] = torch.ones(2)
@@ -178,8 +181,6 @@ def test_a_missing_and_an_extra_tensor_fail_naming_them(tmp_path, ref):
 
 
 def test_a_quantized_module_the_reference_lacks_is_extra(tmp_path, ref):
-    from qexport.verify.layout_checks import check_tensor_names
-
     tensors = int4_tensors() | int4_module("model.layers.0.mlp.gate_proj", torch.randn(64, 32))[0]
     result = check_tensor_names(context(int4_export(tmp_path, tensors), ref))
     assert not result.passed and result.metrics["extra"] == ["model.layers.0.mlp.gate_proj.weight"]
@@ -196,8 +197,6 @@ def tied_ref(tmp_path_factory):
 
 
 def tied_export(tmp_path, lm_head: bool):
-    from qexport.verify.layout_checks import check_tensor_names
-
     tensors = int4_tensors() | {"model.embed_tokens.weight": torch.randn(64, 32).half()}
     if lm_head:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
@@ -220,8 +219,6 @@ def test_a_tied_tensor_stored_again_fails(tmp_path, tied_ref):
 
 
 def test_tensor_names_skips_unreadable_shards(tmp_path, ref):
-    from qexport.verify.layout_checks import check_bytes, check_layout, check_tensor_names
-
     folder = int4_export(tmp_path, manifest=False)
     (folder / "model.safetensors").write_bytes(b"\x00" * 4)
     for check in (check_tensor_names, check_layout, check_bytes):
@@ -234,8 +231,6 @@ def test_tensor_names_skips_unreadable_shards(tmp_path, ref):
 
 
 def layout(folder, ref):
-    from qexport.verify.layout_checks import check_layout
-
     return check_layout(context(folder, ref))
 
 

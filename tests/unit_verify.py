@@ -117,3 +117,14 @@ def manifest_of(folder: Path, predicted: bool = True) -> dict:
 def write_manifest(folder: Path, manifest: dict | None = None) -> Path:
     (folder / "qexport.json").write_text(json.dumps(manifest_of(folder) if manifest is None else manifest))
     return folder
+
+
+def named(check, name: str):
+    """`check` that also asserts its result carries `name` (the name verify's --only, reports and baselines use)."""
+
+    def run(ctx):
+        result = check(ctx)
+        assert result.name == name, result.name
+        return result
+
+    return run
