@@ -69,8 +69,27 @@ def reference_weights(seed: int = 0) -> dict[str, torch.Tensor]:
             NORM: (1 + 0.1 * torch.randn(32, generator=g)).bfloat16()}
 
 
+_ARCHITECTURES: dict = {}
+
+
 def context(export: Path, reference: Path, thresholds: dict | None = None) -> Context:
-    return Context(export, reference, thresholds)
+    """verify's Context on the two folders. The reference's architecture (a meta-device model built from its
+    config, 80 ms) is built once per config text: qexport.architecture is not what these tests check."""
+    from qexport import architecture
+
+    real = architecture.inspect_architecture
+    key = (Path(reference) / "config.json").read_text()
+
+    def cached(config, config_path="config.json"):
+        if key not in _ARCHITECTURES:
+            _ARCHITECTURES[key] = real(config, config_path)
+        return _ARCHITECTURES[key]
+
+    architecture.inspect_architecture = cached
+    try:
+        return Context(export, reference, thresholds)
+    finally:
+        architecture.inspect_architecture = real
 
 
 def int4_module(module: str, w: torch.Tensor, group_size: int = 16) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
