@@ -500,3 +500,176 @@ def test_unpacked_asymmetric_zero_points_are_one_per_group_of_any_dtype(tmp_path
 
 def test_symmetric_layouts_need_no_zero_points(tmp_path, ref):
     assert bad_layout(tmp_path, ref, lambda t: None, config_with(quantization_config=qc(symmetric=True))).passed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bytes: stored == predicted per tensor and file; a quantized module no larger than its declared scheme needs
+
+# int4 g16 of down_proj [32, 64] and up_proj [64, 32] with fp16 scales, each: codes 32 x 64 x 4 bits = 1024 bytes,
+# weight_shape 16, scales 128 x 2 = 256 -> 1296 bytes; 4096 weights in 2592 bytes: 5.0625 bits a weight,
+# 2 x 4096 / 2592 = 3.16x vs fp16. The norm (32 fp16 = 64 bytes) stays dense: whole model 8256 / 2656 = 3.108x.
+INT4_MODULE_BYTES = 1296
+
+
+def test_an_int4_export_stores_what_its_config_predicts(tmp_path, ref):
+    from qexport.report import format_ratio
+
+    folder = int4_export(tmp_path)
+    result = check_bytes(context(folder, ref))
+    assert result.passed
+    assert result.metrics == {
+        "linear_weights": 2, "quantized_linears": 2, "quantized_linear_share": 1.0,
+        "weight_bytes": (folder / "model.safetensors").stat().st_size, "file_ratio": 8256 / 2656,
+        "quantized_weights": 4096, "quantized_bytes": 2 * INT4_MODULE_BYTES,
+        "quantized_ratio": 8192 / (2 * INT4_MODULE_BYTES), "bits_per_quantized_weight": 5.0625,
+        "predicted_quantized_ratio": 8192 / (2 * INT4_MODULE_BYTES)}
+    assert result.detail == (f"stored == predicted; 2/2 Linears quantized (100.0% of their bytes), quantized "
+                             f"{format_ratio(8192 / 2592)}, whole model {format_ratio(8256 / 2656)} vs fp16")
+
+
+def test_a_dense_export_reports_the_whole_model_ratio_only(tmp_path, ref):
+    from qexport.report import format_ratio
+
+    folder = write_folder(tmp_path / "fp16", {k: v.half() for k, v in reference_weights().items()})
+    result = check_bytes(context(folder, ref))
+    assert result.passed and result.detail == f"stored == predicted; whole model {format_ratio(1.0)} vs fp16"
+    assert result.metrics["quantized_linears"] == 0 and result.metrics["quantized_linear_share"] == 0.0
+    assert result.metrics["quantized_ratio"] is None and "predicted_quantized_ratio" not in result.metrics
+
+
+def test_share_counts_only_the_body_linears_not_lm_head_nor_tied(tmp_path):
+    # half of the body's Linear weights quantized (by count and bytes: both [32, 64]-sized); lm_head is not body
+    w = reference_weights() | {"lm_head.weight": torch.randn(64, 32).bfloat16()}
+    ref = write_folder(tmp_path / "ref", w)
+    tensors = {NORM: w[NORM].half(), f"{UP}.weight": w[f"{UP}.weight"].half(), "lm_head.weight": w["lm_head.weight"].half(),
+               **int4_module(DOWN, w[f"{DOWN}.weight"])[0]}
+    config = qc()
+    config["ignore"].append(UP)
+    folder = int4_export(tmp_path, tensors, config_with(quantization_config=config))
+    result = check_bytes(context(folder, ref))
+    assert result.passed and result.metrics["linear_weights"] == 2 and result.metrics["quantized_linears"] == 1
+    assert result.metrics["quantized_linear_share"] == 0.5
+    assert result.detail.startswith("stored == predicted; 1/2 Linears quantized (50.0% of their bytes), quantized ")
+
+
+def test_float32_scales_where_the_model_dtype_is_fp16_store_more_than_predicted(tmp_path, ref):
+    tensors = int4_tensors()
+    tensors[f"{DOWN}.weight_scale"] = tensors[f"{DOWN}.weight_scale"].float()
+    result = check_bytes(context(int4_export(tmp_path, tensors, manifest=False), ref))
+    assert not result.passed
+    assert result.detail == f"{DOWN}: stores {INT4_MODULE_BYTES + 256} bytes, its config predicts {INT4_MODULE_BYTES}"
+
+
+def test_float32_scales_in_a_float32_model_are_predicted(tmp_path, ref):
+    tensors = int4_tensors()
+    for m in (DOWN, UP):
+        tensors[f"{m}.weight_scale"] = tensors[f"{m}.weight_scale"].float()
+    folder = int4_export(tmp_path, tensors, config_with(dtype="float32", quantization_config=qc()), manifest=False)
+    result = check_bytes(context(folder, ref))
+    assert result.passed and result.metrics["quantized_bytes"] == 2 * (INT4_MODULE_BYTES + 256)
+
+
+def test_fp16_scales_in_a_float32_model_store_less_than_predicted_and_pass(tmp_path, ref):
+    folder = int4_export(tmp_path, config=config_with(dtype="float32", quantization_config=qc()), manifest=False)
+    result = check_bytes(context(folder, ref))
+    assert result.passed and result.metrics["predicted_quantized_ratio"] == 8192 / (2 * (INT4_MODULE_BYTES + 256))
+
+
+@pytest.mark.parametrize("fmt,packed,module_bytes", [
+    ("naive-quantized", False, 2048 + 64),  # one byte a code, 32 fp16 scales
+    ("pack-quantized", True, 2048 + 16 + 64),  # codes in int32 words, weight_shape, scales
+], ids=["naive", "packed"])
+def test_int8_per_channel_is_predicted_at_8_bits_plus_a_scale_a_row(tmp_path, ref, fmt, packed, module_bytes):
+    folder = int4_export(tmp_path, int8_tensors(packed), config_with(quantization_config=qc(8, "channel", fmt=fmt)),
+                         manifest=False)
+    result = check_bytes(context(folder, ref))
+    # down_proj has 32 rows, up_proj 64: 32 more scale bytes
+    assert result.passed and result.metrics["quantized_bytes"] == 2 * module_bytes + 64
+
+
+def test_per_tensor_scales_are_predicted_as_one(tmp_path, ref):
+    config = config_with(quantization_config=qc(8, "tensor", fmt="naive-quantized"))
+    tensors = int8_tensors()
+    for m in (DOWN, UP):
+        tensors[f"{m}.weight_scale"] = torch.ones(1, dtype=torch.float16)
+    assert check_bytes(context(int4_export(tmp_path, tensors, config, manifest=False), ref)).passed
+    tensors = int8_tensors()  # a scale per row is more than one per tensor
+    result = check_bytes(context(int4_export(tmp_path / "b", tensors, config, manifest=False), ref))
+    assert not result.passed and result.detail.startswith(f"{DOWN}: stores {2048 + 64} bytes, its config predicts "
+                                                          f"{2048 + 2}")
+
+
+def test_4_bit_codes_one_per_byte_store_more_than_packed(tmp_path, ref):
+    from qexport import quant
+
+    w = reference_weights()
+    scales = quant.compute_scales(w[f"{DOWN}.weight"].float(), 4, 16, torch.float16)
+    tensors = int4_tensors()
+    for leaf in ("weight_packed", "weight_shape"):
+        tensors.pop(f"{DOWN}.{leaf}")
+    tensors[f"{DOWN}.weight"] = quant.quantize(w[f"{DOWN}.weight"].float(), scales, 4, 16)
+    result = check_bytes(context(int4_export(tmp_path, tensors, config_with(quantization_config=qc(
+        fmt="naive-quantized")), manifest=False), ref))
+    # 2048 codes + 256 scale bytes, predicted packed: 1024 + 256
+    assert not result.passed and result.detail == f"{DOWN}: stores 2304 bytes, its config predicts 1280"
+
+
+def test_zero_points_and_g_idx_are_predicted_as_stored(tmp_path, ref):
+    tensors = int4_tensors()
+    tensors[f"{DOWN}.weight_zero_point"] = torch.zeros(4, 4, dtype=torch.int32)
+    tensors[f"{DOWN}.weight_g_idx"] = torch.zeros(64, dtype=torch.int32)
+    result = check_bytes(context(int4_export(tmp_path, tensors, manifest=False), ref))
+    assert result.passed and result.metrics["quantized_bytes"] == 2 * INT4_MODULE_BYTES + 64 + 256
+
+
+def test_a_quantized_module_the_reference_lacks_is_left_to_layout(tmp_path, ref):
+    tensors = int4_tensors() | int4_module("model.layers.0.mlp.gate_proj", torch.randn(64, 32))[0]
+    result = check_bytes(context(int4_export(tmp_path, tensors, manifest=False), ref))
+    assert result.passed and result.metrics["quantized_bytes"] == 2 * INT4_MODULE_BYTES
+
+
+def test_a_file_of_other_size_than_the_manifest_predicts_fails(tmp_path, ref):
+    folder = int4_export(tmp_path, manifest=False)
+    manifest = manifest_of(folder)
+    size = manifest["files"][0]["bytes"]
+    manifest["files"][0]["predicted_bytes"] = size - 8
+    result = check_bytes(context(write_manifest(folder, manifest), ref))
+    assert not result.passed and result.detail == f"model.safetensors is {size} bytes, predicted {size - 8}"
+
+
+def test_a_tensor_of_other_size_than_the_manifest_predicts_fails(tmp_path, ref):
+    folder = int4_export(tmp_path, manifest=False)
+    manifest = manifest_of(folder)
+    manifest["tensors"][NORM]["predicted_bytes"] = 128
+    manifest["tensors"]["model.gone"] = {"predicted_bytes": 4}  # not stored: tensor_names and manifest report it
+    result = check_bytes(context(write_manifest(folder, manifest), ref))
+    assert not result.passed and result.detail == f"tensor '{NORM}' stores 64 bytes, predicted 128"
+    assert result.metrics["problems"] == [result.detail]
+
+
+def test_a_manifest_without_predictions_predicts_nothing_per_file(tmp_path, ref):
+    folder = int4_export(tmp_path, manifest=False)
+    write_manifest(folder, {"files": manifest_of(folder, predicted=False)["files"]})
+    assert check_bytes(context(folder, ref)).passed
+
+
+def test_the_opt_in_ratio_floor_fails_a_scheme_that_compresses_less(tmp_path, ref):
+    from qexport.report import format_ratio, format_value
+
+    folder = int4_export(tmp_path)
+    ratio = 8192 / 2592
+    result = check_bytes(context(folder, ref, {"min_quantized_ratio": 3.2}))
+    assert not result.passed
+    assert result.detail == (f"quantized tensors compress {format_ratio(ratio)} vs fp16, need >= {format_ratio(3.2)} "
+                             f"({format_value(5.0625)} bits per weight)")
+    assert check_bytes(context(folder, ref, {"min_quantized_ratio": ratio})).passed  # at the floor passes
+
+
+def test_more_than_four_byte_problems_are_cut_with_an_ellipsis(tmp_path, ref):
+    folder = int4_export(tmp_path, manifest=False)
+    manifest = manifest_of(folder)
+    for info in manifest["tensors"].values():
+        info["predicted_bytes"] += 1
+    result = check_bytes(context(write_manifest(folder, manifest), ref))
+    assert not result.passed and len(result.metrics["problems"]) == 7
+    assert result.detail == "; ".join(result.metrics["problems"][:4]) + "; ..."
