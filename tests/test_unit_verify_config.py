@@ -11,7 +11,17 @@ import pytest
 import torch
 
 from qexport.verify import config_checks
-from tests.unit_verify import CONFIG, DOWN, NORM, config_with, context, named, qc, reference_weights, write_folder
+from tests.unit_verify import (
+    CONFIG,
+    DOWN,
+    NORM,
+    config_with,
+    context,
+    named,
+    qc,
+    reference_weights,
+    write_folder,
+)
 
 # each check reports under the name `verify --only`, reports and baselines know it by
 check_model_type = named(config_checks.check_model_type, "model_type")
@@ -83,9 +93,9 @@ def test_every_source_key_kept_passes_with_an_autoconfig_round_trip(tmp_path, re
     assert result.metrics == {"missing_keys": [], "changed_keys": []}
 
 
-@pytest.mark.parametrize("changes", [dict(dtype="bfloat16"), dict(dtype=...), dict(torch_dtype="float32"),
-                                     dict(transformers_version="9.9.9"), dict(quantization_config=qc(8, "channel")),
-                                     dict(added_by_the_exporter=1)],
+@pytest.mark.parametrize("changes", [{"dtype": "bfloat16"}, {"dtype": ...}, {"torch_dtype": "float32"},
+                                     {"transformers_version": "9.9.9"}, {"quantization_config": qc(8, "channel")},
+                                     {"added_by_the_exporter": 1}],
                          ids=["dtype", "no_dtype", "torch_dtype", "transformers_version", "quantization_config",
                               "a_new_key"])
 def test_keys_an_export_may_change_or_add_do_not_fail(tmp_path, ref, changes):
@@ -98,8 +108,8 @@ def test_a_missing_source_key_fails_naming_it(tmp_path, ref):
     assert result.metrics == {"missing_keys": ["rms_norm_eps"], "changed_keys": []}
 
 
-@pytest.mark.parametrize("changes", [dict(vocab_size=65), dict(tie_word_embeddings=1),
-                                     dict(architectures=["Qwen3ForCausalLM", "Extra"])],
+@pytest.mark.parametrize("changes", [{"vocab_size": 65}, {"tie_word_embeddings": 1},
+                                     {"architectures": ["Qwen3ForCausalLM", "Extra"]}],
                          ids=["number", "true_vs_1", "list"])
 def test_a_changed_source_key_fails_naming_it(tmp_path, ref, changes):
     [key] = changes
@@ -211,8 +221,8 @@ QC_FAULTS = [
     ("quant_method", _qc(lambda q: q.update(quant_method="gptq")), "quant_method is 'gptq', not 'compressed-tensors'"),
     ("no_quant_method", _qc(lambda q: q.pop("quant_method")), "quant_method is None, not 'compressed-tensors'"),
     ("format", _qc(lambda q: q.update(format="marlin-24")),
-     "format 'marlin-24' is not one of pack-quantized, naive-quantized, int-quantized; "
-     f"{G}.format 'pack-quantized' differs from format 'marlin-24'"),
+     ("format 'marlin-24' is not one of pack-quantized, naive-quantized, int-quantized; "
+     f"{G}.format 'pack-quantized' differs from format 'marlin-24'")),
     ("status_missing", _qc(lambda q: q.pop("quantization_status")),
      "quantization_status is None, must be 'compressed' (else transformers silently loads garbage)"),
     ("status_frozen", _qc(lambda q: q.update(quantization_status="frozen")),

@@ -7,14 +7,25 @@ accounted: stored equals predicted per tensor and per file."""
 from __future__ import annotations
 
 import hashlib
-import json
 
 import pytest
 import torch
 
 from qexport.verify import layout_checks
-from tests.unit_verify import (DOWN, NORM, UP, config_with, context, int4_module, manifest_of, named, qc,
-                               reference_weights, write_folder, write_manifest)
+from tests.unit_verify import (
+    DOWN,
+    NORM,
+    UP,
+    config_with,
+    context,
+    int4_module,
+    manifest_of,
+    named,
+    qc,
+    reference_weights,
+    write_folder,
+    write_manifest,
+)
 
 # each check reports under the name `verify --only`, reports and baselines know it by
 check_shards = named(layout_checks.check_shards, "shards")
@@ -362,7 +373,8 @@ def test_a_group_strategy_without_group_size_needs_per_channel_scales(tmp_path, 
 def test_int8_codes_of_the_wrong_shape_or_dtype_fail(tmp_path, ref):
     naive = config_with(quantization_config=qc(8, "channel", fmt="naive-quantized"))
     for i, bad in enumerate((torch.zeros(32, 32, dtype=torch.int8), torch.zeros(32, 64, dtype=torch.int16))):
-        result = bad_layout(tmp_path / str(i), ref, lambda t: t.update({f"{D}.weight": bad}), naive, int8_tensors())
+        result = bad_layout(tmp_path / str(i), ref, lambda t, bad=bad: t.update({f"{D}.weight": bad}), naive,
+                            int8_tensors())
         dtype = "I8" if i == 0 else "I16"
         assert result.metrics["problems"] == [f"{D}.weight is {dtype} {list(bad.shape)}, expected I8 [32, 64]"]
 
@@ -400,8 +412,8 @@ def test_a_module_stored_quantized_but_ignored_fails(tmp_path, ref):
 def test_a_quantized_module_the_reference_has_no_matrix_for_fails(tmp_path, ref):
     extra = int4_module("model.layers.0.mlp.gate_proj", torch.randn(64, 32))[0]
     result = bad_layout(tmp_path, ref, lambda t: t.update(extra))
-    assert result.metrics["problems"] == ["model.layers.0.mlp.gate_proj: quantized but the reference has no 2-D "
-                                          "model.layers.0.mlp.gate_proj.weight"]
+    assert result.metrics["problems"] == [("model.layers.0.mlp.gate_proj: quantized but the reference has no 2-D "
+                                          "model.layers.0.mlp.gate_proj.weight")]
 
 
 def test_a_quantized_module_whose_reference_is_not_a_matrix_fails(tmp_path, ref):

@@ -10,8 +10,19 @@ import torch
 
 from qexport.thresholds import thresholds_for
 from qexport.verify import weight_checks
-from tests.unit_verify import (DOWN, NORM, UP, config_with, context, int4_module, named, qc, reference_weights, sqnr,
-                               write_folder)
+from tests.unit_verify import (
+    DOWN,
+    NORM,
+    UP,
+    config_with,
+    context,
+    int4_module,
+    named,
+    qc,
+    reference_weights,
+    sqnr,
+    write_folder,
+)
 
 # the check reports under the name `verify --only`, reports and baselines know it by
 check_weights = named(weight_checks.check_weights, "weights_sqnr")

@@ -16,9 +16,9 @@ from qexport.verify.context import Context
 
 # A one-layer qwen3 small enough to write by hand: Linears [64, 32] (q_proj, gate_proj, up_proj), [16, 32]
 # (k_proj, v_proj), [32, 32] (o_proj), [32, 64] (down_proj); lm_head [64, 32].
-CONFIG = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=32, intermediate_size=64,
-              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=64,
-              max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6, dtype="float16")
+CONFIG = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 64,
+              "max_position_embeddings": 64, "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "dtype": "float16"}
 DOWN = "model.layers.0.mlp.down_proj"
 UP = "model.layers.0.mlp.up_proj"
 NORM = "model.norm.weight"
