@@ -274,6 +274,11 @@ def test_every_group_is_checked_not_only_the_first(tmp_path, ref):
                              "config_groups.c.weights.num_bits 3 is not 4 or 8")
 
 
+def test_a_group_of_one_is_a_positive_group_size(tmp_path, ref):
+    config = config_with(quantization_config=qc(group_size=1))
+    assert check_quantization_config(context(export(tmp_path, config), ref)).passed
+
+
 def test_channel_and_tensor_strategies_need_no_group_size(tmp_path, ref):
     for strategy in ("channel", "tensor"):
         config = qc(8, strategy)
