@@ -162,6 +162,21 @@ def test_a_qexport_card_that_changed_or_dropped_the_source_readme_fails(tmp_path
     assert result.metrics == {"missing": [], "changed": ["README.md"], "allowed_to_differ": ["README.md"]}
 
 
+@pytest.mark.parametrize("source", [
+    "# Source\n\nEnds in a Markdown line break  \n",  # trailing spaces are content
+    "\n\n# Source after two blank lines\n",  # leading blank lines are content
+    "# Source\n\nBuilt for macOS X\n",  # so is a last character that is not a newline
+], ids=["trailing_spaces", "leading_blank_lines", "ends_in_x"])
+def test_a_card_embedding_the_readme_verbatim_but_its_trailing_newlines_passes(tmp_path, source):
+    assert check_side_files(folders(tmp_path, {"README.md": source}, {"README.md": card(source.rstrip("\n"))})).passed
+
+
+def test_a_card_that_dropped_trailing_spaces_of_the_readme_fails(tmp_path):
+    source = "# Source\n\nEnds in a Markdown line break  \n"
+    result = check_side_files(folders(tmp_path, {"README.md": source}, {"README.md": card(source.rstrip())}))
+    assert not result.passed and result.metrics["changed"] == ["README.md"]
+
+
 def test_readmes_that_are_not_utf8_are_compared_not_refused(tmp_path):
     # a Latin-1 README: both sides read with replacement characters
     ctx = folders(tmp_path, {"README.md": b"caf\xe9\n"}, {"README.md": card("caf\ufffd")})
