@@ -72,6 +72,17 @@ def test_a_side_file_in_a_subfolder_is_compared_too(tmp_path):
     assert not result.passed and result.detail == "content differs from the reference: 1_Pooling/config.json"
 
 
+def test_a_side_file_linking_to_a_file_elsewhere_in_its_folder_is_compared_by_content(tmp_path):
+    # links to files inside the model folder are followed (safe_fs.walk_files), also from a subfolder to a file
+    # outside that subfolder: its target is what is compared
+    ctx = folders(tmp_path, {"pooling.json": SIDE["1_Pooling/config.json"]})
+    for folder in (ctx.reference.folder, ctx.export):
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").symlink_to("../pooling.json")
+    result = check_side_files(ctx)
+    assert result.passed and result.detail == "all 2 reference files present with the reference's content"
+
+
 def test_a_folder_of_the_same_name_is_not_the_file(tmp_path):
     ctx = folders(tmp_path, SIDE, {k: v for k, v in SIDE.items() if k != "modules.json"})
     (ctx.export / "modules.json").mkdir()
@@ -258,6 +269,17 @@ def test_a_tokenizer_that_encodes_one_text_differently_fails_naming_it(tmp_path,
     # an exporter that added a token: only the texts holding it encode differently
     result = check_tokenizer(with_tokenizer(tmp_path, tokenizer, lambda t: t.add_tokens([token])))
     assert not result.passed and result.detail == f"encodes {text!r} differently from the reference"
+
+
+def test_the_reference_chat_template_kept_passes(tmp_path, tokenizer):
+    def template(t):
+        t.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+    template(tokenizer)
+    try:
+        assert check_tokenizer(with_tokenizer(tmp_path, tokenizer)).passed
+    finally:
+        tokenizer.chat_template = None
 
 
 def test_a_changed_chat_template_fails(tmp_path, tokenizer):
