@@ -703,3 +703,40 @@ def test_four_byte_problems_are_named_and_more_cut_with_an_ellipsis(tmp_path, re
     problems = result.metrics["problems"]
     assert not result.passed and len(problems) == tensors
     assert result.detail == "; ".join(problems[:4]) + ellipsis
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# found by mutation testing (bench/MUTATION.md)
+
+
+def test_a_sharded_export_passes_shards_naming_its_files(tmp_path, ref):
+    from safetensors.torch import save_file
+
+    tensors = int4_tensors()
+    folder = int4_export(tmp_path, {NORM: tensors.pop(NORM)}, manifest=False)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    save_file(tensors, str(folder / "model-00002-of-00002.safetensors"))
+    weight_map = {n: "model-00002-of-00002.safetensors" for n in tensors} | {NORM: "model-00001-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    result = check_shards(context(folder, ref))
+    assert result.passed and result.detail == "2 file(s), 7 tensors; index and shards agree both ways"
+    assert result.metrics == {"files": ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]}
+
+
+def test_a_manifest_listing_no_files_fails_naming_the_shard(tmp_path, ref):
+    result = check_manifest(context(edited_manifest(tmp_path, lambda m: m.pop("files")), ref))
+    assert not result.passed and result.detail == "model.safetensors is not in the manifest"
+
+
+def test_a_listed_file_linking_elsewhere_in_the_export_is_hashed_through_the_link(tmp_path, ref):
+    # links to files inside the model folder are followed (safe_fs.walk_files), from a subfolder too
+    folder = int4_export(tmp_path, manifest=False)
+    (folder / "pooling.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").symlink_to("../pooling.json")
+    manifest = manifest_of(folder)
+    data = (folder / "pooling.json").read_bytes()
+    manifest["files"].append({"name": "1_Pooling/config.json", "bytes": len(data),
+                              "sha256": hashlib.sha256(data).hexdigest()})
+    result = check_manifest(context(write_manifest(folder, manifest), ref))
+    assert result.passed and result.detail == "2 files match their recorded size and sha256"
