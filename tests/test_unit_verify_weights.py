@@ -86,6 +86,9 @@ def test_the_median_of_three_quantized_tensors_is_the_middle_one(tmp_path):
     result = check(folder, ref)
     assert result.metrics["sqnr_median_db"] == pytest.approx(values[1], abs=1e-9)
     assert result.detail.endswith(f"median {values[1]:.2f} dB over 3 quantized tensors")
+    # the worst is up_proj (the coarsest groups), not the first name in order
+    worst = min(measured, key=measured.get)
+    assert worst == f"{UP}.weight" and result.metrics["sqnr_worst"] == worst
 
 
 def test_a_quantized_tensor_below_the_floor_fails_naming_the_worst(tmp_path, ref):
@@ -235,3 +238,35 @@ def test_unreadable_shards_skip_the_check(tmp_path, ref):
     (folder / "model.safetensors").write_bytes(b"\x00" * 4)
     result = check_weights(context(folder, ref))
     assert result.skipped and result.detail == "shards unreadable"
+
+
+# (id, reference tensors, export tensors, the first problem): a problem in model.a, then another in model.z, stored
+# after it (same dtype: safetensors orders by name), must be found too: every tensor is compared, whatever came before
+NAN = float("nan")
+GOES_ON = [
+    ("dequantizes_to_nan", {"model.a": torch.ones(4), "model.z": torch.ones(4)},
+     {"model.a": torch.tensor([1, NAN, 1, 1]).half(), "model.z": torch.ones(2).half()},
+     "model.a: dequantizes to NaN/Inf; model.z: shape [2], reference [4]"),
+    ("reference_nan", {"model.a": torch.tensor([1, NAN, 1, 1]), "model.z": torch.ones(4)},
+     {"model.a": torch.ones(4).half(), "model.z": torch.ones(2).half()},
+     "model.a: the reference holds NaN/Inf, so the export cannot be verified against it; "
+     "model.z: shape [2], reference [4]"),
+    ("integer_equal", {"model.a": torch.arange(4), "model.z": torch.arange(4)},
+     {"model.a": torch.arange(4), "model.z": torch.arange(4).flip(0)},
+     "model.z: integer tensor differs from the reference"),
+    ("sqnr_nan", {"model.a": torch.full((4,), 1e200, dtype=torch.float64),
+                  "model.z": torch.full((4,), 1e200, dtype=torch.float64)},
+     {"model.a": torch.full((4,), 3e38), "model.z": torch.full((4,), 3e38)},
+     "model.a: SQNR is NaN; model.z: SQNR is NaN"),
+]
+
+
+@pytest.mark.parametrize("ref_tensors,tensors,detail", [g[1:] for g in GOES_ON], ids=[g[0] for g in GOES_ON])
+def test_after_a_problem_the_next_tensors_are_compared_too(tmp_path, ref_tensors, tensors, detail):
+    ref = write_folder(tmp_path / "ref", reference_weights() | ref_tensors)
+    folder = fp16_export(tmp_path, lambda t: t.update(tensors))
+    ctx = context(folder, ref)
+    names = ctx.ckpt.names
+    assert names.index("model.a") < names.index("model.z")
+    result = check_weights(ctx)
+    assert not result.passed and result.detail == detail
