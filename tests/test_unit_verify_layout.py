@@ -740,3 +740,55 @@ def test_a_listed_file_linking_elsewhere_in_the_export_is_hashed_through_the_lin
                               "sha256": hashlib.sha256(data).hexdigest()})
     result = check_manifest(context(write_manifest(folder, manifest), ref))
     assert result.passed and result.detail == "2 files match their recorded size and sha256"
+
+
+def predicted_bytes(result) -> int:
+    """The bytes check_bytes predicted for the quantized modules, from the ratio it reports (2 x weights / bytes)."""
+    m = result.metrics
+    return round(2 * m["quantized_weights"] / m["predicted_quantized_ratio"])
+
+
+def odd_export(tmp_path, w: torch.Tensor, config: dict, packed: bool):
+    """A reference holding one Linear weight `w` and its int8 per-channel export (naive or packed)."""
+    ref = write_folder(tmp_path / "ref", {f"{DOWN}.weight": w.bfloat16(), NORM: torch.ones(32).bfloat16()})
+    folder = int4_export(tmp_path, {NORM: torch.ones(32).half(), **int8_naive(DOWN, w, packed)},
+                         config_with(quantization_config=config), manifest=False)
+    return check_bytes(context(folder, ref))
+
+
+@pytest.mark.parametrize("fmt,packed,codes", [
+    ("naive-quantized", False, 32 * 30),  # one byte a code: 30 inputs are 30 bytes a row
+    ("pack-quantized", True, 32 * 8 * 4 + 16),  # 30 codes in 8 int32 words a row, then weight_shape
+], ids=["naive", "packed"])
+def test_int8_codes_of_an_input_not_divisible_by_4_are_predicted_exactly(tmp_path, fmt, packed, codes):
+    result = odd_export(tmp_path, torch.randn(32, 30), qc(8, "channel", fmt=fmt), packed)
+    assert result.passed and predicted_bytes(result) == codes + 32 * 2  # one fp16 scale a row
+
+
+def test_int8_without_num_bits_is_predicted_at_8_bits(tmp_path):
+    config = qc(8, "channel")
+    del config["config_groups"]["group_0"]["weights"]["num_bits"]
+    result = odd_export(tmp_path, torch.randn(32, 64), config, packed=True)
+    assert result.passed and predicted_bytes(result) == 32 * 16 * 4 + 16 + 32 * 2
+
+
+def test_per_channel_scales_are_predicted_one_a_row_whatever_group_size_says(tmp_path):
+    config = qc(8, "channel")
+    config["config_groups"]["group_0"]["weights"]["group_size"] = 16
+    result = odd_export(tmp_path, torch.randn(32, 64), config, packed=False)
+    assert result.passed and predicted_bytes(result) == 32 * 64 + 32 * 2
+
+
+def test_int4_codes_of_a_wide_input_are_predicted_exactly(tmp_path):
+    # 512 inputs x 4 bits = 64 int32 words a row (a word fewer would be 33 codes a word)
+    w = torch.randn(32, 512)
+    ref = write_folder(tmp_path / "ref", {f"{DOWN}.weight": w.bfloat16(), NORM: torch.ones(32).bfloat16()})
+    folder = int4_export(tmp_path, {NORM: torch.ones(32).half(), **int4_module(DOWN, w, 128)[0]},
+                         config_with(quantization_config=qc(group_size=128)), manifest=False)
+    result = check_bytes(context(folder, ref))
+    assert result.passed and predicted_bytes(result) == 32 * 64 * 4 + 16 + 32 * 4 * 2
+
+
+def test_the_int4_export_is_predicted_exactly(tmp_path, ref):
+    result = check_bytes(context(int4_export(tmp_path, manifest=False), ref))
+    assert predicted_bytes(result) == 2 * INT4_MODULE_BYTES
