@@ -792,3 +792,17 @@ def test_int4_codes_of_a_wide_input_are_predicted_exactly(tmp_path):
 def test_the_int4_export_is_predicted_exactly(tmp_path, ref):
     result = check_bytes(context(int4_export(tmp_path, manifest=False), ref))
     assert predicted_bytes(result) == 2 * INT4_MODULE_BYTES
+
+
+def test_a_config_that_does_not_say_symmetric_means_symmetric(tmp_path, ref):
+    config = qc()
+    del config["config_groups"]["group_0"]["weights"]["symmetric"]
+    assert bad_layout(tmp_path, ref, lambda t: None, config_with(quantization_config=config)).passed
+
+
+def test_a_model_without_linear_weights_has_no_quantized_share(tmp_path):
+    ref = write_folder(tmp_path / "ref", {NORM: torch.ones(32).bfloat16()})
+    folder = write_folder(tmp_path / "fp16", {NORM: torch.ones(32).half()})
+    result = check_bytes(context(folder, ref))
+    assert result.passed and result.metrics["linear_weights"] == 0
+    assert result.metrics["quantized_linear_share"] is None
