@@ -586,6 +586,9 @@ def test_float32_scales_where_the_model_dtype_is_fp16_store_more_than_predicted(
     result = check_bytes(context(int4_export(tmp_path, tensors, manifest=False), ref))
     assert not result.passed
     assert result.detail == f"{DOWN}: stores {INT4_MODULE_BYTES + 256} bytes, its config predicts {INT4_MODULE_BYTES}"
+    # a failed bytes check still reports what it measured
+    assert result.metrics["quantized_bytes"] == 2 * INT4_MODULE_BYTES + 256
+    assert result.metrics["quantized_linears"] == 2
 
 
 def test_float32_scales_in_a_float32_model_are_predicted(tmp_path, ref):
@@ -787,6 +790,7 @@ def test_int4_codes_of_a_wide_input_are_predicted_exactly(tmp_path):
                          config_with(quantization_config=qc(group_size=128)), manifest=False)
     result = check_bytes(context(folder, ref))
     assert result.passed and predicted_bytes(result) == 32 * 64 * 4 + 16 + 32 * 4 * 2
+    assert layout(folder, ref).passed  # weight_packed [32, 64]
 
 
 def test_the_int4_export_is_predicted_exactly(tmp_path, ref):
@@ -807,3 +811,35 @@ def test_a_model_without_linear_weights_has_no_quantized_share(tmp_path):
     result = check_bytes(context(folder, ref))
     assert result.passed and result.metrics["linear_weights"] == 0
     assert result.metrics["quantized_linear_share"] is None
+
+
+def test_asymmetric_zero_points_of_many_rows_are_packed_into_whole_words(tmp_path):
+    # 264 rows x 4 bits = 33 int32 words of zero points per group column
+    w = torch.randn(264, 32)
+    ref = write_folder(tmp_path / "ref", {f"{UP}.weight": w.bfloat16(), NORM: torch.ones(32).bfloat16()})
+    tensors = {NORM: torch.ones(32).half(), **int4_module(UP, w)[0],
+               f"{UP}.weight_zero_point": torch.zeros(33, 2, dtype=torch.int32)}
+    assert layout(int4_export(tmp_path, tensors, asym_config(), manifest=False), ref).passed
+
+
+def test_an_embedding_stored_quantized_is_not_targeted_by_linear(tmp_path):
+    # targets ["Linear"] match nn.Linear modules only: a quantized embedding is a module no group targets
+    w = reference_weights() | {"model.embed_tokens.weight": torch.randn(64, 32).bfloat16()}
+    ref = write_folder(tmp_path / "ref", w)
+    tensors = int4_tensors() | int4_module("model.embed_tokens", w["model.embed_tokens.weight"])[0]
+    result = layout(int4_export(tmp_path, tensors, manifest=False), ref)
+    assert result.metrics["problems"] == ["model.embed_tokens: stored quantized but no config group targets it (or it "
+                                          "is ignored)"]
+
+
+def test_an_output_head_inside_a_submodule_is_not_body(tmp_path):
+    # a vision-language model's head sits at language_model.lm_head: it stays dense by convention, like lm_head
+    import dataclasses
+
+    head = "language_model.lm_head.weight"
+    ref = write_folder(tmp_path / "ref", reference_weights() | {head: torch.randn(64, 32).bfloat16()})
+    folder = int4_export(tmp_path, int4_tensors() | {head: torch.randn(64, 32).half()}, manifest=False)
+    ctx = context(folder, ref)
+    ctx.arch = dataclasses.replace(ctx.arch, linear_weights=ctx.arch.linear_weights | {head})
+    result = check_bytes(ctx)
+    assert result.passed and result.metrics["linear_weights"] == 2 and result.metrics["quantized_linear_share"] == 1.0

@@ -147,6 +147,20 @@ def test_a_dense_tensor_below_the_dense_floor_fails_naming_it(tmp_path, ref):
     assert result.metrics["dense_sqnr_min_db"] == pytest.approx(measured, abs=1e-9)
 
 
+def test_a_dense_tensor_at_the_dense_floor_passes(tmp_path, ref):
+    w = reference_weights()[NORM]
+    folder = fp16_export(tmp_path, lambda t: t.update({NORM: noisy(w, 40).half()}))
+    floor = check(folder, ref).metrics["dense_sqnr_min_db"]
+    assert floor == pytest.approx(sqnr(w, noisy(w, 40).half()), abs=1e-9)
+    assert check(folder, ref, dense_min_sqnr_db=floor).passed
+
+
+def test_only_tensors_below_the_floor_are_counted(tmp_path, ref):
+    folder, measured = int4_export(tmp_path)
+    result = check(folder, ref, min_sqnr_db=max(measured.values()))  # the better tensor sits at the floor
+    assert not result.passed and result.detail.startswith("1 quantized tensor(s) below ")
+
+
 def test_a_dense_tensor_exactly_at_the_dense_floor_passes(tmp_path, ref):
     w = reference_weights()[NORM]
     folder = fp16_export(tmp_path, lambda t: t.update({NORM: noisy(w, 40).half()}))
