@@ -828,8 +828,8 @@ def test_an_embedding_stored_quantized_is_not_targeted_by_linear(tmp_path):
     ref = write_folder(tmp_path / "ref", w)
     tensors = int4_tensors() | int4_module("model.embed_tokens", w["model.embed_tokens.weight"])[0]
     result = layout(int4_export(tmp_path, tensors, manifest=False), ref)
-    assert result.metrics["problems"] == ["model.embed_tokens: stored quantized but no config group targets it (or it "
-                                          "is ignored)"]
+    assert result.metrics["problems"] == [("model.embed_tokens: stored quantized but no config group targets it (or "
+                                           "it is ignored)")]
 
 
 def test_an_output_head_inside_a_submodule_is_not_body(tmp_path):

@@ -263,8 +263,8 @@ GOES_ON = [
      "model.a: dequantizes to NaN/Inf; model.z: shape [2], reference [4]"),
     ("reference_nan", {"model.a": torch.tensor([1, NAN, 1, 1]), "model.z": torch.ones(4)},
      {"model.a": torch.ones(4).half(), "model.z": torch.ones(2).half()},
-     "model.a: the reference holds NaN/Inf, so the export cannot be verified against it; "
-     "model.z: shape [2], reference [4]"),
+     ("model.a: the reference holds NaN/Inf, so the export cannot be verified against it; "
+      "model.z: shape [2], reference [4]")),
     ("integer_equal", {"model.a": torch.arange(4), "model.z": torch.arange(4)},
      {"model.a": torch.arange(4), "model.z": torch.arange(4).flip(0)},
      "model.z: integer tensor differs from the reference"),
