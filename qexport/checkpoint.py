@@ -195,7 +195,7 @@ class Checkpoint:
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+        return tensor_bytes(self.entries)
 
     @property
     def names(self) -> list[str]:
@@ -297,6 +297,11 @@ def check_layer_counts(config: dict, entries: dict, config_path: Path) -> None:
             if isinstance(value, int) and not isinstance(value, bool) and value > present:
                 raise InputError(f"{config_path}: {key}={value} but the checkpoint's tensor names number at most "
                                  f"{present} blocks")
+
+
+def tensor_bytes(entries: dict[str, TensorEntry]) -> int:
+    """The tensor data of a checkpoint (or of a source presenting its entries) in bytes."""
+    return sum(e.nbytes for e in entries.values())
 
 
 def is_float(dtype_name: str) -> bool:
