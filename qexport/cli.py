@@ -73,8 +73,10 @@ def _run_export(args) -> int:
 
     keep_freed_memory()
     if args.src is not None and args.lora is None and not args.models and args.weights is None:
-        # The architecture's discovery (a child process in a fresh interpreter) starts before torch is imported
-        # here, so the two imports run on two cores; opening the checkpoint first refuses bad input as before.
+        # The architecture's discovery starts as early as it can, in a child process that runs beside the export:
+        # forked right after this process imported torch (and ran nothing on it), so that the child does not
+        # import torch again; spawned where torch was imported before this command (a test calling main()).
+        # Opening the checkpoint first refuses bad input as before.
         from .architecture import prefetch
         from .checkpoint import Checkpoint
 
@@ -84,7 +86,10 @@ def _run_export(args) -> int:
             _export_options(args)  # a bad option is reported before a bad source, as when options came first
             raise
         if "quantization_config" not in source.config:
-            prefetch(source.config, source.folder / "config.json", source.tensor_bytes)
+            fresh = "torch" not in sys.modules
+            import torch  # noqa: F401
+
+            prefetch(source.config, source.folder / "config.json", source.tensor_bytes, fork=fresh)
     from .export import export
     from .merge import open_source
     from .report import print_export_summary
