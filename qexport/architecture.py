@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .forked import can_fork, die_with
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def discover(config: dict, config_path: Path | str = "config.json", source_bytes
         except BaseException as e:
             future.set_exception(e)
         return future
-    return _in_fork(config, config_path) if fork and _can_fork() else _in_child(config, config_path)
+    return _in_fork(config, config_path) if fork and can_fork() else _in_child(config, config_path)
 
 
 def prefetch(config: dict, config_path: Path | str = "config.json", source_bytes: int | None = None,
@@ -212,135 +213,35 @@ def _child_main() -> None:
     import sys
 
     request = json.loads(sys.stdin.buffer.read())
-    _die_with(request["parent"])
-    sys.stdout.write(json.dumps(_answer(request["config"], request["config_path"])))
+    die_with(request["parent"])
+    try:
+        answer = _to_json(inspect_architecture(request["config"], request["config_path"]))
+    except InputError as e:
+        answer = {"error": str(e.args[0] if e.args else e)}
+    sys.stdout.write(json.dumps(answer))
     sys.stdout.flush()
 
 
-def _answer(config: dict, config_path) -> dict:
-    try:
-        return _to_json(inspect_architecture(config, config_path))
-    except InputError as e:
-        return {"error": str(e.args[0] if e.args else e)}
-
-
-# A forked child starts with this process's torch already imported: its python start and torch import (about 1.2 s
-# CPU of the ~4.5 s a spawned child costs) are saved. Forking is only safe from a process that has run nothing on
-# torch yet and has no other Python thread: a lock held by another thread at fork time stays locked in the child
-# forever (mutmut's forked test children deadlocked that way on a torch thread pool's lock). The command line
-# forks right after importing torch itself; everyone else (tests, notebooks, a library caller) spawns.
-
-
-def _can_fork() -> bool:
-    import os
-    import threading
-
-    return hasattr(os, "fork") and threading.active_count() == 1
-
-
-class _ForkedChild:
-    """What `cancel` needs of a forked child: poll() and kill(), without signalling a reaped (reused) pid."""
-
-    def __init__(self, pid: int):
-        import threading
-
-        self.pid, self.returncode, self._lock = pid, None, threading.Lock()
-
-    def poll(self):
-        return self.returncode
-
-    def kill(self) -> None:
-        import os
-        import signal
-
-        with self._lock:
-            if self.returncode is None:
-                os.kill(self.pid, signal.SIGKILL)
-
-    def wait(self) -> int:
-        import os
-
-        with self._lock:
-            if self.returncode is None:
-                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
-        return self.returncode
-
-
 def _in_fork(config: dict, config_path) -> Future:
-    import json
-    import os
+    """`inspect_architecture` in a child forked from this process (see qexport.forked: only where that is safe).
+    It starts with torch already imported here: its python start and torch import, about 1.2 s CPU of the ~4.5 s
+    a spawned child costs, are saved."""
     import threading
 
-    parent = os.getpid()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.close(read_end)
-            _forked_child_setup(parent)
-            try:
-                answer = _answer(config, config_path)
-            except BaseException as e:  # the parent raises it; this child's stderr is /dev/null
-                answer = {"failure": f"{type(e).__name__}: {e}"}
-            with os.fdopen(write_end, "wb") as pipe:
-                pipe.write(json.dumps(answer).encode())
-            status = 1 if "failure" in answer else 0
-        finally:
-            os._exit(status)  # no atexit handler, no flush of buffers inherited from the parent
-    os.close(write_end)
-    child = _ForkedChild(pid)
+    from .forked import ForkedCall
+
+    call = ForkedCall(lambda: _to_json(inspect_architecture(config, config_path)), "architecture discovery")
     future: Future = Future()
 
     def wait():
         try:
-            with os.fdopen(read_end, "rb") as pipe:
-                out = pipe.read()
-            code = child.wait()
-            answer = json.loads(out) if out else {}
-            if code != 0 or "failure" in answer:
-                raise RuntimeError(f"architecture discovery failed (forked child, exit {code}): "
-                                   f"{answer.get('failure', '')[-2000:]}")
-            if "error" in answer:
-                future.set_exception(InputError(answer["error"]))
-            else:
-                future.set_result(_from_json(answer))
+            future.set_result(_from_json(call.result()))
         except BaseException as e:
-            if not future.done():
-                future.set_exception(e)
+            future.set_exception(e)
 
     threading.Thread(target=wait, daemon=True, name="qexport-discovery").start()
-    future.process = child
+    future.process = call  # so that an export stopping early can end it
     return future
-
-
-def _forked_child_setup(parent: int) -> None:
-    """A forked child: default signal handling (the command line's SIGTERM handler raises in Python), its stdio
-    on /dev/null (transformers' warnings are not the export's), ended with the parent."""
-    import os
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    _die_with(parent)
-
-
-def _die_with(parent: int) -> None:
-    """Linux: end this child when the export that started it is killed (it would otherwise finish its imports)."""
-    import ctypes
-    import os
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent went before the line above took effect
-        os._exit(1)
 
 
 EMBEDDING_PARTS = ("embed", "wte", "wpe", "shared")

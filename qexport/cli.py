@@ -77,8 +77,11 @@ def _run_export(args) -> int:
         # forked right after this process imported torch (and ran nothing on it), so that the child does not
         # import torch again; spawned where torch was imported before this command (a test calling main()).
         # Opening the checkpoint first refuses bad input as before.
+        # The source's sha256 is computed the same way, by a child forked before torch is imported: it hashes
+        # while this process imports torch.
         from .architecture import prefetch
         from .checkpoint import Checkpoint
+        from .forked import can_fork
 
         try:
             source = Checkpoint.open(args.src)
@@ -87,16 +90,21 @@ def _run_export(args) -> int:
             raise
         if "quantization_config" not in source.config:
             fresh = "torch" not in sys.modules
+            if fresh and can_fork():
+                source.hash_in_child()
             import torch  # noqa: F401
 
             prefetch(source.config, source.folder / "config.json", source.tensor_bytes, fork=fresh)
+    else:
+        source = None
     from .export import export
     from .merge import open_source
     from .report import print_export_summary
 
     options = _export_options(args)
-    manifests = export(open_source(args.src, lora=args.lora, models=args.models, weights=args.weights), args.out,
-                       options)
+    if source is None:
+        source = open_source(args.src, lora=args.lora, models=args.models, weights=args.weights)
+    manifests = export(source, args.out, options)
     print_export_summary(manifests, args.out)
     return 0
 
