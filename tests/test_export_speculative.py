@@ -114,20 +114,22 @@ def test_the_child_process_reports_a_bad_config_as_input_error(qwen3_src):
         _in_child(config, qwen3_src / "config.json").result(timeout=300)
 
 
-# Runs `qexport export` in a new interpreter and reports on stderr which child discovered the architecture.
-# "torch-first": the process imported torch and computed before the command, as a test session or notebook does.
+# Runs `qexport export` in a new interpreter and reports on stderr which children it started: the source hashed in
+# a forked child, the architecture discovered in a forked or a spawned one. "torch-first": the process imported
+# torch and computed before the command, as a test session or notebook does.
 CLI_DRIVER = r"""
 import sys
 import qexport.architecture as architecture
+from qexport.checkpoint import Checkpoint
 if sys.argv[1] == "torch-first":
     import torch
     torch.ones(64, 64).matmul(torch.ones(64, 64))
 used = []
-for name in ("_in_fork", "_in_child"):
-    setattr(architecture, name, lambda *a, _o=getattr(architecture, name), _n=name: used.append(_n) or _o(*a))
+for owner, name in ((architecture, "_in_fork"), (architecture, "_in_child"), (Checkpoint, "hash_in_child")):
+    setattr(owner, name, lambda *a, _o=getattr(owner, name), _n=name: used.append(_n) or _o(*a))
 from qexport.cli import main
 code = main(sys.argv[2:])
-print("discovery:", *used, file=sys.stderr)
+print("children:", *used, file=sys.stderr)
 sys.exit(code)
 """
 
@@ -139,15 +141,16 @@ def run_cli(mode: str, *argv: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@pytest.mark.parametrize("mode, child", [("fresh", "_in_fork"), ("torch-first", "_in_child")])
-def test_a_command_line_export_forks_discovery_only_when_it_imported_torch_itself(mode, child, llama_sharded_src,
-                                                                                  direct, tmp_path):
-    """Fresh: forked right after the command imported torch. Torch imported and used before: a spawned child
-    (forking then could inherit a lock held by a torch thread). Same bytes either way."""
+@pytest.mark.parametrize("mode, children", [("fresh", "hash_in_child _in_fork"), ("torch-first", "_in_child")])
+def test_a_command_line_export_forks_only_when_it_imported_torch_itself(mode, children, llama_sharded_src, direct,
+                                                                        tmp_path):
+    """Fresh: the source hashed by a child forked before torch is imported, discovery forked right after. Torch
+    imported and used before: no fork (it could inherit a lock held by a torch thread), discovery spawned, hashes
+    from the reads. Same bytes either way, the manifest's source sha256 included."""
     run = run_cli(mode, "export", str(llama_sharded_src), "--out", str(tmp_path / "out"), "--formats", "fp16",
                   "int8", "int4", "--max-shard-size", "600000", "--quiet")
     assert run.returncode == 0, run.stderr
-    assert run.stderr.strip().splitlines()[-1] == f"discovery: {child}"
+    assert run.stderr.strip().splitlines()[-1] == f"children: {children}"
     assert tree_sha256(tmp_path / "out") == direct
 
 
@@ -164,7 +167,7 @@ def test_an_architecture_error_in_a_forked_child_exits_2_with_one_line_and_leave
     assert run.returncode == 2, run.stderr
     error, used = run.stderr.strip().splitlines()
     assert error.startswith("qexport: error: ") and "model_type 'no-such-model'" in error
-    assert used == "discovery: _in_fork"
+    assert used == "children: hash_in_child _in_fork"
     assert not (tmp_path / "a").exists()
 
 
