@@ -30,6 +30,7 @@ import argparse
 import fnmatch
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,12 +43,18 @@ OUT = ROOT / "bench" / "MUTATION.md"
 WORK = ROOT / "bench" / ".mutation"
 EXPORT_CACHE = Path(os.environ.get("QEXPORT_CACHE", Path.home() / ".cache" / "qexport")) / "mutation-exports"
 LINKED = ("qexport", "tests", "conftest.py", "fixtures")
+# committed: each group's mutmut results (mutmut's own .meta files: exit code per mutant and a hash per mutated
+# function) and the diffs of its survivors, so a fresh checkout summarises, and resumes, every earlier run. mutmut keeps
+# a saved result while its function's hash is unchanged; the summary counts a mutant of a function edited since as
+# "not checked" (stale), never as killed.
+STATE = ROOT / "bench" / "mutation_state"
 # survivors judged equivalent (no test can tell them from the original), each with the reason; the summary scores
 # killed / (tested - equivalent) and prints the reason under the diff
 EQUIVALENT = ROOT / "bench" / "mutation_equivalent.json"
 # mutmut's exit-code meanings (mutmut/stats.py): 1 and 3 are kills, 0 a survivor.
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
-          24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "type check", None: "not checked"}
+          24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "type check", None: "not checked",
+          "stale": "stale (function edited since)"}
 
 # group -> (module globs it mutates, the tests mutmut maps onto them, whether exports come from the disk cache: only
 # for groups of verify code; tiny source models come from it in every group).
@@ -145,10 +152,39 @@ def prepare(group: str) -> Path:
     tail = rest[rest.find("\n[") + 1:] if "\n[" in rest else ""
     section = "\n".join(f"{k} = {toml_value(v)}" for k, v in settings.items())
     (work / "pyproject.toml").write_text(f"{head}[tool.mutmut]\n{section}\n\n{tail}")
+    saved = STATE / group
+    for meta in saved.rglob("*.py.meta") if saved.is_dir() else ():
+        target = work / "mutants" / meta.relative_to(saved)
+        if not target.exists():  # mutmut merges it with the mutants it generates (same function hash = same result)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(meta, target)
     return work
 
 
-def results(work: Path, globs: list[str]) -> dict[str, dict[str, int | None]]:
+def save(group: str, work: Path) -> None:
+    """Copy the group's results and its survivors' diffs from the state directory into bench/mutation_state/."""
+    globs = SELECTIONS[group][0]
+    saved = STATE / group
+    for meta in (work / "mutants").rglob("*.py.meta"):
+        rel = meta.relative_to(work / "mutants")
+        if any(fnmatch.fnmatch(rel.as_posix().removesuffix(".meta"), g) for g in globs):
+            (saved / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(meta, saved / rel)
+    diffs_file = saved / "survivors.json"
+    old = json.loads(diffs_file.read_text()) if diffs_file.exists() else {}
+    diffs = {}
+    for codes in results(group).values():
+        for name, code in sorted(codes.items()):
+            if STATUS.get(code) == "survived":
+                diffs[name] = old.get(name) or subprocess.run(
+                    [sys.executable, "-m", "mutmut", "show", name], cwd=work, text=True,
+                    capture_output=True).stdout.strip()
+    if diffs or diffs_file.exists():
+        saved.mkdir(parents=True, exist_ok=True)
+        diffs_file.write_text(json.dumps(diffs, indent=1, ensure_ascii=False) + "\n")
+
+
+def live_results(work: Path, globs: list[str]) -> dict[str, dict[str, int | None]]:
     """module file -> {mutant name: exit code} from mutmut's .meta files in one group's state directory."""
     out: dict[str, dict[str, int | None]] = {}
     for meta in sorted((work / "mutants").rglob("*.py.meta")):
@@ -161,11 +197,33 @@ def results(work: Path, globs: list[str]) -> dict[str, dict[str, int | None]]:
     return out
 
 
+def results(group: str) -> dict[str, dict[str, int | None]]:
+    """module file -> {mutant name: exit code} from the committed results (bench/mutation_state/<group>/); a mutant
+    of a function whose source changed since it was tested counts as not checked (None)."""
+    from mutmut.mutation.file_mutation import compute_function_hashes
+
+    saved = STATE / group
+    out: dict[str, dict[str, int | None]] = {}
+    for meta in sorted(saved.rglob("*.py.meta")) if saved.is_dir() else ():
+        rel = meta.relative_to(saved).as_posix().removesuffix(".meta")
+        data = json.loads(meta.read_text())
+        source = ROOT / rel
+        now = compute_function_hashes(source.read_text()) if source.exists() else {}
+        then = data.get("hash_by_function_name", {})
+        codes = {}
+        for name, code in data.get("exit_code_by_key", {}).items():
+            function = name.partition("__mutmut_")[0].rpartition(".")[2]
+            codes[name] = code if function in now and now[function] == then.get(function) else "stale"
+        if codes:
+            out[rel] = codes
+    return out
+
+
 def resume(work: Path, globs: list[str], members: list[str]) -> list[str]:
     """What to hand mutmut: named mutants as given (tested again); for a module or function, its mutants without a
     result yet or with a timeout (mutmut re-tests every mutant matching a pattern, so a stopped run would start
     over). Before the group's first run, the patterns themselves (no mutant exists yet)."""
-    known = {name: code for codes in results(work, globs).values() for name, code in codes.items()}
+    known = {name: code for codes in live_results(work, globs).values() for name, code in codes.items()}
     if not known:
         return [mutant_pattern(m) for m in members]
     names = []
@@ -190,7 +248,7 @@ def run(modules: list[str], max_children: int) -> None:
     for group, members in by_group.items():
         work = prepare(group)
         globs, _, cached = SELECTIONS[group]
-        before = sum(c is not None for codes in results(work, globs).values() for c in codes.values())
+        before = sum(c is not None for codes in live_results(work, globs).values() for c in codes.values())
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)  # the mutants/ copy must be the qexport the tests import
         env["QEXPORT_MUTATION_CACHE"] = str(EXPORT_CACHE)  # tiny models, for every group (see conftest.py)
@@ -204,8 +262,10 @@ def run(modules: list[str], max_children: int) -> None:
         subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
                        cwd=work, env=env)
         wall = time.monotonic() - start
-        after = sum(c is not None for codes in results(work, globs).values() for c in codes.values())
-        log = work / "runs.json"
+        after = sum(c is not None for codes in live_results(work, globs).values() for c in codes.values())
+        save(group, work)
+        log = STATE / group / "runs.json"
+        log.parent.mkdir(parents=True, exist_ok=True)
         runs = json.loads(log.read_text()) if log.exists() else []
         runs.append({"modules": members, "wall_s": round(wall), "tested": after - before, "max_children": max_children,
                      "load_start": load_start, "load_end": load(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
@@ -227,8 +287,9 @@ def summarise(note: str) -> str:
                   "|---|---|---|---|---|---|---|---|"]
     survivors: dict[str, list[tuple[Path, str]]] = {}
     for group, (globs, tests, _) in SELECTIONS.items():
-        work = WORK / group
-        for module, codes in results(work, globs).items():
+        saved = STATE / group
+        diffs = json.loads((saved / "survivors.json").read_text()) if (saved / "survivors.json").exists() else {}
+        for module, codes in results(group).items():
             counts = Counter(STATUS.get(code, "suspicious") for code in codes.values())
             same = sum(1 for n, c in codes.items() if STATUS.get(c) == "survived" and n in equivalent)
             tested = counts["killed"] + counts["survived"] - same
@@ -236,8 +297,9 @@ def summarise(note: str) -> str:
             score = f"{100 * counts['killed'] / tested:.1f}%" if tested else "-"
             table.append(f"| {module} | {len(codes)} | {counts['killed']} | {counts['survived']} ({same}) | {other} | "
                          f"{score} |")
-            survivors[module] = [(work, n) for n, c in sorted(codes.items()) if STATUS.get(c) == "survived"]
-        log = work / "runs.json"
+            survivors[module] = [(n, diffs.get(n, "(diff not saved)")) for n, c in sorted(codes.items())
+                                 if STATUS.get(c) == "survived"]
+        log = saved / "runs.json"
         for r in json.loads(log.read_text()) if log.exists() else []:
             per = f"{r['wall_s'] / r['tested']:.1f}" if r["tested"] > 0 else "-"
             members = ", ".join(r["modules"]) if len(r["modules"]) <= 3 else f"{len(r['modules'])} named"
@@ -250,9 +312,7 @@ def summarise(note: str) -> str:
         if not names:
             continue
         lines += ["", f"## Survivors in {module}", ""]
-        for work, name in names:
-            diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, text=True,
-                                  capture_output=True).stdout.strip()
+        for name, diff in names:
             lines += [f"`{name}`" + (f": equivalent. {equivalent[name]}" if name in equivalent else ": not killed yet"),
                       "", "```diff", diff, "```", ""]
     return "\n".join(lines).rstrip() + "\n"
