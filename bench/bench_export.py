@@ -251,7 +251,8 @@ calls, init = [], forked.ForkedCall.__init__
 forked.ForkedCall.__init__ = lambda self, *a: calls.append(self) or init(self, *a)
 source = Checkpoint.open(sys.argv[1])
 source.hash_in_child()  # as the command line does: before torch is imported
-import torch
+with forked.no_gc():
+    import torch
 prefetch(source.config, source.folder / "config.json", fork=True)  # as the command line does, right after torch
 import qexport.export as E
 from qexport import formats, safetensors_io

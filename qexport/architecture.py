@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .forked import can_fork, die_with
+from .forked import can_fork, die_with, no_gc
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,8 @@ def _child_main() -> None:
     request = json.loads(sys.stdin.buffer.read())
     die_with(request["parent"])
     try:
-        answer = _to_json(inspect_architecture(request["config"], request["config_path"]))
+        with no_gc():
+            answer = _to_json(inspect_architecture(request["config"], request["config_path"]))
     except InputError as e:
         answer = {"error": str(e.args[0] if e.args else e)}
     sys.stdout.write(json.dumps(answer))

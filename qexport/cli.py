@@ -81,7 +81,7 @@ def _run_export(args) -> int:
         # while this process imports torch.
         from .architecture import prefetch
         from .checkpoint import Checkpoint
-        from .forked import can_fork
+        from .forked import can_fork, no_gc
 
         try:
             source = Checkpoint.open(args.src)
@@ -92,7 +92,8 @@ def _run_export(args) -> int:
             fresh = "torch" not in sys.modules
             if fresh and can_fork():
                 source.hash_in_child()
-            import torch  # noqa: F401
+            with no_gc():
+                import torch  # noqa: F401
 
             prefetch(source.config, source.folder / "config.json", source.tensor_bytes, fork=fresh)
     else:

@@ -12,6 +12,8 @@ only where it imported torch itself and has run nothing on it). Tests, notebooks
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import signal
@@ -19,6 +21,20 @@ import threading
 from typing import Callable
 
 from .errors import InputError
+
+
+@contextlib.contextmanager
+def no_gc():
+    """No cyclic garbage collection inside: importing torch and transformers' modeling code allocates millions of
+    objects and the collector walks all of them again and again, for almost no garbage. Measured on the 1b
+    benchmark's discovery (transformers import + meta model after torch): 2.73 -> 2.27-2.41 s CPU, +8 MB peak RSS."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def can_fork() -> bool:
@@ -98,7 +114,9 @@ class ForkedCall:
 
 def _child_setup(parent: int) -> None:
     """Default signal handling (the command line's SIGTERM handler raises in Python), stdio on /dev/null (what the
-    child's libraries print is not the export's), ended with the parent."""
+    child's libraries print is not the export's), ended with the parent, no cyclic garbage collection (see
+    `no_gc`)."""
+    gc.disable()
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDWR)
