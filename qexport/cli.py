@@ -73,12 +73,11 @@ def _run_export(args) -> int:
 
     keep_freed_memory()
     if args.src is not None and args.lora is None and not args.models and args.weights is None:
-        # The architecture's discovery starts as early as it can, in a child process that runs beside the export:
-        # forked right after this process imported torch (and ran nothing on it), so that the child does not
-        # import torch again; spawned where torch was imported before this command (a test calling main()).
+        # Two child processes run beside the export on the other core (qexport.forked): one forked before torch is
+        # imported here hashes the source during that import; one forked right after it (nothing run on torch yet)
+        # discovers the architecture without importing torch again. Where torch was imported before this command
+        # (a test calling main()) nothing is forked: discovery spawns a new interpreter, hashes come from the reads.
         # Opening the checkpoint first refuses bad input as before.
-        # The source's sha256 is computed the same way, by a child forked before torch is imported: it hashes
-        # while this process imports torch.
         from .architecture import prefetch
         from .checkpoint import Checkpoint
         from .forked import can_fork, no_gc
