@@ -19,6 +19,7 @@ from tests.unit_verify import (
     context,
     named,
     qc,
+    reference_folder,
     reference_weights,
     write_folder,
 )
@@ -29,9 +30,7 @@ check_config_keys = named(config_checks.check_config_keys, "config_keys")
 check_quantization_config = named(config_checks.check_quantization_config, "quantization_config")
 
 
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    return write_folder(tmp_path_factory.mktemp("ref") / "ref", reference_weights())
+ref = pytest.fixture(scope="module", name="ref")(reference_folder)
 
 
 def export(tmp_path, config=None, tensors=None):

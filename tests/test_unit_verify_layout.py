@@ -23,6 +23,7 @@ from tests.unit_verify import (
     manifest_of,
     named,
     qc,
+    reference_folder,
     reference_weights,
     write_folder,
     write_manifest,
@@ -36,9 +37,7 @@ check_layout = named(layout_checks.check_layout, "layout")
 check_bytes = named(layout_checks.check_bytes, "bytes")
 
 
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    return write_folder(tmp_path_factory.mktemp("ref") / "ref", reference_weights())
+ref = pytest.fixture(scope="module", name="ref")(reference_folder)
 
 
 def int4_tensors(group_size: int = 16) -> dict[str, torch.Tensor]:

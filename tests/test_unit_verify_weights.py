@@ -19,6 +19,7 @@ from tests.unit_verify import (
     int4_module,
     named,
     qc,
+    reference_folder,
     reference_weights,
     sqnr,
     write_folder,
@@ -28,9 +29,7 @@ from tests.unit_verify import (
 check_weights = named(weight_checks.check_weights, "weights_sqnr")
 
 
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    return write_folder(tmp_path_factory.mktemp("ref") / "ref", reference_weights())
+ref = pytest.fixture(scope="module", name="ref")(reference_folder)
 
 
 def int4_export(tmp_path, extra=None):

@@ -147,3 +147,9 @@ def named(check, name: str):
         return result
 
     return run
+
+
+def reference_folder(tmp_path_factory) -> Path:
+    """The reference folder every check compares with; each test module makes it its module-scoped `ref` fixture
+    (`ref = pytest.fixture(scope="module", name="ref")(reference_folder)`). Tests never write to it."""
+    return write_folder(tmp_path_factory.mktemp("ref") / "ref", reference_weights())
