@@ -244,11 +244,16 @@ import json, resource, sys, threading, time
 t0 = time.perf_counter()
 from qexport.malloc import keep_freed_memory
 keep_freed_memory()
+from qexport import forked
 from qexport.architecture import prefetch
 from qexport.checkpoint import Checkpoint
+calls, init = [], forked.ForkedCall.__init__
+forked.ForkedCall.__init__ = lambda self, *a: calls.append(self) or init(self, *a)
 source = Checkpoint.open(sys.argv[1])
-prefetch(source.config, source.folder / "config.json")  # as the command line does: discovery starts first
-import torch
+source.hash_in_child()  # as the command line does: before torch is imported
+with forked.no_gc():
+    import torch
+prefetch(source.config, source.folder / "config.json", fork=True)  # as the command line does, right after torch
 import qexport.export as E
 from qexport import formats, safetensors_io
 imports_cpu, imports_wall = time.process_time(), time.perf_counter() - t0
@@ -266,8 +271,6 @@ def wrap(owner, attr, key):
             account(key, time.thread_time() - c)
     setattr(owner, attr, timed)
 wrap(Checkpoint, "read", "read tensors (positioned reads)")
-wrap(Checkpoint, "source_files", "hash the source (sha256)")
-wrap(Checkpoint, "hash_read", "hash the source (sha256)")
 wrap(formats.REGISTRY[sys.argv[3]], "encode", "encode (scales, quantize, pack)")
 def _write(self, data):  # StreamWriter._write, timed in two parts
     c = time.thread_time(); self._sha.update(data); c2 = time.thread_time()
@@ -277,13 +280,15 @@ def _write(self, data):  # StreamWriter._write, timed in two parts
 safetensors_io.StreamWriter._write = _write
 E.export(source, sys.argv[2], E.ExportOptions(formats=(sys.argv[3],), overwrite=True, progress=False))
 wall = time.perf_counter() - t0
-me, child = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+me = resource.getrusage(resource.RUSAGE_SELF)
 total = me.ru_utime + me.ru_stime
+child = {c.what: c.cpu_seconds for c in calls}
 rows = {"interpreter, import torch + qexport": imports_cpu,
-        "architecture discovery (child process: python, torch, transformers modeling, meta model)":
-            child.ru_utime + child.ru_stime, **stats}
+        "architecture discovery (forked child: transformers modeling import, meta model)":
+            child["architecture discovery"],
+        "hash the source (sha256; forked child: read + hash)": child["hashing the source"], **stats}
 rows["rest (planning, threads, side files, card, manifest)"] = total - imports_cpu - sum(stats.values())
-rows["all (both processes)"] = total + child.ru_utime + child.ru_stime
+rows["all (all processes)"] = total + sum(child.values())
 print(json.dumps({"rows": rows, "wall": wall, "imports_wall": imports_wall}))
 """
 

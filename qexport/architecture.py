@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .forked import can_fork, die_with, no_gc
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,12 @@ def _config_key(config: dict, config_path) -> str:
 CHILD_MIN_BYTES = 64 * 2**20
 
 
-def discover(config: dict, config_path: Path | str = "config.json", source_bytes: int | None = None) -> Future:
+def discover(config: dict, config_path: Path | str = "config.json", source_bytes: int | None = None,
+             fork: bool = False) -> Future:
     """A future of `inspect_architecture(config)`: done already when the modeling code is imported in this
     process or the checkpoint is small (`source_bytes`), else computed by a child process (started by `prefetch`
-    or now). InputError passes through."""
+    or now). `fork`: the caller imported torch itself and has run nothing on it since (see `_in_fork`). InputError
+    passes through."""
     import os
     import sys
 
@@ -145,11 +148,12 @@ def discover(config: dict, config_path: Path | str = "config.json", source_bytes
         except BaseException as e:
             future.set_exception(e)
         return future
-    return _in_child(config, config_path)
+    return _in_fork(config, config_path) if fork and can_fork() else _in_child(config, config_path)
 
 
-def prefetch(config: dict, config_path: Path | str = "config.json", source_bytes: int | None = None) -> None:
-    """Start `discover` now (a command line calls it before importing torch) for a later `discover` to pick up;
+def prefetch(config: dict, config_path: Path | str = "config.json", source_bytes: int | None = None,
+             fork: bool = False) -> None:
+    """Start `discover` now (a command line calls it as early as it can) for a later `discover` to pick up;
     nothing where it would run in-process anyway."""
     import os
 
@@ -160,7 +164,7 @@ def prefetch(config: dict, config_path: Path | str = "config.json", source_bytes
         import atexit
 
         atexit.register(lambda: [cancel(f) for f in _prefetched.values()])  # one an early error left unused
-    _prefetched[_config_key(config, config_path)] = discover(config, config_path, source_bytes)
+    _prefetched[_config_key(config, config_path)] = discover(config, config_path, source_bytes, fork)
 
 
 def _in_child(config: dict, config_path) -> Future:
@@ -209,27 +213,36 @@ def _child_main() -> None:
     import sys
 
     request = json.loads(sys.stdin.buffer.read())
-    _die_with(request["parent"])
+    die_with(request["parent"])
     try:
-        answer = _to_json(inspect_architecture(request["config"], request["config_path"]))
+        with no_gc():
+            answer = _to_json(inspect_architecture(request["config"], request["config_path"]))
     except InputError as e:
         answer = {"error": str(e.args[0] if e.args else e)}
     sys.stdout.write(json.dumps(answer))
     sys.stdout.flush()
 
 
-def _die_with(parent: int) -> None:
-    """Linux: end this child when the export that started it is killed (it would otherwise finish its imports)."""
-    import ctypes
-    import os
-    import signal
+def _in_fork(config: dict, config_path) -> Future:
+    """`inspect_architecture` in a child forked from this process (see qexport.forked: only where that is safe).
+    It starts with torch already imported here: its python start and torch import, about 1.2 s CPU of the ~4.5 s
+    a spawned child costs, are saved."""
+    import threading
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent went before the line above took effect
-        os._exit(1)
+    from .forked import ForkedCall
+
+    call = ForkedCall(lambda: _to_json(inspect_architecture(config, config_path)), "architecture discovery")
+    future: Future = Future()
+
+    def wait():
+        try:
+            future.set_result(_from_json(call.result()))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=wait, daemon=True, name="qexport-discovery").start()
+    future.process = call  # so that an export stopping early can end it
+    return future
 
 
 EMBEDDING_PARTS = ("embed", "wte", "wpe", "shared")

@@ -84,18 +84,20 @@ def _normalize(results: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The source README: embedded verbatim between markers, its front matter fenced so ours stays the only one.
+# The source README: embedded as a Markdown block quote between markers. Quoted, nothing in it (a heading, a line
+# reading "PASSED", YAML front matter) can pass for part of the card; every line is kept, so it reads back unchanged.
 
 
 def embed_readme(text: str) -> str:
-    match = _FRONT_MATTER.match(text)
-    if match:
-        return "```yaml\n" + match.group(0) + "```\n" + text[match.end():]
-    return text
+    return "\n".join(f"> {line}" if line else ">" for line in text.rstrip("\n").split("\n"))
 
 
 def unembed_readme(region: str) -> str:
-    """The inverse of `embed_readme`."""
+    """The inverse of `embed_readme`; also reads cards written before the quoting (the README verbatim, its front
+    matter fenced as a yaml code block)."""
+    lines = region.split("\n")
+    if all(line.startswith(">") for line in lines):
+        return "\n".join(line[2:] if line.startswith("> ") else line[1:] for line in lines)
     fence = "```yaml\n"
     if region.startswith(fence):
         match = _FRONT_MATTER.match(region, len(fence))
@@ -422,8 +424,7 @@ def render_card(manifest: dict, config: dict, source_readme: str | None = None,
     lines += _loading_section(manifest, config)
     if source_readme is not None:
         lines += ["## Original model card", "",
-                  "The source folder's README.md, unchanged below (its YAML front matter, if any, fenced as a "
-                  "code block).", "", README_BEGIN, embed_readme(source_readme).rstrip("\n"), README_END, ""]
+                  "The source folder's README.md, unchanged but quoted: nothing below is a statement of this card.", "", README_BEGIN, embed_readme(source_readme).rstrip("\n"), README_END, ""]
     return "\n".join(lines)
 
 

@@ -73,10 +73,14 @@ def _run_export(args) -> int:
 
     keep_freed_memory()
     if args.src is not None and args.lora is None and not args.models and args.weights is None:
-        # The architecture's discovery (a child process in a fresh interpreter) starts before torch is imported
-        # here, so the two imports run on two cores; opening the checkpoint first refuses bad input as before.
+        # Two child processes run beside the export on the other core (qexport.forked): one forked before torch is
+        # imported here hashes the source during that import; one forked right after it (nothing run on torch yet)
+        # discovers the architecture without importing torch again. Where torch was imported before this command
+        # (a test calling main()) nothing is forked: discovery spawns a new interpreter, hashes come from the reads.
+        # Opening the checkpoint first refuses bad input as before.
         from .architecture import prefetch
         from .checkpoint import Checkpoint
+        from .forked import can_fork, no_gc
 
         try:
             source = Checkpoint.open(args.src)
@@ -84,14 +88,23 @@ def _run_export(args) -> int:
             _export_options(args)  # a bad option is reported before a bad source, as when options came first
             raise
         if "quantization_config" not in source.config:
-            prefetch(source.config, source.folder / "config.json", source.tensor_bytes)
+            fresh = "torch" not in sys.modules
+            if fresh and can_fork():
+                source.hash_in_child()
+            with no_gc():
+                import torch  # noqa: F401
+
+            prefetch(source.config, source.folder / "config.json", source.tensor_bytes, fork=fresh)
+    else:
+        source = None
     from .export import export
     from .merge import open_source
     from .report import print_export_summary
 
     options = _export_options(args)
-    manifests = export(open_source(args.src, lora=args.lora, models=args.models, weights=args.weights), args.out,
-                       options)
+    if source is None:
+        source = open_source(args.src, lora=args.lora, models=args.models, weights=args.weights)
+    manifests = export(source, args.out, options)
     print_export_summary(manifests, args.out)
     return 0
 

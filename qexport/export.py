@@ -27,9 +27,9 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from . import __version__, safe_fs
-from .architecture import Architecture, cancel, discover, inspect_architecture, predict_architecture  # noqa: F401
+from .architecture import Architecture, cancel, discover, predict_architecture
 from .card import CARD_FILE, base_model_id, write_card
-from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, declared_dtype
+from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, declared_dtype, tensor_bytes
 from .errors import InputError
 from .formats import Format, format_name, get_format
 from .formats.base import nonfinite_error
@@ -578,8 +578,7 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
     # (hashlib releases the GIL) from the start.
     source_files = (Deferred(source.source_files) if hasattr(source, "hash_read")
                     else in_background(source.source_files))
-    discovery = discover(source.config, source.folder / "config.json",
-                         sum(nbytes(e.dtype, e.shape) for e in source.entries.values()))
+    discovery = discover(source.config, source.folder / "config.json", tensor_bytes(source.entries))
     # One thread per torch op: tensors encode in parallel on `workers` threads instead. Intra-op threads spin-wait
     # between the short ops of an encode and take the core that hashing and discovery need (1b int4 on 2 cores:
     # 14-18 s CPU with 2 intra-op threads, 8 s with 1).
@@ -614,7 +613,7 @@ def prepare(source: TensorSource, arch: Architecture, options: ExportOptions) ->
     if group_size is None:
         group_size = choose_group_size(quantizable_linears(source, arch, options.ignore).values())
     formats = [get_format(name, group_size=group_size, dtype=compute_dtype, method=options.int4_method)
-               for name in dict.fromkeys(options.formats)]
+               for name in options.formats]
     nonfinite = (
         nonfinite_tensors(source, [n for n in source.names if n in arch.linear_weights])
         if options.allow_nonfinite
@@ -640,7 +639,7 @@ def _export(source: TensorSource, out: Path, options: ExportOptions, discovery: 
         check_not_input(out, [out / p.fmt.name for p in prepared.plans], input_folders(source))
     except InputError:
         if speculative:
-            confirmed(source, discovery, options)  # an error of the architecture is the one to report first
+            prepare(source, discovery.result(), options)  # an error of the architecture is the one to report first
         raise
 
     created = [d for d in (out, *out.parents) if not d.exists()]  # folders this export creates, deepest first
@@ -648,17 +647,16 @@ def _export(source: TensorSource, out: Path, options: ExportOptions, discovery: 
     out.mkdir(parents=True, exist_ok=True)
     tmp_dirs = {p.fmt.name: out / f".{p.fmt.name}{TMP_MARK}{os.getpid()}" for p in prepared.plans}
     owned: list[OwnedFolder] = []
-    manifests = {}
     try:
-        for plan in prepared.plans:
-            owned.append(OwnedFolder(tmp_dirs[plan.fmt.name]))
-            manifests[plan.fmt.name] = write_format(source, plan, tmp_dirs[plan.fmt.name], options, source_files)
-        real = confirmed(source, discovery, options) if speculative else prepared
+        for tmp in tmp_dirs.values():
+            owned.append(OwnedFolder(tmp))
+        manifests = _write_all(source, prepared, tmp_dirs, options, source_files)
+        real = prepare(source, discovery.result(), options) if speculative else prepared
         if real.signature() != prepared.signature():
             log.info("the architecture differs from the prediction made from the checkpoint: writing again")
-            for plan in real.plans:
-                shutil.rmtree(tmp_dirs[plan.fmt.name], ignore_errors=True)
-                manifests[plan.fmt.name] = write_format(source, plan, tmp_dirs[plan.fmt.name], options, source_files)
+            for tmp in tmp_dirs.values():
+                shutil.rmtree(tmp, ignore_errors=True)
+            manifests = _write_all(source, real, tmp_dirs, options, source_files)
         _warn(source, real)
         for name, tmp in tmp_dirs.items():
             _replace_dir(tmp, out / name, options.overwrite)
@@ -675,9 +673,10 @@ def _export(source: TensorSource, out: Path, options: ExportOptions, discovery: 
     return manifests
 
 
-def confirmed(source: TensorSource, discovery: Future, options: ExportOptions) -> Prepared:
-    """The plan from the real architecture (waits for its discovery); InputError where the checkpoint does not fit."""
-    return prepare(source, discovery.result(), options)
+def _write_all(source: TensorSource, prepared: Prepared, tmp_dirs: dict[str, Path], options: ExportOptions,
+               source_files: Future) -> dict[str, dict]:
+    return {plan.fmt.name: write_format(source, plan, tmp_dirs[plan.fmt.name], options, source_files)
+            for plan in prepared.plans}
 
 
 def _warn(source: TensorSource, prepared: Prepared) -> None:

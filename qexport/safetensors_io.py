@@ -8,6 +8,7 @@ before any byte is written, and a file written tensor by tensor so that memory f
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -209,7 +210,7 @@ class StreamWriter:
         self.path = path
         self._pending = list(layout)
         self._sha = hashlib.sha256()
-        self._file = open(path, "wb")
+        self._file = open_for_writing(path)
         self._write(header_bytes(layout, metadata))
 
     def _write(self, data) -> None:
@@ -246,6 +247,104 @@ class StreamWriter:
             pass
 
 
+def open_for_writing(path: Path):
+    """A new file to append to: written past the page cache (`DirectFile`) where the filesystem allows it, else
+    a plain buffered file (a filesystem that refuses O_DIRECT: tmpfs before Linux 6.6, some FUSE ones)."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return DirectFile(path)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return open(path, "wb")
+
+
+class DirectFile:
+    """Appends to a new file with O_DIRECT, through a page-aligned staging buffer written in whole blocks; close()
+    writes the last block padded and truncates the file to its length. Same bytes as a buffered write.
+
+    Why: a buffered write first allocates page-cache pages for the whole output, and on the benchmark's VM fresh
+    pages cost more than the write itself (1 GB: 0.2-2.5 s system CPU buffered, 0.1-0.24 s direct, measured with
+    dd; int8 export of the 1b checkpoint: "write the output" 1.4-2.0 s CPU). The export is CPU-bound, waiting for
+    the disk is not. The files are then not in the page cache: a later read of them comes from the disk."""
+
+    BLOCK = 4096
+
+    def __init__(self, path: Path, staging: int = 8 * 2**20):
+        import mmap
+
+        self._path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o666)
+        self._buffer = mmap.mmap(-1, staging)  # anonymous maps are page-aligned, as O_DIRECT needs
+        self._view = memoryview(self._buffer)
+        self._used = self._size = 0
+        self._buffered = None  # the plain file written instead when the filesystem refuses direct writes
+
+    def write(self, data) -> int:
+        if self._buffered is not None:
+            return self._buffered.write(data)
+        data = memoryview(data).cast("B")
+        done = 0
+        while done < len(data):
+            take = min(len(data) - done, len(self._buffer) - self._used)
+            self._view[self._used:self._used + take] = data[done:done + take]
+            self._used += take
+            done += take
+            if self._used == len(self._buffer):
+                self._flush(self._used)
+                if self._buffered is not None:  # the flush fell back to plain writes
+                    self._buffered.write(data[done:])
+                    break
+        return len(data)
+
+    def _flush(self, length: int) -> None:
+        """Write the staged bytes, `length` rounded up to whole blocks (the padding is truncated by close)."""
+        length = -(-length // self.BLOCK) * self.BLOCK
+        written = 0
+        try:
+            while written < length:
+                written += os.write(self._fd, self._view[written:length])
+        except OSError as e:
+            if e.errno != errno.EINVAL or self._size or written:
+                raise
+            # Opened with O_DIRECT but the first write refused (some FUSE or network filesystems): plain writes.
+            os.close(self._fd)
+            self._fd = None
+            self._buffered = open(self._path, "wb")
+            self._buffered.write(self._view[:self._used])
+            self._used = 0
+            return
+        self._size += self._used
+        self._used = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._buffer.closed
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._buffered is not None:
+                self._buffered.close()
+            elif self._fd is not None:
+                size = self._size + self._used
+                if self._used:
+                    self._view[self._used:-(-self._used // self.BLOCK) * self.BLOCK] = bytes(
+                        -self._used % self.BLOCK)
+                    self._flush(self._used)
+                if self._buffered is not None:
+                    self._buffered.close()
+                else:
+                    os.ftruncate(self._fd, size)
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._view.release()
+            self._buffer.close()
+
+
 @contextlib.contextmanager
 def _naming(path: Path):
     """Errors from writes (ENOSPC, EIO) carry no file name; add it, so the one-line error can say which file."""
@@ -257,10 +356,15 @@ def _naming(path: Path):
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
-def sha256_file(path: Path, chunk: int = 16 * 2**20, root: Path | None = None) -> str:
-    """sha256 of a regular file inside `root` (default: its own folder)."""
+def sha256_file(path: Path, chunk: int = 2**20, root: Path | None = None) -> str:
+    """sha256 of a regular file inside `root` (default: its own folder).
+
+    Read into one reused buffer that stays in the CPU cache: 1.96 GB hash in 1.37 s CPU here, against 1.56 s in a
+    fresh 16 MB block per read."""
     sha = hashlib.sha256()
-    with safe_fs.open_regular(path, root) as f:
-        while block := f.read(chunk):
-            sha.update(block)
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with safe_fs.open_regular(path, root, buffering=0) as f:
+        while got := f.readinto(buffer):
+            sha.update(view[:got])
     return sha.hexdigest()

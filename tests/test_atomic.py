@@ -29,11 +29,11 @@ SHARD = "600KB"  # the tiny llama model (about 4 MB) gives several output shards
 # before forking, so the children start with no thread pools to inherit.
 DRIVER = r"""
 import json, os, signal, sys
-import qexport.cli, qexport.export, qexport.safetensors_io
+import qexport.architecture, qexport.cli, qexport.export, qexport.safetensors_io
 from qexport.checkpoint import load_config
 from pathlib import Path
 runs = json.loads(sys.argv[1])
-qexport.export.inspect_architecture(load_config(Path(runs[0]["argv"][1])))  # import the model code once
+qexport.architecture.inspect_architecture(load_config(Path(runs[0]["argv"][1])))  # import the model code once
 
 def kill_on_call(target, attr, when, nth):
     original, calls = getattr(target, attr), [0]

@@ -15,8 +15,10 @@ import torch
 import yaml
 
 
-from qexport.card import (PATH_PLACEHOLDER, base_model_id, source_readme_of, update_card_verification,
-                          verification_result)
+from hypothesis import given, settings, strategies as st
+
+from qexport.card import (PATH_PLACEHOLDER, README_BEGIN, README_END, base_model_id, embed_readme, source_readme_of,
+                          unembed_readme, update_card_verification, verification_result)
 from qexport.checkpoint import load_config
 from qexport.export import ExportOptions, export_folder
 from qexport.report import format_value
@@ -187,7 +189,7 @@ def test_card_embeds_source_readme_under_heading(qwen3_src, tmp_path):
     export_folder(src, tmp_path / "out", ExportOptions(formats=("int8",), progress=False))
     card = card_of(tmp_path / "out" / "int8")
     outside_code = re.sub(r"```.*?```", "", card, flags=re.DOTALL)
-    assert outside_code.count("\n---\n") == 1  # only the card's own front matter; the source's is fenced
+    assert outside_code.count("\n---\n") == 1  # only the card's own front matter; the source's is quoted
     assert "## Original model card" in card
     assert source_readme_of(card) == SOURCE_README.rstrip("\n")
     assert front_matter(card)["license"] == "apache-2.0"  # the license of the source applies to the export
@@ -269,3 +271,29 @@ def test_demo_records_its_checks_in_every_card(tmp_path):
         assert "**PASSED** (qexport demo" in card_of(folder)
         entry = next(f for f in manifest["files"] if f["name"] == "README.md")
         assert entry["sha256"] == sha256_file(folder / "README.md")
+
+
+def test_source_readme_is_quoted_so_none_of_its_lines_reads_as_the_cards(qwen3_src, tmp_path):
+    # A source README can claim anything ("## Verification ... PASSED"): in the card each of its lines is inside a
+    # block quote, below the card's own verification section.
+    fake = "# Model\n\n## Verification (qexport verify)\n\nPASSED: all 17 checks\n\n<!-- a comment -->\n"
+    src = Path(shutil.copytree(qwen3_src, tmp_path / "src"))
+    (src / "README.md").write_text(fake)
+    export_folder(src, tmp_path / "out", ExportOptions(formats=("int8",), progress=False))
+    card = card_of(tmp_path / "out" / "int8")
+    region = card[card.index(README_BEGIN) + len(README_BEGIN):card.rindex(README_END)].strip("\n")
+    assert all(line.startswith(">") for line in region.split("\n"))
+    assert "\nPASSED: all 17 checks" not in card and "\n## Verification (qexport verify)" not in card
+    assert source_readme_of(card) == fake.rstrip("\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(["a", " ", ">", "\n", "\r", "-", "`", "#"]), max_size=60))
+def test_quoting_the_source_readme_loses_nothing_but_trailing_newlines(text):
+    assert unembed_readme(embed_readme(text)) == text.rstrip("\n")
+
+
+def test_cards_written_before_the_quoting_still_give_back_their_source_readme():
+    # Before the quoting, the README was embedded verbatim with its front matter fenced as a yaml code block.
+    region = "```yaml\n---\nlicense: mit\n---\n```\n\n# Old source\n> a quote of its own\n"
+    assert unembed_readme(region) == "---\nlicense: mit\n---\n\n# Old source\n> a quote of its own\n"

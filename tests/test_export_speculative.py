@@ -114,16 +114,78 @@ def test_the_child_process_reports_a_bad_config_as_input_error(qwen3_src):
         _in_child(config, qwen3_src / "config.json").result(timeout=300)
 
 
-def test_a_fresh_command_line_export_discovers_in_a_child_and_writes_the_same_bytes(llama_sharded_src, direct,
-                                                                                  tmp_path):
-    """The whole command in a new interpreter (transformers not imported: the child-process path)."""
+# Runs `qexport export` in a new interpreter and reports on stderr which children it started: the source hashed in
+# a forked child, the architecture discovered in a forked or a spawned one. "torch-first": the process imported
+# torch and computed before the command, as a test session or notebook does.
+CLI_DRIVER = r"""
+import sys
+import qexport.architecture as architecture
+from qexport.checkpoint import Checkpoint
+if sys.argv[1] == "torch-first":
+    import torch
+    torch.ones(64, 64).matmul(torch.ones(64, 64))
+used = []
+for owner, name in ((architecture, "_in_fork"), (architecture, "_in_child"), (Checkpoint, "hash_in_child")):
+    setattr(owner, name, lambda *a, _o=getattr(owner, name), _n=name: used.append(_n) or _o(*a))
+from qexport.cli import main
+code = main(sys.argv[2:])
+print("children:", *used, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_cli(mode: str, *argv: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                QEXPORT_DISCOVERY_CHILD_MIN_BYTES="0")  # a child even for this 4 MB model
-    cmd = [sys.executable, "-m", "qexport.cli", "export", str(llama_sharded_src), "--out", str(tmp_path / "out"),
-           "--formats", "fp16", "int8", "int4", "--max-shard-size", "600000", "--quiet"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", CLI_DRIVER, mode, *argv], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("mode, children", [("fresh", "hash_in_child _in_fork"), ("torch-first", "_in_child")])
+def test_a_command_line_export_forks_only_when_it_imported_torch_itself(mode, children, llama_sharded_src, direct,
+                                                                        tmp_path):
+    """Fresh: the source hashed by a child forked before torch is imported, discovery forked right after. Torch
+    imported and used before: no fork (it could inherit a lock held by a torch thread), discovery spawned, hashes
+    from the reads. Same bytes either way, the manifest's source sha256 included."""
+    run = run_cli(mode, "export", str(llama_sharded_src), "--out", str(tmp_path / "out"), "--formats", "fp16",
+                  "int8", "int4", "--max-shard-size", "600000", "--quiet")
     assert run.returncode == 0, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"children: {children}"
     assert tree_sha256(tmp_path / "out") == direct
+
+
+def test_an_architecture_error_in_a_forked_child_exits_2_with_one_line_and_leaves_nothing_behind(
+        llama_sharded_src, tmp_path):
+    import json
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_sharded_src, src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    run = run_cli("fresh", "export", str(src), "--out", str(tmp_path / "a" / "out"), "--formats", "int4", "--quiet")
+    assert run.returncode == 2, run.stderr
+    error, used = run.stderr.strip().splitlines()
+    assert error.startswith("qexport: error: ") and "model_type 'no-such-model'" in error
+    assert used == "children: hash_in_child _in_fork"
+    assert not (tmp_path / "a").exists()
+
+
+def test_discovery_spawns_instead_of_forking_while_another_thread_runs(qwen3_src, monkeypatch):
+    import qexport.architecture as architecture
+
+    monkeypatch.setattr(architecture, "_HEAVY_MODULES", ("no.such.module",))  # as in a fresh process
+    monkeypatch.setattr(architecture, "_in_fork", lambda *_: pytest.fail("forked with another thread running"))
+    monkeypatch.setattr(architecture, "_in_child", lambda *_: "spawned")
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert architecture.discover(load_config(qwen3_src), qwen3_src / "config.json", 1 << 40, fork=True) == \
+            "spawned"
+    finally:
+        release.set()
+        other.join()
 
 
 def test_source_hashes_fed_from_reads_in_file_order_equal_the_files_sha256_gaps_and_all(llama_sharded_src):

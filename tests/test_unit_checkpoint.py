@@ -374,6 +374,11 @@ def test_tensors_fed_in_file_order_give_each_weight_files_sha256_without_reading
             read.append((self.path.name, len(data)))
             return data
 
+        def readinto(self, buffer):
+            got = self.f.readinto(buffer)
+            read.append((self.path.name, got))
+            return got
+
     monkeypatch.setattr(checkpoint, "sha256_file", lambda path, *a, **k: hashed.append(path.name) or real_hash(path))
     monkeypatch.setattr(checkpoint.safe_fs, "open_regular", lambda p, *a, **k: Counted(p, real_open(p, *a, **k)))
     files = {f["name"]: f["sha256"] for f in ckpt.source_files()}

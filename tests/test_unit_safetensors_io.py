@@ -395,3 +395,54 @@ def test_other_missing_module_attributes_raise_attribute_error():
     assert not hasattr(st, "NO_SUCH_TABLE")
     with pytest.raises(AttributeError, match="module 'qexport.safetensors_io' has no attribute 'NO_SUCH_TABLE'"):
         st.NO_SUCH_TABLE
+
+
+# DirectFile: O_DIRECT appends through a staging buffer. A 16 KB staging buffer here, so that the chunks below cross
+# block (4096) and staging boundaries in every way: the file must hold exactly the bytes given, nothing padded.
+CHUNKS = [0, 1, 4095, 4096, 4097, 16383, 16384, 16385, 40000, 7]
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, len(CHUNKS)])
+def test_a_direct_file_holds_exactly_the_bytes_written_across_block_and_staging_boundaries(tmp_path, count):
+    data = [bytes((i * 7 + j) % 251 for j in range(n)) for i, n in enumerate(CHUNKS[:count])]
+    f = st.DirectFile(tmp_path / "out", staging=16384)
+    for chunk in data:
+        assert f.write(chunk) == len(chunk)
+    f.close()
+    assert (tmp_path / "out").read_bytes() == b"".join(data)
+
+
+def test_a_filesystem_that_refuses_o_direct_gets_a_plain_file_with_the_same_bytes(tmp_path, monkeypatch):
+    import os
+
+    def refuse_o_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))  # as tmpfs before Linux 6.6 does
+        return os_open(path, flags, *args)
+
+    os_open = os.open
+    monkeypatch.setattr(st.os, "open", refuse_o_direct)
+    f = st.open_for_writing(tmp_path / "out")
+    assert not isinstance(f, st.DirectFile)
+    f.write(b"abc")
+    f.close()
+    assert (tmp_path / "out").read_bytes() == b"abc"
+
+
+def test_a_direct_file_whose_first_write_is_refused_writes_plainly(tmp_path, monkeypatch):
+    import os
+
+    write, calls = os.write, []
+
+    def refuse_first(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return write(fd, data)
+
+    f = st.DirectFile(tmp_path / "out", staging=16384)
+    monkeypatch.setattr(st.os, "write", refuse_first)
+    data = bytes(range(256)) * 100  # 25600 bytes: the first flush is refused, the rest goes through a plain file
+    f.write(data)
+    f.close()
+    assert (tmp_path / "out").read_bytes() == data and calls == [16384]

@@ -39,12 +39,12 @@ def check_config_keys(ctx: Context) -> CheckResult:
 
         from ..functional import quiet
 
+        # model_type is compared above as a source key; the class AutoConfig picks for it can carry another name
+        # (gpt-sw3 loads as gpt2) in the reference as much as in the export, so that is no defect of the export.
         with quiet():
-            reloaded = AutoConfig.from_pretrained(str(ctx.export))
+            AutoConfig.from_pretrained(str(ctx.export))
     except Exception as e:
         return _fail(name, f"AutoConfig.from_pretrained fails: {type(e).__name__}: {e}", **metrics)
-    if reloaded.model_type != ref["model_type"]:
-        return _fail(name, f"AutoConfig reloads model_type {reloaded.model_type!r}", **metrics)
     return _ok(name, f"all {len(ref)} source keys kept; AutoConfig round trip ok", **metrics)
 
 
