@@ -74,7 +74,11 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                  "tests/test_int4_asym.py::test_int4_asym_equals_compressed_tensors_compress",
                  "tests/test_int4_asym.py::test_int4_asym_predicted_layout_is_what_encode_returns",
                  "tests/test_int4_asym.py::test_zero_point_column_packing_equals_compressed_tensors",
-                 "tests/test_int4_asym.py::test_compressed_tensors_decompresses_our_tensors_to_our_dequantization"],
+                 "tests/test_int4_asym.py::test_compressed_tensors_decompresses_our_tensors_to_our_dequantization",
+                 # --int4-method mse: the format's encode through the clipping search (no export)
+                 "tests/test_clip_search.py::test_mse_method_stores_the_round_to_nearest_layout",
+                 "tests/test_clip_search.py::test_mse_method_dequantizes_to_what_it_scored",
+                 "tests/test_clip_search.py::test_unknown_method_is_an_input_error"],
                 False),
     # export: the planning and folder helpers as plain functions, and the write path on a hand-made checkpoint with
     # a hand-made Architecture in place of discovery (no model build)

@@ -255,3 +255,22 @@ def test_format_name_errors_name_the_option_given_or_formats_by_default():
         format_name("gguf")
     with pytest.raises(InputError, match=r"^--qexport-formats: unknown format 'gguf'"):
         get_format("gguf", option="--qexport-formats")
+
+
+# --- --int4-method: how the int4 codes were chosen is recorded where the export says how it was made -------------
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4-asym"])
+def test_mse_method_is_declared_as_an_mse_observer_and_in_the_format_parameters(fmt):
+    # config.json's weights args carry `observer: mse` (compressed-tensors' name for a clipping search) and the
+    # manifest's format parameters the method; round-to-nearest declares no observer.
+    mse, rtn = get_format(fmt, method="mse"), get_format(fmt)
+    assert mse.weights_args()["observer"] == "mse" and "observer" not in rtn.weights_args()
+    assert mse.parameters()["method"] == "mse" and rtn.parameters()["method"] == "rtn"
+    assert {k: v for k, v in mse.weights_args().items() if k != "observer"} == rtn.weights_args()
+
+
+def test_unknown_int4_method_names_the_option_and_the_choices():
+    with pytest.raises(InputError) as refused:
+        get_format("int4", method="gptq")
+    assert str(refused.value) == "--int4-method: 'gptq' is not one of rtn, mse"
