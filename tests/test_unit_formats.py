@@ -274,3 +274,13 @@ def test_unknown_int4_method_names_the_option_and_the_choices():
     with pytest.raises(InputError) as refused:
         get_format("int4", method="gptq")
     assert str(refused.value) == "--int4-method: 'gptq' is not one of rtn, mse"
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4-asym"])
+def test_mse_method_computes_in_the_formats_dtype_like_round_to_nearest(fmt):
+    # A bf16 source is exported in bf16 (scales and dense tensors): the clipping search must store its scales in
+    # that dtype too, not the fp16 default.
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    mse = get_format(fmt, group_size=64, dtype="bfloat16", method="mse").encode("m.weight", w, quantize=True)
+    rtn = get_format(fmt, group_size=64, dtype="bfloat16").encode("m.weight", w, quantize=True)
+    assert mse["m.weight_scale"].dtype == rtn["m.weight_scale"].dtype == torch.bfloat16

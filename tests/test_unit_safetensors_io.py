@@ -446,3 +446,66 @@ def test_a_direct_file_whose_first_write_is_refused_writes_plainly(tmp_path, mon
     f.write(data)
     f.close()
     assert (tmp_path / "out").read_bytes() == data and calls == [16384]
+
+
+def test_files_are_opened_direct_exactly_where_the_filesystem_takes_o_direct(tmp_path):
+    import os
+
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+        direct = True
+    except (AttributeError, OSError):  # no O_DIRECT on this OS, or a filesystem that refuses it
+        direct = False
+    f = st.open_for_writing(tmp_path / "out")
+    f.close()
+    assert isinstance(f, st.DirectFile) == direct
+
+
+def _short_writes(monkeypatch, limit: int, refuse: dict[int, int] | None = None) -> list[int]:
+    """os.write as a filesystem that takes at most `limit` bytes a call; call number n (1-based) in `refuse` raises
+    that errno. Returns the list of calls' lengths; more than 10000 calls fail the test (a loop that never ends)."""
+    import os
+
+    write, calls = os.write, []
+
+    def short(fd, data):
+        calls.append(len(data))
+        assert len(calls) < 10000, "the write loop does not advance"
+        if refuse and len(calls) in refuse:
+            raise OSError(refuse[len(calls)], os.strerror(refuse[len(calls)]))
+        return write(fd, data[:limit])  # a slice of the aligned staging buffer: still aligned for O_DIRECT
+
+    monkeypatch.setattr(st.os, "write", short)
+    return calls
+
+
+def test_a_direct_file_completes_writes_the_kernel_takes_in_part(tmp_path, monkeypatch):
+    data = bytes(range(251)) * 200  # 50200 bytes through a 16 KB staging buffer, 4096 bytes a write call
+    f = st.DirectFile(tmp_path / "out", staging=16384)
+    calls = _short_writes(monkeypatch, 4096)
+    f.write(data)
+    f.close()
+    assert (tmp_path / "out").read_bytes() == data
+    assert calls[:4] == [16384, 12288, 8192, 4096]  # each call asked for the rest of the block run: no fallback
+
+
+def test_writes_after_falling_back_to_a_plain_file_all_reach_it(tmp_path, monkeypatch):
+    chunks = [bytes([i]) * n for i, n in enumerate([20000, 5, 4096, 30000])]  # the first one overflows the staging
+    f = st.DirectFile(tmp_path / "out", staging=16384)
+    calls = _short_writes(monkeypatch, 1 << 30, refuse={1: errno.EINVAL})
+    for chunk in chunks:
+        assert f.write(chunk) == len(chunk)
+    f.close()
+    assert (tmp_path / "out").read_bytes() == b"".join(chunks) and calls == [16384]
+
+
+@pytest.mark.parametrize("refuse", [{2: errno.EINVAL}, {1: errno.ENOSPC}], ids=["einval-after-data", "enospc-first"])
+def test_only_a_refused_first_direct_write_falls_back_the_rest_are_errors(tmp_path, monkeypatch, refuse):
+    # EINVAL once data went out direct cannot be "this filesystem refuses O_DIRECT" (reopening plainly would
+    # truncate what was written), and no other error is: both reach the caller.
+    f = st.DirectFile(tmp_path / "out", staging=16384)
+    _short_writes(monkeypatch, 1 << 30, refuse=refuse)
+    with pytest.raises(OSError) as error:
+        f.write(bytes(16384 * 2))
+        f.close()
+    assert error.value.errno == next(iter(refuse.values()))
