@@ -357,3 +357,74 @@ def test_a_stale_folder_or_file_removed_by_another_run_meanwhile_is_no_error(tmp
     moved.write_text("x")
     remove_stale([folder, Vanishing(moved)])
     assert not folder.exists() and not moved.exists()
+
+
+@dataclass
+class MergedEntry:  # a tensor of a merged or averaged source: no single file holds it
+    dtype: str
+    shape: tuple
+
+
+def test_shape_errors_name_the_file_holding_the_tensor_else_the_source_folder():
+    wrong = arch({"a.weight": (2, 3)})
+    with pytest.raises(InputError, match=r"^src/model.safetensors: tensor 'a.weight' has shape \[2, 2\] but "):
+        check_shapes(Source({"a.weight": Entry("F32", (2, 2))}), wrong)
+    with pytest.raises(InputError, match=r"^src: tensor 'a.weight' has shape \[2, 2\] but TinyForCausalLM"):
+        check_shapes(Source({"a.weight": MergedEntry("F32", (2, 2))}), wrong)
+    with pytest.raises(InputError, match=r"^src: tensor 'x' is not part of TinyForCausalLM"):
+        check_shapes(Source({"x": MergedEntry("F32", (3,))}), arch({}))
+
+
+def test_destination_is_probed_with_a_hidden_folder_in_itself_or_its_nearest_existing_parent(tmp_path, monkeypatch):
+    import tempfile
+
+    made = []
+    real = tempfile.mkdtemp
+
+    def record(*args, **kwargs):
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", record)
+    (tmp_path / "out").mkdir()
+    check_destination(tmp_path / "out", ["int4"], overwrite=False)
+    check_destination(tmp_path / "new" / "deeper", ["int4"], overwrite=False)
+    assert [m["dir"] for m in made] == [tmp_path / "out", tmp_path]
+    assert all(m["prefix"] == f".qexport-probe-{os.getpid()}-" for m in made)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the probes are gone
+
+
+def test_an_unwritable_destination_says_where_and_why(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(InputError) as refused:
+        check_destination(tmp_path / "out", ["int4"], overwrite=False)
+    assert str(refused.value) == f"--out {tmp_path / 'out'}: cannot create folders in {tmp_path} (Read-only file system)"
+
+
+def test_a_failed_text_write_names_the_file_with_the_systems_reason(tmp_path, monkeypatch):
+    import errno
+
+    from qexport.export import _write_text
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a full disk reports it: no file name
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as error:
+        _write_text(tmp_path / "config.json", "{}")
+    e = error.value
+    assert (e.errno, e.strerror, e.filename) == (errno.ENOSPC, "No space left on device", str(tmp_path / "config.json"))
+
+    def bare(self, *args, **kwargs):
+        raise OSError("disk went away")  # no errno, no strerror: the message itself is the reason
+
+    monkeypatch.setattr(Path, "write_text", bare)
+    with pytest.raises(OSError) as error:
+        _write_text(tmp_path / "config.json", "{}")
+    assert (error.value.strerror, error.value.filename) == ("disk went away", str(tmp_path / "config.json"))

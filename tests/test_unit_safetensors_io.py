@@ -509,3 +509,15 @@ def test_only_a_refused_first_direct_write_falls_back_the_rest_are_errors(tmp_pa
         f.write(bytes(16384 * 2))
         f.close()
     assert error.value.errno == next(iter(refuse.values()))
+
+
+def test_a_direct_file_gets_the_permissions_a_plain_file_would(tmp_path):
+    # Shards must not come out executable or writable by others: the same mode as open(path, "wb") under the umask.
+    import stat
+
+    f = st.DirectFile(tmp_path / "direct")
+    f.write(b"x")
+    f.close()
+    with open(tmp_path / "plain", "wb") as g:
+        g.write(b"x")
+    assert stat.S_IMODE((tmp_path / "direct").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
