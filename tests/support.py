@@ -1,5 +1,5 @@
 """Helpers the test modules share: running `qexport verify` in-process, copying an export as another tool would
-leave it, and bounding a call that might hang."""
+leave it, and bounding a call (or, as an autouse fixture imported by a module, every test) that might hang."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import contextlib
 import shutil
 import signal
 from pathlib import Path
+
+import pytest
 
 
 def verify_cli(capsys, *argv) -> tuple[int, str]:
@@ -39,3 +41,14 @@ def deadline(seconds: int, what: str = ""):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(autouse=True)
+def fail_a_hang():
+    """For modules whose tests take well under a second each (import it: it is autouse); one that waits on a future nobody completes (a broken Deferred or
+    ordered_map) fails after 120 s instead of hanging: mutmut's own limit counts CPU time, which a wait never uses."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()

@@ -16,17 +16,7 @@ from qexport.export import TMP_MARK, ExportOptions, OwnedFolder, _assign_shards,
     check_not_input, check_shapes, choose_group_size, clean_stale, compute_dtype_of, dense_linears_warning, \
     input_folders, output_config, plan_format
 from qexport.formats import get_format
-
-
-@pytest.fixture(autouse=True)
-def fail_a_hang():
-    """These tests take well under a second each; one that waits on a future nobody completes (a broken Deferred or
-    ordered_map) fails after 120 s instead of hanging: mutmut's own limit counts CPU time, which a wait never uses."""
-    import faulthandler
-
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+from tests.support import fail_a_hang  # noqa: F401  (autouse: a hung test fails after 120 s)
 
 
 @dataclass

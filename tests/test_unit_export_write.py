@@ -22,6 +22,7 @@ from qexport.checkpoint import INDEX_FILE, Checkpoint
 from qexport.errors import InputError
 from qexport.export import TMP_MARK, ExportOptions, export, export_folder
 from qexport.formats import get_format
+from tests.support import fail_a_hang  # noqa: F401  (autouse: a hung test fails after 120 s)
 
 EMBED, UP, DOWN, NORM, HEAD = ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
                                "model.layers.0.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")
@@ -29,17 +30,6 @@ SHAPES = {EMBED: (16, 128), UP: (32, 128), DOWN: (8, 96), NORM: (128,), HEAD: (1
 LINEAR = frozenset({UP, DOWN, HEAD})
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1,
           "torch_dtype": "bfloat16", "vocab_size": 16}
-
-
-@pytest.fixture(autouse=True)
-def fail_a_hang():
-    """These tests take well under a second each; one that waits on a future nobody completes (a broken Deferred or
-    ordered_map) fails after 120 s instead of hanging: mutmut's own limit counts CPU time, which a wait never uses."""
-    import faulthandler
-
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 
 def tensors(dtype=torch.bfloat16, seed=0) -> dict[str, torch.Tensor]:
