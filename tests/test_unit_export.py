@@ -418,3 +418,28 @@ def test_a_failed_text_write_names_the_file_with_the_systems_reason(tmp_path, mo
     with pytest.raises(OSError) as error:
         _write_text(tmp_path / "config.json", "{}")
     assert (error.value.strerror, error.value.filename) == ("disk went away", str(tmp_path / "config.json"))
+
+
+def test_a_merged_source_protects_every_input_folder_not_only_its_first():
+    @dataclass
+    class Merged(Source):
+        def input_folders(self):
+            return [Path("a"), Path("b")]
+
+    assert input_folders(Merged({})) == [Path("a"), Path("b")]
+
+
+def test_an_owned_folder_creates_its_missing_parents(tmp_path):
+    owned = OwnedFolder(tmp_path / "out" / ".int4.tmp")
+    try:
+        assert owned.path == tmp_path / "out" / ".int4.tmp" and owned.path.is_dir()
+    finally:
+        owned.release()
+
+
+def test_a_finite_float64_tensor_beyond_float32s_range_is_finite():
+    # all_finite must not judge a wide dtype through float32 (1e300 would become inf there).
+    from qexport.export import all_finite
+
+    assert all_finite(torch.tensor([1e300, -1e300], dtype=torch.float64))
+    assert not all_finite(torch.tensor([1.0, float("inf")], dtype=torch.float64))

@@ -663,3 +663,15 @@ def test_a_replaced_folder_that_cannot_be_removed_does_not_fail_the_export(tmp_p
     export_module._replace_dir(tmp, target, overwrite=True)
     monkeypatch.setattr(shutil, "rmtree", real)
     assert (target / "new").read_text() == "new"
+
+
+def test_an_index_is_written_exactly_when_there_is_more_than_one_shard(tmp_path, discovered):
+    source = Checkpoint.open(checkpoint(tmp_path))
+    counts = set()
+    for i, size in enumerate([5 * 10**9, 20000, 12000, 8000, 5000]):
+        folder = tmp_path / f"out{i}" / "fp16"
+        export(source, folder.parent, options(formats=("fp16",), max_shard_size=size))
+        shards = len(list(folder.glob("*.safetensors")))
+        counts.add(shards)
+        assert (folder / INDEX_FILE).exists() == (shards > 1), (size, shards)
+    assert {1, 2} <= counts  # the law was tried on both sides of the boundary
