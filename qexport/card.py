@@ -424,7 +424,8 @@ def render_card(manifest: dict, config: dict, source_readme: str | None = None,
     lines += _loading_section(manifest, config)
     if source_readme is not None:
         lines += ["## Original model card", "",
-                  "The source folder's README.md, unchanged but quoted: nothing below is a statement of this card.", "", README_BEGIN, embed_readme(source_readme).rstrip("\n"), README_END, ""]
+                  "The source folder's README.md, unchanged but quoted: nothing below is a statement of this card.",
+                  "", README_BEGIN, embed_readme(source_readme), README_END, ""]
     return "\n".join(lines)
 
 
