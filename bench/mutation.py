@@ -96,6 +96,12 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                       "tests/test_unit_verify_config.py", "tests/test_unit_verify_files.py",
                       "tests/test_unit_verify_weights.py", "tests/test_unit_verify_layout.py"],
                      False),
+    # verify's engine checks without an engine: the request sent to vLLM's child and the verdict on its result dict,
+    # judged on vLLM's real answers recorded once (fixtures/vllm_results/) for a hand-written one-layer qwen3 (model
+    # loads of a few ms), check_engine_vllm with a stand-in interpreter, sentence-transformers with a stand-in library
+    "verify-engine": (["qexport/verify/engine_checks.py"],
+                      ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain",
+                       "tests/test_unit_verify_engine.py"], False),
     "verify": (["qexport/verify/*"],
                ["tests/test_planted_defects.py", "tests/test_no_silent_pass.py", "tests/test_reload_checks.py"], True),
 }
