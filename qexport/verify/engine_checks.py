@@ -242,8 +242,11 @@ def judge_vllm(ctx: Context, result: dict, tail: str = "") -> CheckResult:
 
 
 def _naive_hint(ctx: Context) -> str:
-    groups = (ctx.qc or {}).get("config_groups") or {} if isinstance(ctx.qc, dict) else {}
-    formats = {g.get("format") or ctx.qc.get("format") for g in groups.values() if isinstance(g, dict)}
+    qc = ctx.qc if isinstance(ctx.qc, dict) else {}
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict):  # malformed: the config checks say so; vLLM's own verdict still reaches the row
+        groups = {}
+    formats = {g.get("format") or qc.get("format") for g in groups.values() if isinstance(g, dict)}
     if "naive-quantized" in formats and not any(isinstance(g, dict) and g.get("input_activations")
                                                 for g in groups.values()):
         return (" (format naive-quantized with no input_activations: vLLM reads naive-quantized as activation "
