@@ -29,7 +29,6 @@ from qexport.verify.engine_checks import (
     PROMPTS,
     compare_logprobs,
     engine_dtype,
-    judge_vllm,
     prompt_ids,
     vllm_request,
 )
@@ -38,6 +37,14 @@ from tests.unit_engine import CONFIG, LAYER, LINEARS
 from tests.unit_verify import context, named, write_folder
 
 check_vllm = named(engine_checks.check_engine_vllm, "engine_vllm")
+
+
+def judge_vllm(ctx, result, tail=""):
+    """engine_checks.judge_vllm that also asserts the row's name (the one verify's --only and reports know)."""
+    check = engine_checks.judge_vllm(ctx, result, tail)
+    assert check.name == "engine_vllm", check.name
+    return check
+
 check_st = named(engine_checks.check_engine_sentence_transformers, "engine_sentence_transformers")
 WHO = "vLLM 0.32.0 (cpu)"
 Q = f"{LAYER}.self_attn.q_proj"
@@ -95,6 +102,13 @@ def test_request_names_every_linear_with_its_shape_the_dtype_and_fixed_prompts(f
     # the request the recorded result answered (its prompts came back with it)
     recorded = [s["prompt"] for s in unit_engine.recorded("int4")["result"]["generation"]["sequences"]]
     assert request["prompts"] == recorded
+
+
+def test_request_runs_a_bfloat16_export_in_bfloat16(tmp_path, folders):
+    export = unit_engine.int4_export(tmp_path / "int4")
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert vllm_request(context(export, folders["ref"]))["dtype"] == "bfloat16"
 
 
 BERT = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 32, "num_hidden_layers": 1,
@@ -219,7 +233,8 @@ def test_vllm_without_a_kernel_passes_saying_generation_was_not_checked(folders)
     assert check.detail == (f"{WHO}: config parsed; 1 Linear -> unquantized (lm_head); 7 Linear -> "
                             f"CompressedTensorsWNA16 [no kernel here]. NOT checked: generation "
                             f"({result['not_generated']}).")
-    assert "engine_max_abs_dlogprob" not in check.metrics
+    assert check.metrics == {"vllm_version": "0.32.0", "vllm_checked": ["config_parse", "scheme_selection"],
+                             "vllm_schemes": {"unquantized (lm_head)": 1, "CompressedTensorsWNA16 [no kernel here]": 7}}
     result["not_generated"] = None
     assert judge_vllm(ctx_of(folders, "int8"), result).detail.endswith(
         "NOT checked: generation (no generation result).")
@@ -286,6 +301,13 @@ def test_scheme_listing_shows_three_problems_and_counts_the_rest(folders):
     assert check.metrics["vllm_schemes"] == {"unquantized": 5, "CompressedTensorsWNA16 [no kernel here]": 3}
 
 
+def test_scheme_summary_names_up_to_three_unquantized_linears(folders):
+    three = {"lm_head": {"scheme": None}, "a": {"scheme": None}, "b": {"scheme": None}, "c": {"scheme": "S"}}
+    assert engine_checks._scheme_summary(three) == {"unquantized (lm_head, a, b)": 3, "S [no kernel here]": 1}
+    three["c"] = {"scheme": None}
+    assert engine_checks._scheme_summary(three) == {"unquantized": 4}
+
+
 def test_a_linear_the_files_do_not_hold_is_no_scheme_mismatch(folders):
     result = result_of("int8")
     result["layers"]["model.layers.9.mlp.up_proj"] = {"scheme": "CompressedTensorsWNA16", "kernel": "K"}
@@ -335,8 +357,18 @@ def test_a_failed_stage_fails_saying_which_and_what_was_checked_before(folders, 
     assert check.metrics == {"vllm_version": "0.32.0", "vllm_checked": ["config_parse", "scheme_selection"]}
 
 
+def test_a_message_keeps_its_last_character_and_an_empty_one_leaves_the_type(folders):
+    result = result_of("int4", stages=[], error=error("generation", message="bad tensor X", where=None))
+    assert judge_vllm(ctx_of(folders, "int4"), result).detail == (
+        f"{WHO}: vLLM fails to run the model: RuntimeError: bad tensor X; output tail: (none)")
+    result = result_of("int4", stages=[], error=error("config_parse", message="", where=None))
+    assert judge_vllm(ctx_of(folders, "int4"), result).detail == (
+        f"{WHO}: vLLM's compressed-tensors parser rejects the quantization_config: RuntimeError")
+
+
 def test_an_engine_that_broke_without_output_says_so(folders):
-    result = {"protocol": 1, "dtype": "float16", "stages": [], "layers": {}, "generation": None,
+    # no version, platform or stages reported (a child older than the protocol's keys)
+    result = {"protocol": 1, "dtype": "float16", "layers": {}, "generation": None,
               "not_generated": None, "error": error("import", message=" " + "m" * 500, where=None)}
     check = judge_vllm(ctx_of(folders, "int4"), result)
     assert check.detail == f"vLLM ? (?): cannot import vLLM: RuntimeError:  {'m' * 399}; output tail: (none)"
@@ -351,6 +383,7 @@ def test_an_engine_that_broke_without_output_says_so(folders):
     ({"config_groups": {"g": {"format": "naive-quantized"}, "h": {"input_activations": {"num_bits": 8}}}}, False),
     ({"config_groups": {"g": {"format": "naive-quantized", "input_activations": None}}}, True),
     ({"format": "naive-quantized", "config_groups": None}, False),
+    ({"format": "naive-quantized", "config_groups": [{"format": "naive-quantized"}]}, False),
     ("naive-quantized", False),
     (None, False)])
 def test_naive_quantized_hint_only_for_weight_only_naive_configs(folders, qc, hint):
@@ -423,7 +456,8 @@ def test_bound_scales_with_noise_and_a_difference_exactly_at_it_passes(monkeypat
     assert engine_checks._bound_origin(got) == f"{DTYPE_NOISE_FACTOR:g}x transformers' own 0.25 vs float32"
     check = judge_vllm(ctx, result)
     assert check.passed, check.detail  # |dlogprob| 1.0 <= bound 1.0
-    seqs[1]["prompt_logprobs"][1] = -1.5000001
+    # a hair beyond it fails: vLLM's numbers are compared in double precision (-1.5 - 1e-9 is -1.5 in float32)
+    seqs[1]["prompt_logprobs"][1] = -1.5 - 1e-9
     assert not judge_vllm(ctx, result).passed
 
 
@@ -444,6 +478,11 @@ def test_another_greedy_token_within_the_bound_is_a_tie_and_beyond_it_a_failure(
     assert tie["engine_tokens_agree"] == 0 and tie["engine_token_disagreements_beyond_tie"] == 0
     beyond = judged(-1.5625)
     assert beyond["engine_tokens_agree"] == 0 and beyond["engine_token_disagreements_beyond_tie"] == 1
+    seq = sequence([1, 2, 3], [5], [-0.5, -0.5, -1.5625])
+    low.append(low[0])
+    exact.append(exact[0])
+    twice = compare_logprobs(ctx, {"dtype": "float16", "generation": {"sequences": [seq, seq]}})
+    assert twice["engine_tokens"] == 2 and twice["engine_token_disagreements_beyond_tie"] == 2
 
 
 def test_transformers_scores_every_position_in_the_engines_dtype_and_in_float32(folders):
@@ -511,6 +550,17 @@ def test_vllm_check_fails_naming_the_interpreter_when_the_child_dies(tmp_path, f
     assert check_vllm(with_engine(ctx_of(folders, "int4"), silent)).detail.endswith("; output tail: (none)")
 
 
+def test_vllm_check_shows_the_childs_output_when_the_engine_broke(tmp_path, folders):
+    answer = tmp_path / "answer.json"
+    answer.write_text(json.dumps(result_of("int4", generation=None, stages=["config_parse", "scheme_selection"],
+                                           error=error("generation", message="engine core died", where=None))))
+    python = answering(tmp_path, f"echo 'RuntimeError: out of memory in the KV cache'; cp {answer} \"$3\"")
+    check = check_vllm(with_engine(ctx_of(folders, "int4"), python))
+    assert not check.passed
+    assert check.detail == (f"{WHO}: vLLM fails to run the model: RuntimeError: engine core died (checked before: "
+                            f"config_parse, scheme_selection); output tail: RuntimeError: out of memory in the KV cache")
+
+
 @pytest.mark.parametrize("explicit", [True, False])
 def test_vllm_check_without_its_interpreter_fails_if_asked_for_else_skips(tmp_path, folders, explicit):
     missing = str(tmp_path / "nope" / "python")
@@ -551,7 +601,7 @@ class FakeST:
     """SentenceTransformer as the check uses it: built from a folder, [0].auto_model, encode. `plan[folder name]`
     says what a folder gives: embeddings, or ("compressed", exception) for a model whose Linears kept compressed
     tensors (no float `weight`), or an exception raised on load; with model_kwargs["quantization_config"]
-    (dequantize=True) `plan["dequantized"]` is used instead."""
+    (dequantize=True) `plan[folder name + " dequantized"]` is used instead."""
 
     plan: dict = {}
     built: list = []
@@ -565,12 +615,12 @@ class FakeST:
         key = self.folder.name
         if model_kwargs is not None:
             assert model_kwargs["quantization_config"].dequantize is True
-            key = "dequantized"
+            key += " dequantized"
         self.what = FakeST.plan[key]
         if isinstance(self.what, Exception):
             raise self.what
         self.module = types.SimpleNamespace(auto_model=torch.nn.Sequential(torch.nn.LayerNorm(4)))
-        if isinstance(self.what, tuple):
+        if isinstance(self.what, tuple) and self.what[0] == "compressed":
             for name in ("query", "key", "value"):
                 linear = torch.nn.Linear(4, 4)
                 del linear.weight
@@ -644,9 +694,17 @@ def test_st_export_that_fails_to_load_fails_with_the_error(tmp_path, fake_st):
                             + "x" * (200 - len("no such file ")))
 
 
+def test_st_export_failing_to_encode_with_nothing_compressed_fails_with_the_error(tmp_path, fake_st):
+    fake_st.plan = {"ref": REF, "export": ("plain", RuntimeError("shapes cannot be multiplied"))}
+    check = check_st(st_folders(tmp_path))
+    assert not check.passed
+    assert check.detail == ("sentence-transformers 9.9.9: SentenceTransformer(export) fails: RuntimeError: shapes "
+                            "cannot be multiplied")
+
+
 def test_st_export_still_compressed_fails_naming_upstream_cause_layers_and_measured_workaround(tmp_path, fake_st):
     fake_st.plan = {"ref": REF, "export": ("compressed", AttributeError("'Linear' object has no attribute 'weight'")),
-                    "dequantized": np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])}
+                    "export dequantized": np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])}
     check = check_st(st_folders(tmp_path))
     assert not check.passed and check.metrics == {"st_loads": False}
     assert check.detail == (
@@ -661,7 +719,7 @@ def test_st_export_still_compressed_fails_naming_upstream_cause_layers_and_measu
 
 def test_st_workaround_failing_too_is_said(tmp_path, fake_st):
     fake_st.plan = {"ref": REF, "export": ("compressed", AttributeError("no weight")),
-                    "dequantized": ValueError("bad\n  " + "y" * 200)}
+                    "export dequantized": ValueError("bad\n  " + "y" * 200)}
     check = check_st(st_folders(tmp_path))
     assert not check.passed
     assert check.detail.endswith("keep their compressed tensors. The dequantize-on-load workaround fails too: "
