@@ -96,6 +96,13 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                       "tests/test_unit_verify_config.py", "tests/test_unit_verify_files.py",
                       "tests/test_unit_verify_weights.py", "tests/test_unit_verify_layout.py"],
                      False),
+    # verify's checks that load models (reload, reload_matches_dequant, finite_outputs, functional,
+    # functional_vs_rtn) and the round-to-nearest reference: bounds and messages on hand-made outputs (no model),
+    # loads on a 1-layer hidden-32 qwen3 exported to int8 per test module (about a second)
+    "verify-functional": (["qexport/verify/functional_checks.py", "qexport/verify/reference_quant.py"],
+                          ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain",
+                           "tests/test_unit_verify_functional.py", "tests/test_unit_verify_reload.py"],
+                          False),
     "verify": (["qexport/verify/*"],
                ["tests/test_planted_defects.py", "tests/test_no_silent_pass.py", "tests/test_reload_checks.py"], True),
 }

@@ -174,6 +174,7 @@ def test_functional_bound_equal_to_the_measured_value_passes_and_just_tighter_fa
     assert not past.passed
     op = "<" if at_least else ">"
     assert past.detail == f"{SOURCE} on 8 tokens of random: {key} {value:.4g} {op} {tighter:g}", past.detail
+    assert past.metrics[key] == value and past.metrics["tokens"] == 8  # a failure reports what it measured
 
 
 def test_functional_lists_every_bound_that_fails(folders):
@@ -342,8 +343,9 @@ def test_functional_vs_rtn_fails_non_finite_metrics_of_either_model(folders, whi
     result = check_vs_rtn(given(export, ref, {"max_kld_vs_rtn": 1e9, "max_top1_drop_vs_rtn": 1.0},
                                 outputs[0], REFERENCE, outputs[1]))
     assert not result.passed
-    key = "kld_mean" if which == "export" else "rtn_kld_mean"
-    assert result.detail.startswith(f"{SOURCE}: non-finite metrics: {key} nan"), result.detail
+    # the KLD ratio is left out: an infinite one is a lossless round-to-nearest, not a broken export
+    named_ = "kld_mean nan" if which == "export" else "rtn_kld_mean nan, rtn_kld_p99 nan"
+    assert result.detail == f"{SOURCE}: non-finite metrics: {named_}", result.detail
     assert result.metrics["tokens"] == 8
 
 
@@ -385,12 +387,25 @@ def test_functional_vs_rtn_of_an_encoder_fails_a_non_finite_cosine(folders, tmp_
     assert not result.passed and result.detail.startswith(f"{SOURCE}: non-finite metrics: cosine nan"), result.detail
 
 
+def test_functional_vs_rtn_of_an_encoder_within_the_slack_of_a_lossless_rtn_passes_with_an_infinite_ratio(
+        folders, tmp_path):
+    _, bert, _, _ = folders
+    folder = write_folder(tmp_path / "bert-int8", reference_weights(), {**ENCODER, "quantization_config": qc(8)})
+    gap = 1 - compare(EMBED, EMBED_EXPORT).cosine
+    result = check_vs_rtn(given(folder, bert, {"max_cosine_gap_vs_rtn": 1.5, "cosine_vs_rtn_slack": gap},
+                                EMBED_EXPORT, EMBED, EMBED, kind="sentences", ids=torch.zeros(4, 6, dtype=torch.long)))
+    assert result.passed, result.detail
+    assert result.metrics["cosine_gap_ratio_vs_rtn"] == math.inf
+
+
 def test_functional_vs_rtn_of_an_encoder_as_close_as_a_lossless_rtn_passes(folders, tmp_path):
     _, bert, _, _ = folders
     folder = write_folder(tmp_path / "bert-int8", reference_weights(), {**ENCODER, "quantization_config": qc(8)})
     result = check_vs_rtn(given(folder, bert, {"max_cosine_gap_vs_rtn": 1.5}, EMBED, EMBED, EMBED,
                                 kind="sentences", ids=torch.zeros(4, 6, dtype=torch.long)))
     assert result.passed and result.metrics["cosine_gap_ratio_vs_rtn"] == 1.0, result.detail
+    # a cosine rounded above 1 is a gap of 0, not a negative one
+    assert result.detail == f"{SOURCE}: 1 - cosine 0 = 1x round-to-nearest's 0 (limit 1.5x + 0)"
 
 
 assert CONFIG["vocab_size"] >= 8  # the hand-made logits' vocabulary fits the reference's

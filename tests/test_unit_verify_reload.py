@@ -226,6 +226,14 @@ def test_finite_outputs_fails_a_float16_overflow_only_in_float16(tiny, tmp_path)
     assert "nonfinite_first_float32" not in result.metrics
 
 
+def test_finite_outputs_judges_each_load_on_its_own(tiny):
+    ctx = ctx_of(tiny[1], tiny[0])
+    ctx.load_errors[torch.float32] = "RuntimeError: no float32 load"  # what Context.load records when one fails
+    result = check_finite(ctx)
+    assert result.passed and result.detail == "outputs finite when loaded in bfloat16 (config.json: bfloat16)"
+    assert result.metrics == {"config_dtype": "bfloat16", "nonfinite_share_bfloat16": 0.0}
+
+
 def test_finite_outputs_skips_an_export_transformers_cannot_load(tiny, tmp_path):
     result = check_finite(ctx_of(planted(tiny, tmp_path, config=unknown_model_type), tiny[0]))
     assert result.skipped and result.detail == "transformers cannot load the export"
@@ -285,8 +293,10 @@ INT4_G16 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16,
     ({**INT4_G16, "strategy": "tensor_group"}, "strategy tensor_group"),
     ({**INT4_G16, "group_size": None},
      "compressed-tensors refuses its weights args (strategy group requires group_size to be set to a positive value)"),
-    ({**INT4_G16, "num_bits": "four"}, "compressed-tensors refuses its weights args (num_bits: Input should be a "
-                                       "valid integer, unable to parse string as an integer)"),
+    ({**INT4_G16, "num_bits": "four", "actorder": "group"},
+     "compressed-tensors refuses its weights args (num_bits: Input should be a valid integer, unable to parse string "
+     "as an integer; actorder: actorder='group' has been removed. Consider using actorder='weight' or actorder=None "
+     "instead.)"),
 ])
 def test_quantization_args_refuses_what_round_to_nearest_cannot_reproduce_saying_why(weights, reason):
     with pytest.raises(R.UnsupportedScheme) as caught:

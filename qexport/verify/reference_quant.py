@@ -30,9 +30,8 @@ def quantization_args(weights: dict):
     try:
         args = QuantizationArgs(**weights)
     except ValidationError as e:  # e.g. GPTQ's actorder "group", which compressed-tensors 0.20 removed
-        reasons = "; ".join(
-            ".".join(map(str, err["loc"])) + ": " * bool(err["loc"]) + err["msg"].removeprefix("Value error, ")
-            for err in e.errors())
+        reasons = "; ".join(": ".join([*map(str, err["loc"]), err["msg"].removeprefix("Value error, ")])
+                            for err in e.errors())  # "field: why", or "why" for the model as a whole
         raise UnsupportedScheme(f"compressed-tensors refuses its weights args ({reasons})") from None
     if args.type != "int":
         raise UnsupportedScheme(f"type {args.type}")
