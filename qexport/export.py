@@ -655,7 +655,7 @@ def _export(source: TensorSource, out: Path, options: ExportOptions, discovery: 
         if real.signature() != prepared.signature():
             log.info("the architecture differs from the prediction made from the checkpoint: writing again")
             for tmp in tmp_dirs.values():
-                shutil.rmtree(tmp, ignore_errors=True)
+                _empty(tmp)  # the folder stays, and with it the lock telling other runs that it is live
             manifests = _write_all(source, real, tmp_dirs, options, source_files)
         _warn(source, real)
         for name, tmp in tmp_dirs.items():
@@ -671,6 +671,16 @@ def _export(source: TensorSource, out: Path, options: ExportOptions, discovery: 
         for folder in owned:
             folder.release()
     return manifests
+
+
+def _empty(folder: Path) -> None:
+    """Remove what an export wrote into `folder` (regular files and folders only), keeping the folder itself: a
+    removed and re-created folder would lose OwnedFolder's lock, and another run's clean_stale would remove it."""
+    for child in folder.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _write_all(source: TensorSource, prepared: Prepared, tmp_dirs: dict[str, Path], options: ExportOptions,

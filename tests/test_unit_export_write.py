@@ -675,3 +675,22 @@ def test_an_index_is_written_exactly_when_there_is_more_than_one_shard(tmp_path,
         counts.add(shards)
         assert (folder / INDEX_FILE).exists() == (shards > 1), (size, shards)
     assert {1, 2} <= counts  # the law was tried on both sides of the boundary
+
+
+def test_a_rewrite_keeps_its_temporary_folders_locked_so_another_runs_cleanup_leaves_them(tmp_path, monkeypatch):
+    # another run starting on the same --out removes every temporary folder whose lock is free (clean_stale); here it
+    # runs on every tensor read, through both writes of a wrong prediction
+    future: Future = Future()
+    future.done = lambda: False
+    future.set_result(architecture())
+    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+    monkeypatch.setattr(export_module, "predict_architecture", lambda *_a: architecture(linear=LINEAR - {UP}))
+    out = tmp_path / "out"
+    source = Checkpoint.open(checkpoint(tmp_path, side={"sub/chat.jinja": "x"}))
+    real_read = source.read
+    monkeypatch.setattr(source, "read", lambda name: export_module.clean_stale(out) or real_read(name))
+    manifest = export(source, out, options(formats=("int8", "fp16")))["int8"]
+    assert manifest["summary"]["quantized_linears"] == 2  # written again from the real architecture
+    folder = out / "int8"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == \
+           sorted([f["name"] for f in manifest["files"]] + ["qexport.json"])
