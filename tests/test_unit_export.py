@@ -443,3 +443,9 @@ def test_a_finite_float64_tensor_beyond_float32s_range_is_finite():
 
     assert all_finite(torch.tensor([1e300, -1e300], dtype=torch.float64))
     assert not all_finite(torch.tensor([1.0, float("inf")], dtype=torch.float64))
+
+
+def test_every_shard_may_be_filled_exactly_not_only_the_first():
+    ps = plans([30, 30, 30, 30, 1])
+    _assign_shards(ps, 60)
+    assert [p.shard for p in ps] == [0, 0, 1, 1, 2]
