@@ -248,6 +248,7 @@ def ordered_map(fn: Callable, items: list, workers: int):
 
     The caller consumes results on its own thread, so with one worker encoding still overlaps writing.
     """
+    end = object()  # not None: any item, None included, is mapped
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
         it = iter(items)
@@ -257,8 +258,8 @@ def ordered_map(fn: Callable, items: list, workers: int):
                 break
         while pending:
             result = pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
+            nxt = next(it, end)
+            if nxt is not end:
                 pending.append(pool.submit(fn, nxt))
             yield result
 

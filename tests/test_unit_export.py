@@ -449,3 +449,11 @@ def test_every_shard_may_be_filled_exactly_not_only_the_first():
     ps = plans([30, 30, 30, 30, 1])
     _assign_shards(ps, 60)
     assert [p.shard for p in ps] == [0, 0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ordered_map_maps_every_item_even_a_none_or_falsy_one(workers):
+    from qexport.export import ordered_map
+
+    items = [1, None, 0, None, 2]
+    assert list(ordered_map(lambda x: (x,), items, workers)) == [(x,) for x in items]
