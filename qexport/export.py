@@ -161,12 +161,10 @@ def quantizable_linears(source: TensorSource, arch: Architecture, ignore: Iterab
 def choose_group_size(shapes: Iterable[tuple], candidates: tuple[int, ...] = AUTO_GROUP_SIZES) -> int:
     """The group size of a model: the largest candidate that every input size divides by, else the candidate
     that quantizes the most weights (ties to the larger group); the rest then stay dense, with a warning."""
+    # A candidate every input divides by covers every weight, the most any can: the max finds it, and among
+    # several such takes the largest, whatever the candidates' order.
     shapes = list(shapes)
     covered = {g: sum(math.prod(s) for s in shapes if s[1] % g == 0) for g in candidates}
-    total = sum(math.prod(s) for s in shapes)
-    for g in candidates:
-        if covered[g] == total:
-            return g
     return max(candidates, key=lambda g: (covered[g], g))
 
 

@@ -63,6 +63,11 @@ def test_group_size_ties_go_to_the_larger_group():
     assert choose_group_size([(4, 100)], (128, 64, 32)) == 128  # covers nothing whichever: the largest
 
 
+def test_group_size_is_the_largest_dividing_every_input_whatever_the_order_of_the_candidates():
+    assert choose_group_size([(8, 256), (8, 512)], (32, 64, 128)) == 128
+    assert choose_group_size([(8, 576)], (32, 128, 64)) == 64
+
+
 def plans(sizes):
     from qexport.export import TensorPlan
 
