@@ -39,9 +39,9 @@ from tests.unit_verify import context, named, write_folder
 check_vllm = named(engine_checks.check_engine_vllm, "engine_vllm")
 
 
-def judge_vllm(ctx, result, tail=""):
+def judge_vllm(ctx, result, *tail):
     """engine_checks.judge_vllm that also asserts the row's name (the one verify's --only and reports know)."""
-    check = engine_checks.judge_vllm(ctx, result, tail)
+    check = engine_checks.judge_vllm(ctx, result, *tail)
     assert check.name == "engine_vllm", check.name
     return check
 
@@ -187,8 +187,8 @@ def test_prompts_are_cut_to_32_tokens(tmp_path, folders):
     ("one token is the model's vocab size (ids must stay below it)",
      lambda f: word_tokenizer(f, {"model": CONFIG["vocab_size"]})),
     ("a whole prompt is one token", lambda f: word_tokenizer(f, pre_tokenize=False)),
-    ("the tokenizer does not load", lambda f: write_folder(f, files={"tokenizer.json": "{not json",
-                                                                     "tokenizer_config.json": "{}"})),
+    ("the tokenizer does not load", lambda f: write_folder(f, config=False, files={"tokenizer.json": "{not json",
+                                                                                   "tokenizer_config.json": "{}"})),
 ])
 def test_prompts_fall_back_to_fixed_ids_when_the_tokenizer_gives_unusable_ones(tmp_path, folders, why, make):
     export = make(unit_engine.int4_export(tmp_path / "int4"))
@@ -326,7 +326,7 @@ def test_parser_rejecting_naive_quantized_weight_only_fails_with_the_reason(tmp_
     config["quantization_config"]["format"] = "naive-quantized"
     config["quantization_config"]["config_groups"]["group_0"]["format"] = "naive-quantized"
     (export / "config.json").write_text(json.dumps(config))
-    check = judge_vllm(context(export, folders["ref"]), unit_engine.recorded("naive")["result"], tail="x")
+    check = judge_vllm(context(export, folders["ref"]), unit_engine.recorded("naive")["result"], "x")
     assert not check.passed
     assert check.detail == (
         f"{WHO}: vLLM's compressed-tensors parser rejects the quantization_config: AssertionError at "
@@ -348,7 +348,7 @@ def error(stage, message="boom", where="x.py:1", **extra):
     ("somewhere_new", "somewhere_new")])
 def test_a_failed_stage_fails_saying_which_and_what_was_checked_before(folders, stage, said):
     result = result_of("int4", stages=["config_parse", "scheme_selection"], error=error(stage, layer=Q))
-    check = judge_vllm(ctx_of(folders, "int4"), result, tail="t" * 700)
+    check = judge_vllm(ctx_of(folders, "int4"), result, "t" * 700)
     # the output tail only where the engine itself broke; the parser's verdict says all in its message
     output = f"; output tail: {'t' * 600}" if stage in ("import", "generation") else ""
     assert not check.passed
@@ -367,7 +367,7 @@ def test_a_message_keeps_its_last_character_and_an_empty_one_leaves_the_type(fol
 
 
 def test_an_engine_that_broke_without_output_says_so(folders):
-    # no version, platform or stages reported (a child older than the protocol's keys)
+    # no version, platform or stages reported (a child older than the protocol's keys), no output tail passed
     result = {"protocol": 1, "dtype": "float16", "layers": {}, "generation": None,
               "not_generated": None, "error": error("import", message=" " + "m" * 500, where=None)}
     check = judge_vllm(ctx_of(folders, "int4"), result)
