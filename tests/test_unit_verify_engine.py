@@ -15,6 +15,7 @@ import json
 import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -277,7 +278,8 @@ def test_quantized_linear_that_vllm_would_load_dense_fails_naming_it(folders):
     result["layers"][Q] = {"scheme": None}
     check = judge_vllm(ctx_of(folders, "int8"), result)
     assert not check.passed
-    assert check.detail == f"{WHO}: schemes disagree with the files: {Q} is stored quantized but vLLM would load it dense"
+    assert check.detail == (f"{WHO}: schemes disagree with the files: {Q} is stored quantized but vLLM would load it "
+                            f"dense")
     assert check.metrics["vllm_schemes"]["unquantized (lm_head, " + Q + ")"] == 2
 
 
@@ -436,7 +438,8 @@ def test_bound_is_the_dtypes_floor_while_transformers_own_noise_is_small(monkeyp
                    "engine_tokens_agree": 1, "engine_token_disagreements_beyond_tie": 0,
                    "engine_dtype_noise": pytest.approx(floor / DTYPE_NOISE_FACTOR / 2, rel=1e-5),
                    "engine_dlogprob_floor": floor, "engine_dlogprob_bound": floor}
-    assert engine_checks._bound_origin(got) == f"floor; transformers' own noise vs float32 {got['engine_dtype_noise']:.3g}"
+    assert engine_checks._bound_origin(got) == (f"floor; transformers' own noise vs float32 "
+                                                f"{got['engine_dtype_noise']:.3g}")
 
 
 def test_bound_scales_with_noise_and_a_difference_exactly_at_it_passes(monkeypatch, folders):
@@ -558,7 +561,8 @@ def test_vllm_check_shows_the_childs_output_when_the_engine_broke(tmp_path, fold
     check = check_vllm(with_engine(ctx_of(folders, "int4"), python))
     assert not check.passed
     assert check.detail == (f"{WHO}: vLLM fails to run the model: RuntimeError: engine core died (checked before: "
-                            f"config_parse, scheme_selection); output tail: RuntimeError: out of memory in the KV cache")
+                            f"config_parse, scheme_selection); output tail: RuntimeError: out of memory in the KV "
+                            f"cache")
 
 
 @pytest.mark.parametrize("explicit", [True, False])
@@ -593,18 +597,14 @@ def test_vllm_check_on_unreadable_shards_fails_without_running_the_engine(tmp_pa
 # sentence-transformers, with a stand-in library
 
 
-class Linear(torch.nn.Linear):
-    pass
-
-
 class FakeST:
     """SentenceTransformer as the check uses it: built from a folder, [0].auto_model, encode. `plan[folder name]`
     says what a folder gives: embeddings, or ("compressed", exception) for a model whose Linears kept compressed
     tensors (no float `weight`), or an exception raised on load; with model_kwargs["quantization_config"]
     (dequantize=True) `plan[folder name + " dequantized"]` is used instead."""
 
-    plan: dict = {}
-    built: list = []
+    plan: ClassVar[dict] = {}
+    built: ClassVar[list] = []
 
     def __init__(self, folder, device=None, model_kwargs=None):
         from qexport.functional import SENTENCES
@@ -727,10 +727,11 @@ def test_st_workaround_failing_too_is_said(tmp_path, fake_st):
 
 
 @pytest.mark.parametrize("export_files, ref_files, failed, said", [
-    ({}, MODULES, True, "the reference is a sentence-transformers model (modules.json) but the export has no "
-                        "modules.json: SentenceTransformer(export) would not rebuild its pooling"),
+    ({}, MODULES, True, ("the reference is a sentence-transformers model (modules.json) but the export has no "
+                         "modules.json: SentenceTransformer(export) would not rebuild its pooling")),
     ({}, {}, False, "not a sentence-transformers folder (no modules.json)"),
-    ({"modules.json/x": ""}, MODULES, True, "the reference is a sentence-transformers model"),  # a folder named modules.json is not the file
+    # a folder named modules.json is not the file
+    ({"modules.json/x": ""}, MODULES, True, "the reference is a sentence-transformers model"),
 ])
 def test_st_folder_without_modules_json(tmp_path, fake_st, export_files, ref_files, failed, said):
     check = check_st(st_folders(tmp_path, export_files, ref_files))
