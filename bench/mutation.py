@@ -96,6 +96,13 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                       "tests/test_unit_verify_config.py", "tests/test_unit_verify_files.py",
                       "tests/test_unit_verify_weights.py", "tests/test_unit_verify_layout.py"],
                      False),
+    # verify's runner and Context (the result type, the JSON / shard / target helpers, lazy loading, the runner's
+    # failure, NaN and threshold rules, verify() itself) on hand-written folders and stand-in checks; the model
+    # loads, tokenizer and forward passes are recording fakes (milliseconds a test)
+    "verify-core": (["qexport/verify/context.py", "qexport/verify/__init__.py"],
+                    ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain",
+                     "tests/test_unit_verify_core.py"],
+                    False),
     "verify": (["qexport/verify/*"],
                ["tests/test_planted_defects.py", "tests/test_no_silent_pass.py", "tests/test_reload_checks.py"], True),
 }

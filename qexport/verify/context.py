@@ -320,11 +320,8 @@ def open_tensors(folder: Path, config: dict) -> Checkpoint:
     """The export's tensors, with index and shards checked both ways, without requiring a valid config."""
     files = weight_files(folder)
     index_path = folder / INDEX_FILE
-    index = None
-    if index_path.exists():
-        index = safe_fs.load_json(index_path, INDEX_FILE)
-        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-            raise InputError(f"{INDEX_FILE}: no weight_map object")
+    # weight_files read the index (a JSON object with a non-empty weight_map object) and every shard it lists
+    index = safe_fs.load_json(index_path, INDEX_FILE) if index_path.exists() else None
     entries = {}
     for path in files:
         for name, entry in read_header(path)[0].items():
