@@ -553,6 +553,7 @@ def test_release_collects_the_freed_models_cycles(monkeypatch):
 
 def test_release_hands_free_pages_back_to_glibc(monkeypatch):
     import ctypes
+    import ctypes.util
 
     trims = []
 
@@ -561,9 +562,10 @@ def test_release_hands_free_pages_back_to_glibc(monkeypatch):
             trims.append(pad)
 
     names = []
+    monkeypatch.setattr(ctypes.util, "find_library", {"c": "libc.so.found"}.get)  # the C library's name, as found
     monkeypatch.setattr(ctypes, "CDLL", lambda name: names.append(name) or Libc())
     context_module._release()
-    assert trims == [0] and names and "libc" in names[0]
+    assert trims == [0] and names == ["libc.so.found"]
 
 
 def test_release_without_glibc_trims_nothing_and_does_not_fail(monkeypatch):
@@ -688,6 +690,27 @@ def test_reference_outputs_are_computed_once_per_reference_after_unloading_the_e
     assert loads.released >= 2
 
 
+def test_reference_outputs_of_another_folder_are_its_own_even_with_the_same_config_time(tmp_path, monkeypatch):
+    FakeFunctional(monkeypatch)
+    FakeLoads(monkeypatch)
+    monkeypatch.setattr(functional, "load_streamed", lambda folder: f"ref-{folder.name}")
+    monkeypatch.setattr(context_module, "_REFERENCE_OUTPUTS", {})
+    first, second = (write_folder(tmp_path / name, reference_weights()) for name in ("r1", "r2"))
+    for folder in (first, second):
+        os.utime(folder / "config.json", ns=(10**18, 10**18))
+    assert context(int4_export(tmp_path), first).reference_outputs()[1] == "ref-r1"
+    assert context(int4_export(tmp_path, "again"), second).reference_outputs()[1] == "ref-r2"
+
+
+def test_the_tokenizer_runs_before_the_reference_model_is_loaded(tmp_path, ref, monkeypatch):
+    fake = FakeFunctional(monkeypatch)
+    FakeLoads(monkeypatch)
+    monkeypatch.setattr(functional, "load_streamed", lambda folder: fake.calls.append(("model", folder)) or "ref")
+    monkeypatch.setattr(context_module, "_REFERENCE_OUTPUTS", {})
+    context(int4_export(tmp_path), ref).reference_outputs()
+    assert fake.calls == [("random", 64), ("model", ref)]
+
+
 def test_rtn_outputs_are_computed_once_per_reference_scheme_and_dtype(tmp_path, monkeypatch):
     from qexport.verify import reference_quant
 
@@ -709,6 +732,34 @@ def test_rtn_outputs_are_computed_once_per_reference_scheme_and_dtype(tmp_path, 
     ctx.qc = qc(8, strategy="channel")
     ctx.rtn_outputs(torch.float16)
     assert len(built) == 3 and built[-1][1] == json.dumps(ctx.qc)
+
+
+def test_rtn_outputs_of_the_same_scheme_written_in_another_key_order_are_reused(tmp_path, ref, monkeypatch):
+    from qexport.verify import reference_quant
+
+    FakeFunctional(monkeypatch)
+    FakeLoads(monkeypatch)
+    built = []
+    monkeypatch.setattr(reference_quant, "rtn_model", lambda folder, scheme, dtype: built.append(scheme) or "rtn")
+    monkeypatch.setattr(context_module, "_RTN_OUTPUTS", {})
+    ctx = context(int4_export(tmp_path), ref)
+    out = ctx.rtn_outputs()
+    ctx.qc = dict(reversed(list(qc().items())))
+    assert ctx.rtn_outputs() is out and len(built) == 1
+
+
+def test_rtn_outputs_of_another_folder_are_its_own_even_with_the_same_config_time(tmp_path, monkeypatch):
+    from qexport.verify import reference_quant
+
+    FakeFunctional(monkeypatch)
+    FakeLoads(monkeypatch)
+    monkeypatch.setattr(reference_quant, "rtn_model", lambda folder, scheme, dtype: f"rtn-{folder.name}")
+    monkeypatch.setattr(context_module, "_RTN_OUTPUTS", {})
+    first, second = (write_folder(tmp_path / name, reference_weights()) for name in ("r1", "r2"))
+    for folder in (first, second):
+        os.utime(folder / "config.json", ns=(10**18, 10**18))
+    assert context(int4_export(tmp_path), first).rtn_outputs()[1] == "rtn-r1"
+    assert context(int4_export(tmp_path, "again"), second).rtn_outputs()[1] == "rtn-r2"
 
 
 def test_dequantized_model_is_built_from_our_float32_dequantization(tmp_path, ref, monkeypatch):
@@ -779,6 +830,14 @@ def test_a_check_that_raises_fails_naming_the_exception_and_where():
     assert result.detail == f"check raised ValueError: {message} (test_unit_verify_core.py:{line})"
 
 
+def test_a_check_that_raises_deeper_down_is_placed_where_it_raised():
+    def check(ctx):
+        return raises(ctx)
+
+    line = raises.__code__.co_firstlineno + 1
+    assert _run_one(check, "layout", ctx_stub()).detail.endswith(f"(test_unit_verify_core.py:{line})")
+
+
 def test_a_check_that_raises_a_non_exception_error_still_propagates():
     def interrupted(ctx):
         raise KeyboardInterrupt
@@ -801,6 +860,12 @@ def test_the_runner_never_lets_a_nan_metric_pass():
     assert not result.passed and result.detail == "non-finite metric: kld_mean is NaN; ok"
 
 
+def test_the_runner_never_lets_an_infinite_metric_beyond_its_bound_pass():
+    result = _run_one(lambda ctx: CheckResult("functional", True, "ok", {"kld_mean": math.inf}), "functional",
+                      ctx_stub("int8"))
+    assert not result.passed and result.detail == "non-finite metric: kld_mean is inf (bound max_kld_mean 0.01); ok"
+
+
 def test_functional_thresholds_are_kld_and_top1_for_causal_lms_cosine_for_encoders():
     causal, encoder = ctx_stub(causal=True), ctx_stub(causal=False)
     assert _thresholds_of("functional", causal) == ("max_kld_mean", "max_kld_p99", "min_top1")
@@ -821,6 +886,11 @@ def test_nan_paths_name_every_nan_inside_dicts_lists_and_tuples():
     value = {"a": [1.0, math.nan, {"b": math.nan}], "c": (math.nan,), "d": 2, "e": "nan", "f": None}
     assert list(_nan_paths(value, "m")) == ["m.a[1]", "m.a[2].b", "m.c[0]"]
     assert list(_nan_paths(math.nan, "x")) == ["x"] and list(_nan_paths(1.0, "x")) == []
+
+
+def test_a_check_with_a_nan_metric_is_failed_not_just_falsy():
+    result = _no_silent_pass(CheckResult("f", True, "ok", {"x": math.nan}), thresholds_for("int8"))
+    assert result.passed is False and result.as_dict()["status"] == "FAILED"
 
 
 def test_a_failed_check_gets_its_nans_named_too():
@@ -1031,6 +1101,55 @@ def test_verify_runs_the_checks_in_order_and_reports_progress(tmp_path, ref, mon
                                ("layout", 2, 2, None), ("layout", "step", 1, 2, "tensors"), ("layout", 2, 2, "layout")]
 
 
+class Clock:
+    """time.perf_counter stand-in: far from zero (as the real one), 1.23 ms a reading."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        self.now += 0.00123
+        return self.now
+
+
+def test_verify_times_each_check_and_reports_elapsed_seconds_since_it_started(tmp_path, ref, monkeypatch):
+    import time
+
+    fake_checks(monkeypatch)
+    folder = int4_export(tmp_path)
+    events = []
+
+    class Progress:
+        def __call__(self, name, index, total, elapsed, result):
+            events.append(elapsed)
+
+        def step(self, name, done, total, unit, elapsed):
+            events.append(elapsed)
+
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    result = verify(folder, ref, progress=Progress())
+    wall = clock.now - 1000.0
+    assert len(events) == 6 and events == sorted(events) and all(0 < e <= wall for e in events)
+    for check in result.checks:
+        assert 0 < check.seconds < wall and check.seconds == round(check.seconds, 3)
+
+
+def test_verify_names_a_check_that_raises_and_attaches_its_thresholds(tmp_path, ref, monkeypatch):
+    monkeypatch.setattr(verify_module, "CHECKS", [raises])
+    monkeypatch.setattr(verify_module, "CHECK_NAMES", ["bytes"])
+    (result,) = verify(int4_export(tmp_path), ref).checks
+    assert result.name == "bytes" and result.detail.startswith("check raised ValueError: weight_scale of down_proj")
+    assert [e["name"] for e in result.thresholds] == ["min_quantized_ratio"]
+
+
+def test_sentence_transformers_check_runs_when_the_reference_is_a_sentence_transformers_folder(tmp_path, monkeypatch):
+    fake_checks(monkeypatch)
+    reference = write_folder(tmp_path / "ref", reference_weights(), files={"modules.json": "[]"})
+    names = [c.name for c in verify(int4_export(tmp_path), reference).checks]
+    assert names == ["model_type", "layout", "engine_sentence_transformers"]
+
+
 def test_verify_runs_only_the_checks_named_and_the_engines_asked_for(tmp_path, ref, monkeypatch):
     fake_checks(monkeypatch)
     folder = int4_export(tmp_path, files={"modules.json": "[]"})
@@ -1055,7 +1174,13 @@ def test_verify_without_progress_runs_quietly_and_leaves_no_step_listener(tmp_pa
 
 def test_run_checks_returns_the_checks(tmp_path, ref, monkeypatch):
     fake_checks(monkeypatch)
-    assert [c.name for c in run_checks(int4_export(tmp_path), ref, {"min_top1": 0.5})] == ["model_type", "layout"]
+    assert [c.name for c in run_checks(int4_export(tmp_path), ref)] == ["model_type", "layout"]
+
+
+def test_run_checks_uses_the_thresholds_given(tmp_path, ref, monkeypatch):
+    monkeypatch.setattr(verify_module, "CHECKS", [lambda ctx: CheckResult("a", True, "ok", {"t": ctx.thresholds.min_top1})])
+    monkeypatch.setattr(verify_module, "CHECK_NAMES", ["a"])
+    assert run_checks(int4_export(tmp_path), ref, {"min_top1": 0.5})[0].metrics == {"t": 0.5}
 
 
 def test_the_real_cheap_checks_run_through_verify_on_a_hand_written_export(tmp_path, ref):
@@ -1093,3 +1218,13 @@ def test_record_in_card_writes_each_check_with_its_thresholds_and_changes(tmp_pa
         {"name": "engine", "value": "not run", "threshold": None, "passed": None},
     ], reference="ref", thresholds_changed=["min_top1: disabled (default 0.9)"])
     assert results["tool"] == "pytest"
+
+
+def test_record_in_card_names_qexport_verify_as_the_tool_by_default(tmp_path, monkeypatch):
+    from qexport import card
+
+    written = []
+    monkeypatch.setattr(card, "update_card_verification", lambda folder, results: written.append(results))
+    (tmp_path / "qexport.json").write_text("{}")
+    record_in_card(Verification(tmp_path, Path("ref"), "int8", thresholds_for("int8"), []))
+    assert written[0]["tool"] == "qexport verify"
