@@ -291,6 +291,24 @@ def test_a_link_out_of_the_reference_is_bad_input(tmp_path, ref):
         context(int4_export(tmp_path), reference)
 
 
+@pytest.mark.parametrize("which", ["export", "reference"])
+def test_a_link_between_files_inside_a_folder_is_allowed(tmp_path, which):
+    # the folder is the root links may point into, not the folder the link sits in
+    reference = write_folder(tmp_path / "ref", reference_weights())
+    export = int4_export(tmp_path)
+    folder = export if which == "export" else reference
+    (folder / "notes.txt").write_text("x")
+    (folder / "sub").mkdir()
+    os.symlink(folder / "notes.txt", folder / "sub" / "notes.txt")
+    assert context(export, reference).format == "int4"
+
+
+def test_a_reference_config_transformers_rejects_is_bad_input_naming_the_file(tmp_path):
+    reference = write_folder(tmp_path / "ref", reference_weights(), config_with(vocab_size=None))
+    with pytest.raises(InputError, match=f"^{reference / 'config.json'}: transformers rejects this qwen3 config"):
+        context(int4_export(tmp_path), reference)
+
+
 def test_a_quantized_reference_is_bad_input(tmp_path):
     reference = write_folder(tmp_path / "ref", reference_weights(), config_with(quantization_config=qc()))
     with pytest.raises(InputError, match=f"^{reference / 'config.json'}: --reference is itself quantized; pass "):
@@ -402,7 +420,8 @@ def test_sharded_tensors_open_with_their_files(tmp_path):
     index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}, "metadata": {"total_size": 20}}
     ckpt = open_tensors(sharded(tmp_path, index, s1=A, s2=B), {"x": 1})
     assert set(ckpt.entries) == {"a", "b"} and ckpt.config == {"x": 1}
-    assert ckpt.entries["b"].file.name == "s2.safetensors"
+    assert ckpt.entries["b"].file.name == "s2.safetensors" and ckpt.folder == tmp_path / "sharded"
+    assert ckpt.files == [tmp_path / "sharded" / "s1.safetensors", tmp_path / "sharded" / "s2.safetensors"]
 
 
 @pytest.mark.parametrize("index,error", [
