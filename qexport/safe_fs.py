@@ -161,7 +161,11 @@ def walk_files(folder: Path, root: Path) -> list[tuple[str, Path]]:
             if entry.is_dir(follow_symlinks=False):
                 pending.append(path)
                 continue
-            out.append((path.relative_to(folder).as_posix(), check_regular(path, root)))
+            try:
+                real = check_regular(path, root)
+            except FileNotFoundError:  # a link to nothing: name the link, not only its missing target
+                raise InputError(f"{path}: symlink to {os.readlink(path)}, which does not exist")
+            out.append((path.relative_to(folder).as_posix(), real))
     return sorted(out)
 
 

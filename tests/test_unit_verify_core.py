@@ -283,6 +283,16 @@ def test_a_link_out_of_the_export_is_bad_input(tmp_path, ref):
         context(folder, ref)
 
 
+@pytest.mark.parametrize("which", ["export", "reference"])
+def test_a_link_to_nothing_is_bad_input_naming_the_link(tmp_path, which):
+    reference = write_folder(tmp_path / "ref", reference_weights())
+    export = int4_export(tmp_path)
+    link = (export if which == "export" else reference) / "notes.txt"
+    os.symlink(link.parent / "nowhere.txt", link)
+    with pytest.raises(InputError, match=f"^{link}: symlink to {link.parent / 'nowhere.txt'}, which does not exist$"):
+        context(export, reference)
+
+
 def test_a_link_out_of_the_reference_is_bad_input(tmp_path, ref):
     reference = write_folder(tmp_path / "ref", reference_weights())
     (tmp_path / "secret.txt").write_text("x")
