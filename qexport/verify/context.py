@@ -310,7 +310,7 @@ def _read_json_object(path: Path):
     try:
         value = safe_fs.load_json(path, path.name)
     except InputError as e:  # the checks put the file's name first: "config.json: config.json is not valid JSON"
-        return None, " ".join(str(e).removeprefix(f"{path}: ").replace(str(path), path.name).split())[:300]
+        return None, " ".join(str(e).removeprefix(f"{path}: ").split())[:300]
     if not isinstance(value, dict):
         return None, f"{path.name} is not a JSON object"
     return value, None
