@@ -38,7 +38,14 @@ from qexport.verify import (
     verify,
 )
 from qexport.verify import context as context_module
-from qexport.verify.context import _listing, detect_format, has_tokenizer, json_equal, open_tensors, weights_args
+from qexport.verify.context import (
+    _listing,
+    detect_format,
+    has_tokenizer,
+    json_equal,
+    open_tensors,
+    weights_args,
+)
 from tests.support import fail_a_hang  # noqa: F401  (autouse)
 from tests.unit_verify import (
     CONFIG,
@@ -438,8 +445,8 @@ def test_sharded_tensors_open_with_their_files(tmp_path):
     ({"weight_map": {"a": "s1.safetensors", "x": "s2.safetensors"}},
      "s2.safetensors: tensor 'b' is not in model.safetensors.index.json under this shard (index says None)"),
     ({"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors", "x": "s2.safetensors"}},
-     "s2.safetensors: tensor 'b' is not in model.safetensors.index.json under this shard (index says "
-     "'s1.safetensors')"),
+     ("s2.safetensors: tensor 'b' is not in model.safetensors.index.json under this shard (index says "
+      "'s1.safetensors')")),
     ({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors", "c": "s2.safetensors"}},
      "model.safetensors.index.json: tensor 'c' is not in shard 's2.safetensors'"),
     ({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}, "metadata": {"total_size": 21}},
