@@ -161,12 +161,10 @@ def quantizable_linears(source: TensorSource, arch: Architecture, ignore: Iterab
 def choose_group_size(shapes: Iterable[tuple], candidates: tuple[int, ...] = AUTO_GROUP_SIZES) -> int:
     """The group size of a model: the largest candidate that every input size divides by, else the candidate
     that quantizes the most weights (ties to the larger group); the rest then stay dense, with a warning."""
+    # A candidate every input divides by covers every weight, the most any can: the max finds it, and among
+    # several such takes the largest, whatever the candidates' order.
     shapes = list(shapes)
     covered = {g: sum(math.prod(s) for s in shapes if s[1] % g == 0) for g in candidates}
-    total = sum(math.prod(s) for s in shapes)
-    for g in candidates:
-        if covered[g] == total:
-            return g
     return max(candidates, key=lambda g: (covered[g], g))
 
 
@@ -248,6 +246,7 @@ def ordered_map(fn: Callable, items: list, workers: int):
 
     The caller consumes results on its own thread, so with one worker encoding still overlaps writing.
     """
+    end = object()  # not None: any item, None included, is mapped
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
         it = iter(items)
@@ -257,8 +256,8 @@ def ordered_map(fn: Callable, items: list, workers: int):
                 break
         while pending:
             result = pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
+            nxt = next(it, end)
+            if nxt is not end:
                 pending.append(pool.submit(fn, nxt))
             yield result
 
@@ -655,7 +654,7 @@ def _export(source: TensorSource, out: Path, options: ExportOptions, discovery: 
         if real.signature() != prepared.signature():
             log.info("the architecture differs from the prediction made from the checkpoint: writing again")
             for tmp in tmp_dirs.values():
-                shutil.rmtree(tmp, ignore_errors=True)
+                _empty(tmp)  # the folder stays, and with it the lock telling other runs that it is live
             manifests = _write_all(source, real, tmp_dirs, options, source_files)
         _warn(source, real)
         for name, tmp in tmp_dirs.items():
@@ -671,6 +670,16 @@ def _export(source: TensorSource, out: Path, options: ExportOptions, discovery: 
         for folder in owned:
             folder.release()
     return manifests
+
+
+def _empty(folder: Path) -> None:
+    """Remove what an export wrote into `folder` (regular files and folders only), keeping the folder itself: a
+    removed and re-created folder would lose OwnedFolder's lock, and another run's clean_stale would remove it."""
+    for child in folder.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _write_all(source: TensorSource, prepared: Prepared, tmp_dirs: dict[str, Path], options: ExportOptions,

@@ -63,6 +63,11 @@ def test_group_size_ties_go_to_the_larger_group():
     assert choose_group_size([(4, 100)], (128, 64, 32)) == 128  # covers nothing whichever: the largest
 
 
+def test_group_size_is_the_largest_dividing_every_input_whatever_the_order_of_the_candidates():
+    assert choose_group_size([(8, 256), (8, 512)], (32, 64, 128)) == 128
+    assert choose_group_size([(8, 576)], (32, 128, 64)) == 64
+
+
 def plans(sizes):
     from qexport.export import TensorPlan
 
@@ -443,3 +448,17 @@ def test_a_finite_float64_tensor_beyond_float32s_range_is_finite():
 
     assert all_finite(torch.tensor([1e300, -1e300], dtype=torch.float64))
     assert not all_finite(torch.tensor([1.0, float("inf")], dtype=torch.float64))
+
+
+def test_every_shard_may_be_filled_exactly_not_only_the_first():
+    ps = plans([30, 30, 30, 30, 1])
+    _assign_shards(ps, 60)
+    assert [p.shard for p in ps] == [0, 0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ordered_map_maps_every_item_even_a_none_or_falsy_one(workers):
+    from qexport.export import ordered_map
+
+    items = [1, None, 0, None, 2]
+    assert list(ordered_map(lambda x: (x,), items, workers)) == [(x,) for x in items]

@@ -675,3 +675,213 @@ def test_an_index_is_written_exactly_when_there_is_more_than_one_shard(tmp_path,
         counts.add(shards)
         assert (folder / INDEX_FILE).exists() == (shards > 1), (size, shards)
     assert {1, 2} <= counts  # the law was tried on both sides of the boundary
+
+
+def test_a_rewrite_keeps_its_temporary_folders_locked_so_another_runs_cleanup_leaves_them(tmp_path, monkeypatch):
+    # another run starting on the same --out removes every temporary folder whose lock is free (clean_stale); here it
+    # runs on every tensor read, through both writes of a wrong prediction
+    future: Future = Future()
+    future.done = lambda: False
+    future.set_result(architecture())
+    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+    monkeypatch.setattr(export_module, "predict_architecture", lambda *_a: architecture(linear=LINEAR - {UP}))
+    out = tmp_path / "out"
+    source = Checkpoint.open(checkpoint(tmp_path, side={"sub/chat.jinja": "x"}))
+    real_read = source.read
+    monkeypatch.setattr(source, "read", lambda name: export_module.clean_stale(out) or real_read(name))
+    manifest = export(source, out, options(formats=("int8", "fp16")))["int8"]
+    assert manifest["summary"]["quantized_linears"] == 2  # written again from the real architecture
+    folder = out / "int8"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == \
+           sorted([f["name"] for f in manifest["files"]] + ["qexport.json"])
+
+
+def test_a_folder_another_run_writes_meanwhile_is_neither_replaced_nor_removed(tmp_path, discovered, monkeypatch):
+    # without --overwrite the rename refuses a target that appeared after the destination check; the folders this
+    # export created stay while they hold the other run's work
+    out = tmp_path / "new" / "out"
+    real = export_module.write_format
+
+    def another_run_meanwhile(source, plan, folder, *a, **k):
+        manifest = real(source, plan, folder, *a, **k)
+        (out / "int8").mkdir()
+        (out / "int8" / "other").write_text("another run's")
+        return manifest
+
+    monkeypatch.setattr(export_module, "write_format", another_run_meanwhile)
+    with pytest.raises(InputError, match=rf"^--out {out / 'int8'}: appeared while this export was running"):
+        export(Checkpoint.open(checkpoint(tmp_path)), out, options(formats=("int8",)))
+    assert sorted(p.relative_to(tmp_path / "new").as_posix() for p in (tmp_path / "new").rglob("*")) == \
+           ["out", "out/int8", "out/int8/other"]
+    assert (out / "int8" / "other").read_text() == "another run's"
+
+
+def test_a_failure_creating_a_temporary_folder_is_reported_as_itself_and_nothing_is_left(tmp_path, discovered,
+                                                                                          monkeypatch):
+    import errno
+
+    real, made = export_module.OwnedFolder, []
+
+    def owned(path):  # the second format's folder cannot be created: the first exists, the second never did
+        if made:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        made.append(real(path))
+        return made[-1]
+
+    monkeypatch.setattr(export_module, "OwnedFolder", owned)
+    with pytest.raises(OSError) as e:
+        export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("fp16", "int8")))
+    assert e.value.errno == errno.ENOSPC and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("real_shapes,message", [
+    (SHAPES, "exists and is not a folder"),  # the architecture is fine: the destination's error is the one
+    ({**SHAPES, UP: (32, 64)}, rf"tensor '{UP}' has shape \[32, 128\] but LlamaForCausalLM expects \[32, 64\]"),
+])
+def test_a_destination_error_while_discovery_runs_is_reported_after_checking_the_real_architecture(
+        tmp_path, monkeypatch, real_shapes, message):
+    future: Future = Future()
+    future.done = lambda: False
+    future.set_result(architecture(shapes=real_shapes))
+    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(InputError, match=message):
+        export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("int8",)))
+
+
+def test_a_rewrite_after_a_wrong_prediction_is_logged(tmp_path, monkeypatch, caplog):
+    import logging
+
+    future: Future = Future()
+    future.done = lambda: False
+    future.set_result(architecture())
+    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+    monkeypatch.setattr(export_module, "predict_architecture", lambda *_a: architecture(linear=LINEAR - {UP}))
+    with caplog.at_level(logging.INFO, logger="qexport"):
+        export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("int8",)))
+    assert [r.getMessage() for r in caplog.records if r.levelname == "INFO"] == [
+        "the architecture differs from the prediction made from the checkpoint: writing again"]
+
+
+def test_summary_counts_every_dense_tensor_in_the_model_bytes_and_fp16_bytes(tmp_path, discovered):
+    # int4 with group size 128: up_proj quantized; embed, down_proj (input 96), norm and lm_head dense in bf16
+    manifest = export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out",
+                      options(formats=("int4",), group_size=128))["int4"]
+    summary = manifest["summary"]
+    dense_elements = sum(math.prod(SHAPES[n]) for n in (EMBED, DOWN, NORM, HEAD))
+    assert summary["tensor_bytes"] == 2 * dense_elements + summary["quantized_bytes"]
+    assert summary["fp16_tensor_bytes"] == 2 * dense_elements + 2 * 32 * 128
+
+
+def test_a_checkpoint_in_the_hub_cache_names_its_repository_as_the_base_model(tmp_path, discovered):
+    snapshots = tmp_path / "hub" / "models--Org--Name" / "snapshots"
+    snapshots.mkdir(parents=True)
+    src = checkpoint(snapshots)  # the revision folder: snapshots/src
+    manifest = export(Checkpoint.open(src), tmp_path / "out", options(formats=("fp16",)))["fp16"]
+    assert manifest["source"]["base_model"] == "Org/Name"
+    # a merge made from it is not that model: no base model
+    merged = export(Merged(Checkpoint.open(src)), tmp_path / "merged", options(formats=("fp16",)))["fp16"]
+    assert merged["source"]["base_model"] is None
+
+
+def test_a_checkpoints_files_are_hashed_after_the_first_format_has_read_every_tensor(tmp_path, discovered,
+                                                                                     monkeypatch):
+    # the digests come from the tensors as read (hash_read), so the source is read once, not a second time to hash
+    source = Checkpoint.open(checkpoint(tmp_path))
+    events = []
+    real_hash_read, real_source_files = source.hash_read, source.source_files
+    monkeypatch.setattr(source, "hash_read", lambda name, w: events.append("read") or real_hash_read(name, w))
+    monkeypatch.setattr(source, "source_files", lambda: events.append("hash") or real_source_files())
+    export(source, tmp_path / "out", options(formats=("fp16", "int8")))
+    assert events == ["read"] * len(SHAPES) + ["hash"] + ["read"] * len(SHAPES)
+
+
+def test_a_source_that_cannot_hash_as_it_is_read_is_hashed_on_a_background_thread(tmp_path, discovered):
+    import threading
+
+    threads = []
+
+    class Hashing(Merged):
+        def source_files(self):
+            threads.append(threading.current_thread())
+            return super().source_files()
+
+    export(Hashing(Checkpoint.open(checkpoint(tmp_path))), tmp_path / "out", options(formats=("fp16",)))
+    assert len(threads) == 1 and threads[0] is not threading.current_thread()
+
+
+def test_the_chosen_int4_method_is_the_one_that_encodes(tmp_path, discovered):
+    src = checkpoint(tmp_path)
+    export(Checkpoint.open(src), tmp_path / "out", options(formats=("int4",), int4_method="mse"))
+    mse = get_format("int4", group_size=32, dtype="bfloat16", method="mse")
+    rtn = get_format("int4", group_size=32, dtype="bfloat16")
+    w = tensors()[UP]
+    got = stored(tmp_path / "out" / "int4")
+    expected = mse.encode(UP, w, True)
+    assert all(torch.equal(got[n], t) for n, t in expected.items())
+    assert not all(torch.equal(got[n], t) for n, t in rtn.encode(UP, w, True).items())  # the methods differ here
+
+
+@pytest.mark.parametrize("allow_nonfinite", [False, True])
+def test_each_tensor_is_read_once_per_format_and_each_linear_once_more_to_check_it_under_allow_nonfinite(
+        tmp_path, discovered, monkeypatch, allow_nonfinite):
+    source = Checkpoint.open(checkpoint(tmp_path))
+    reads = []
+    real_read = source.read
+    monkeypatch.setattr(source, "read", lambda name: reads.append(name) or real_read(name))
+    export(source, tmp_path / "out", options(formats=("fp16", "int8"), allow_nonfinite=allow_nonfinite))
+    expected = {n: 2 + (allow_nonfinite and n in LINEAR) for n in SHAPES}
+    assert {n: reads.count(n) for n in SHAPES} == expected and len(reads) == sum(expected.values())
+
+
+def test_a_source_of_bf16_linear_weights_whose_config_names_no_dtype_computes_in_bf16(tmp_path, discovered):
+    config = {k: v for k, v in CONFIG.items() if k != "torch_dtype"}
+    export(Checkpoint.open(checkpoint(tmp_path, config=config)), tmp_path / "out", options(formats=("int8",)))
+    assert json.loads((tmp_path / "out" / "int8" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_source_without_side_tree_has_its_side_files_checked_against_its_own_folder(tmp_path, discovered):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "secret.txt").write_text("x")
+
+    class Leaky(Merged):  # lists a file outside its folder: refused, never copied into the export
+        def side_files(self):
+            return [tmp_path / "elsewhere" / "secret.txt"]
+
+    with pytest.raises(InputError, match=r"elsewhere/secret.txt: symlink leads outside .*src"):
+        export(Leaky(Checkpoint.open(checkpoint(tmp_path))), tmp_path / "out", options(formats=("fp16",)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_without_readme_gets_a_card_without_an_original_model_card_section(tmp_path, discovered):
+    from qexport.card import README_BEGIN
+
+    export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("fp16",)))
+    card = (tmp_path / "out" / "fp16" / "README.md").read_text()
+    assert "Original model card" not in card and README_BEGIN not in card
+
+
+def test_a_source_readme_above_the_limit_is_refused_naming_it(tmp_path, discovered):
+    from qexport import safe_fs
+
+    src = checkpoint(tmp_path)
+    with open(src / "README.md", "wb") as f:
+        f.truncate(safe_fs.MAX_JSON_BYTES + 1)  # sparse: nothing is written, nothing is read
+    with pytest.raises(InputError) as e:
+        export(Checkpoint.open(src), tmp_path / "out", options(formats=("fp16",)))
+    assert str(e.value) == (f"{src / 'README.md'}: README.md is {safe_fs.MAX_JSON_BYTES + 1:,} bytes, above "
+                            "qexport's 64 MiB limit for it")
+
+
+def test_the_progress_bar_is_shown_by_default_when_stderr_is_a_terminal(tmp_path, discovered, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("int8",), progress=None))
+    assert "export int8: 100%" in err.getvalue() and f"{len(SHAPES)}/{len(SHAPES)}" in err.getvalue()

@@ -424,6 +424,14 @@ def test_a_quantized_module_whose_reference_is_not_a_matrix_fails(tmp_path, ref)
     assert result.metrics["problems"] == ["model.norm: quantized but the reference has no 2-D model.norm.weight"]
 
 
+def test_bytes_leaves_a_quantized_module_without_a_reference_matrix_to_layout(tmp_path, ref):
+    # It used to raise ValueError (unpacking a 1-D shape), reported as "check raised"; layout names the problem.
+    tensors = int4_tensors()
+    tensors.pop(NORM)
+    tensors.update(int4_module("model.norm", torch.randn(1, 32))[0])
+    result = check_bytes(context(int4_export(tmp_path, tensors), ref))
+    assert result.passed and result.metrics["quantized_weights"] == 4096  # the two real Linears only
+
 def test_a_targeted_linear_stored_dense_fails(tmp_path, ref):
     def dense_up(t):
         for leaf in ("weight_packed", "weight_scale", "weight_shape"):

@@ -8,7 +8,7 @@ import torch
 from .. import clip_search, quant
 from ..errors import InputError
 from .base import register
-from .int8 import INT8, _module
+from .int8 import INT8
 
 # How scales (and zero points) are chosen; the stored layout is the same for every method.
 # rtn: round-to-nearest over each group's full range (compressed-tensors' minmax observer).
@@ -50,17 +50,11 @@ class INT4(INT8):
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         return quant.pack_int4(q)
 
-    def encode(self, name, w, quantize):
-        if not quantize or self.method == "rtn":
-            return super().encode(name, w, quantize)
-        scales, _, q = clip_search.search_qparams(w.to(self.dtype), 4, self.group_size, symmetric=True,
-                                                  dtype=self.dtype)
-        module = _module(name)
-        return {
-            f"{module}.weight_packed": quant.pack_int4(q),
-            f"{module}.weight_scale": scales,
-            f"{module}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
-        }
+    def qparams(self, wc):
+        if self.method == "rtn":
+            return super().qparams(wc)
+        scales, _, q = clip_search.search_qparams(wc, 4, self.group_size, symmetric=True, dtype=self.dtype)
+        return scales, q
 
     def parameters(self):
         return {**super().parameters(), "method": self.method}

@@ -57,14 +57,18 @@ class INT8(Format):
             return {name: self.dense(w)}
         module = _module(name)
         # Scales from the weight already cast to the compute dtype, as compressed-tensors computes them.
-        wc = w.to(self.dtype)
-        scales = quant.compute_scales(wc, self.num_bits, self.group_size, dtype=self.dtype)
-        q = quant.quantize(wc, scales, self.num_bits, self.group_size)
+        scales, q = self.qparams(w.to(self.dtype))
         return {
             f"{module}.weight_packed": self.pack(q),
             f"{module}.weight_scale": scales,
             f"{module}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
         }
+
+    def qparams(self, wc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, integer codes) of a weight already in the compute dtype: round-to-nearest over each row's or
+        group's full range (compressed-tensors' minmax observer)."""
+        scales = quant.compute_scales(wc, self.num_bits, self.group_size, dtype=self.dtype)
+        return scales, quant.quantize(wc, scales, self.num_bits, self.group_size)
 
     def parameters(self):
         return {"scheme": f"W{self.num_bits}A16", "weights": self.weights_args(), "scale_dtype": self.config_dtype}

@@ -98,6 +98,12 @@ def _ratio(value: float, reference: float) -> float:
     return 1.0 if value <= 0 else float("inf")
 
 
+def _cosine_gap(cosine: float) -> float:
+    """1 - cosine, 0 for a cosine rounded above 1 (a negative gap would put the limit `ratio x gap` below the gap
+    itself: an export as exact as a lossless round-to-nearest failed with no slack); NaN stays NaN."""
+    return 0.0 if cosine >= 1 else 1 - cosine
+
+
 def _input_metrics(ctx: Context) -> dict:
     ids = ctx.inputs()["input_ids"]
     return {"inputs": ctx.input_kind, "windows": int(ids.shape[0]), "tokens": int(ids.numel())}
@@ -219,7 +225,7 @@ def check_functional_vs_rtn(ctx: Context) -> CheckResult:
                     f"(may drop {thr.max_top1_drop_vs_rtn:g})")
             (shown if ours.top1 >= theirs.top1 - thr.max_top1_drop_vs_rtn else problems).append(text)
     else:
-        gap, rtn_gap = 1 - ours.cosine, 1 - theirs.cosine
+        gap, rtn_gap = _cosine_gap(ours.cosine), _cosine_gap(theirs.cosine)
         metrics = {"cosine": ours.cosine, "rtn_cosine": theirs.cosine,
                    "cosine_gap_ratio_vs_rtn": _ratio(gap, rtn_gap)}
         bad = _nonfinite({k: v for k, v in metrics.items() if k != "cosine_gap_ratio_vs_rtn"})

@@ -231,9 +231,10 @@ def check_bytes(ctx: Context) -> CheckResult:
     quantized = quantized_modules(ctx.ckpt)
     q_weights = q_bytes = q_predicted = 0
     for module, parts in quantized.items():
-        if f"{module}.weight" not in ctx.reference.entries:
-            continue  # reported by layout / tensor_names
-        rows, cols = ctx.reference.entries[f"{module}.weight"].shape[:2]
+        reference = ctx.reference.entries.get(f"{module}.weight")
+        if reference is None or len(reference.shape) != 2:
+            continue  # reported by layout ("quantized but the reference has no 2-D ...") / tensor_names
+        rows, cols = reference.shape
         stored = sum(entries[p].nbytes for p in parts.values())
         predicted = _predicted_module_bytes(ctx, module, parts)
         if stored > predicted:

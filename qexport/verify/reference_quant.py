@@ -25,15 +25,20 @@ class UnsupportedScheme(ValueError):
 def quantization_args(weights: dict):
     """compressed-tensors QuantizationArgs from a config group's `weights` dict."""
     from compressed_tensors.quantization import QuantizationArgs
+    from pydantic import ValidationError
 
-    args = QuantizationArgs(**weights)
+    try:
+        args = QuantizationArgs(**weights)
+    except ValidationError as e:  # e.g. GPTQ's actorder "group", which compressed-tensors 0.20 removed
+        reasons = "; ".join(": ".join([*map(str, err["loc"]), err["msg"].removeprefix("Value error, ")])
+                            for err in e.errors())  # "field: why", or "why" for the model as a whole
+        raise UnsupportedScheme(f"compressed-tensors refuses its weights args ({reasons})") from None
     if args.type != "int":
         raise UnsupportedScheme(f"type {args.type}")
     strategy = getattr(args.strategy, "value", args.strategy)
+    # (group without a positive group_size is refused by compressed-tensors itself, above)
     if strategy not in ("channel", "group", "tensor"):
         raise UnsupportedScheme(f"strategy {strategy}")
-    if strategy == "group" and not args.group_size:
-        raise UnsupportedScheme("group strategy without group_size")
     return args
 
 
