@@ -164,7 +164,9 @@ def walk_files(folder: Path, root: Path) -> list[tuple[str, Path]]:
             try:
                 real = check_regular(path, root)
             except FileNotFoundError:  # a link to nothing: name the link, not only its missing target
-                raise InputError(f"{path}: symlink to {os.readlink(path)}, which does not exist")
+                if not entry.is_symlink():  # removed since it was listed
+                    raise InputError(f"{path}: disappeared while being read") from None
+                raise InputError(f"{path}: symlink to {os.readlink(path)}, which does not exist") from None
             out.append((path.relative_to(folder).as_posix(), real))
     return sorted(out)
 

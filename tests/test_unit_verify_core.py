@@ -300,6 +300,19 @@ def test_a_link_to_nothing_is_bad_input_naming_the_link(tmp_path, which):
         context(export, reference)
 
 
+
+def test_a_file_gone_between_listing_and_reading_is_bad_input_naming_it(tmp_path, monkeypatch):
+    from qexport import safe_fs
+
+    (tmp_path / "notes.txt").write_text("x")
+
+    def gone(path, root=None):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(safe_fs, "check_regular", gone)
+    with pytest.raises(InputError, match=f"^{tmp_path / 'notes.txt'}: disappeared while being read$"):
+        safe_fs.walk_files(tmp_path, tmp_path)
+
 def test_a_link_out_of_the_reference_is_bad_input(tmp_path, ref):
     reference = write_folder(tmp_path / "ref", reference_weights())
     (tmp_path / "secret.txt").write_text("x")
