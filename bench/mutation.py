@@ -102,6 +102,13 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
     "verify-engine": (["qexport/verify/engine_checks.py"],
                       ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain",
                        "tests/test_unit_verify_engine.py"], False),
+    # verify's runner and Context (the result type, the JSON / shard / target helpers, lazy loading, the runner's
+    # failure, NaN and threshold rules, verify() itself) on hand-written folders and stand-in checks; the model
+    # loads, tokenizer and forward passes are recording fakes (milliseconds a test)
+    "verify-core": (["qexport/verify/context.py", "qexport/verify/__init__.py"],
+                    ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain",
+                     "tests/test_unit_verify_core.py"],
+                    False),
     # verify's checks that load models (reload, reload_matches_dequant, finite_outputs, functional,
     # functional_vs_rtn) and the round-to-nearest reference: bounds and messages on hand-made outputs (no model),
     # loads on a 1-layer hidden-32 qwen3 exported to int8 per test module (about a second)

@@ -161,7 +161,13 @@ def walk_files(folder: Path, root: Path) -> list[tuple[str, Path]]:
             if entry.is_dir(follow_symlinks=False):
                 pending.append(path)
                 continue
-            out.append((path.relative_to(folder).as_posix(), check_regular(path, root)))
+            try:
+                real = check_regular(path, root)
+            except FileNotFoundError:  # a link to nothing: name the link, not only its missing target
+                if not entry.is_symlink():  # removed since it was listed
+                    raise InputError(f"{path}: disappeared while being read") from None
+                raise InputError(f"{path}: symlink to {os.readlink(path)}, which does not exist") from None
+            out.append((path.relative_to(folder).as_posix(), real))
     return sorted(out)
 
 

@@ -309,8 +309,8 @@ def _read_json_object(path: Path):
         return None, f"{path.name} is missing"
     try:
         value = safe_fs.load_json(path, path.name)
-    except InputError as e:
-        return None, " ".join(str(e).replace(str(path), path.name).split())[:300]
+    except InputError as e:  # the checks put the file's name first: "config.json: config.json is not valid JSON"
+        return None, " ".join(str(e).removeprefix(f"{path}: ").split())[:300]
     if not isinstance(value, dict):
         return None, f"{path.name} is not a JSON object"
     return value, None
@@ -320,11 +320,8 @@ def open_tensors(folder: Path, config: dict) -> Checkpoint:
     """The export's tensors, with index and shards checked both ways, without requiring a valid config."""
     files = weight_files(folder)
     index_path = folder / INDEX_FILE
-    index = None
-    if index_path.exists():
-        index = safe_fs.load_json(index_path, INDEX_FILE)
-        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-            raise InputError(f"{INDEX_FILE}: no weight_map object")
+    # weight_files read the index (a JSON object with a non-empty weight_map object) and every shard it lists
+    index = safe_fs.load_json(index_path, INDEX_FILE) if index_path.exists() else None
     entries = {}
     for path in files:
         for name, entry in read_header(path)[0].items():
