@@ -489,3 +489,24 @@ def test_pickle_advice_command_copies_the_folder_without_pickles_and_resaves_wit
     assert words[3:] == [str(root), str(out)]
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer.json"]
     assert calls == [("from_pretrained", str(root), {"dtype": "auto"}), ("save_pretrained", str(out))]
+
+
+def test_files_hashed_in_a_forked_child_give_the_same_source_files(tmp_path):
+    # The command line forks the hashing before importing torch; the child touches no torch, so forking under
+    # pytest is safe here (qexport.forked: only other threads' locks are a hazard, and the child takes none).
+    root = folder(tmp_path, {"model.safetensors": tensors()}, config={"model_type": "llama"})
+    ckpt = Checkpoint.open(root)
+    ckpt.hash_in_child()
+    name = ckpt.names[0]
+    ckpt.hash_read(name, ckpt.read(name))  # ignored: the child hashes every file itself
+    assert ckpt._hashes == {}
+    assert {f["name"]: f["sha256"] for f in ckpt.source_files()} == file_digests(root, ["config.json",
+                                                                                        "model.safetensors"])
+
+
+def test_a_failure_of_the_hashing_child_is_named(tmp_path, monkeypatch):
+    ckpt = Checkpoint.open(folder(tmp_path, {"model.safetensors": tensors()}, config={"model_type": "llama"}))
+    monkeypatch.setattr(ckpt, "_hash_files", lambda: 1 / 0)
+    ckpt.hash_in_child()
+    with pytest.raises(RuntimeError, match="^hashing the source failed \\(forked child\\): .*ZeroDivisionError"):
+        ckpt.source_files()
