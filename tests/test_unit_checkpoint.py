@@ -510,3 +510,10 @@ def test_a_failure_of_the_hashing_child_is_named(tmp_path, monkeypatch):
     ckpt.hash_in_child()
     with pytest.raises(RuntimeError, match="^hashing the source failed \\(forked child\\): .*ZeroDivisionError"):
         ckpt.source_files()
+
+
+def test_tensor_bytes_is_the_sum_of_every_tensors_data(tmp_path):
+    t = {"a": torch.zeros(6, dtype=torch.float32), "b": torch.zeros(3, dtype=torch.bfloat16),
+         "c": torch.zeros(0, 4, dtype=torch.int8)}
+    ckpt = Checkpoint.open(folder(tmp_path, {"model.safetensors": t}, config={"model_type": "llama"}))
+    assert ckpt.tensor_bytes == 6 * 4 + 3 * 2 + 0
