@@ -412,15 +412,25 @@ def test_a_tied_tensor_is_stored_once_under_the_name_it_is_tied_to(tmp_path, dis
     assert HEAD not in stored(tmp_path / "out" / "int8")
 
 
+def discovery_still_running(monkeypatch, real=None, error=None, predicted=None):
+    """export's discovery reported as still running, so it writes from its prediction first; asked, it answers
+    `real` (default: the hand-made architecture) or raises `error` at once. `predicted` replaces the prediction."""
+    future: Future = Future()
+    future.done = lambda: False
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(architecture() if real is None else real)
+    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+    if predicted is not None:
+        monkeypatch.setattr(export_module, "predict_architecture", lambda *_a: predicted)
+
+
 def test_a_wrong_prediction_is_written_again_from_the_real_architecture(tmp_path, monkeypatch):
     # discovery still running when the export starts: work begins from the prediction, which here misses up_proj
     # as a Linear; the real architecture's plan differs, so the formats are written again from it
     real = architecture()
-    future: Future = Future()
-    future.done = lambda: False  # reported as still running, answers at once when asked
-    future.set_result(real)
-    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
-    monkeypatch.setattr(export_module, "predict_architecture", lambda *_a: architecture(linear=LINEAR - {UP}))
+    discovery_still_running(monkeypatch, real=real, predicted=architecture(linear=LINEAR - {UP}))
     src = checkpoint(tmp_path)
     manifest = export(Checkpoint.open(src), tmp_path / "out", options(formats=("int8",)))["int8"]
     assert manifest["summary"]["quantized_linears"] == 2 and UP + "_packed" in stored(tmp_path / "out" / "int8")
@@ -428,10 +438,7 @@ def test_a_wrong_prediction_is_written_again_from_the_real_architecture(tmp_path
 
 
 def test_an_architecture_error_is_reported_before_a_bad_destination_while_discovery_runs(tmp_path, monkeypatch):
-    future: Future = Future()
-    future.done = lambda: False
-    future.set_exception(InputError("config.json: the architecture cannot be built"))
-    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+    discovery_still_running(monkeypatch, error=InputError("config.json: the architecture cannot be built"))
     (tmp_path / "out").write_text("a file")
     with pytest.raises(InputError, match="the architecture cannot be built"):
         export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("int8",)))
@@ -565,10 +572,7 @@ def test_no_export_folder_stays_locked_after_the_export(tmp_path, discovered):
 
 
 def test_allow_nonfinite_waits_for_the_real_architecture_instead_of_predicting(tmp_path, monkeypatch):
-    future: Future = Future()
-    future.done = lambda: False
-    future.set_result(architecture())
-    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+    discovery_still_running(monkeypatch)
 
     def predict(*_a):
         raise AssertionError("predicted")
@@ -579,11 +583,7 @@ def test_allow_nonfinite_waits_for_the_real_architecture_instead_of_predicting(t
 
 def test_a_rewrite_after_a_wrong_prediction_leaves_nothing_of_the_first_write(tmp_path, monkeypatch):
     # the prediction keeps up_proj dense in bf16: more bytes, so more shards than the real plan
-    future: Future = Future()
-    future.done = lambda: False
-    future.set_result(architecture())
-    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
-    monkeypatch.setattr(export_module, "predict_architecture", lambda *_a: architecture(linear=LINEAR - {UP}))
+    discovery_still_running(monkeypatch, predicted=architecture(linear=LINEAR - {UP}))
     shards = []
     real = export_module.write_format
     monkeypatch.setattr(export_module, "write_format",
@@ -680,11 +680,7 @@ def test_an_index_is_written_exactly_when_there_is_more_than_one_shard(tmp_path,
 def test_a_rewrite_keeps_its_temporary_folders_locked_so_another_runs_cleanup_leaves_them(tmp_path, monkeypatch):
     # another run starting on the same --out removes every temporary folder whose lock is free (clean_stale); here it
     # runs on every tensor read, through both writes of a wrong prediction
-    future: Future = Future()
-    future.done = lambda: False
-    future.set_result(architecture())
-    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
-    monkeypatch.setattr(export_module, "predict_architecture", lambda *_a: architecture(linear=LINEAR - {UP}))
+    discovery_still_running(monkeypatch, predicted=architecture(linear=LINEAR - {UP}))
     out = tmp_path / "out"
     source = Checkpoint.open(checkpoint(tmp_path, side={"sub/chat.jinja": "x"}))
     real_read = source.read
@@ -740,10 +736,7 @@ def test_a_failure_creating_a_temporary_folder_is_reported_as_itself_and_nothing
 ])
 def test_a_destination_error_while_discovery_runs_is_reported_after_checking_the_real_architecture(
         tmp_path, monkeypatch, real_shapes, message):
-    future: Future = Future()
-    future.done = lambda: False
-    future.set_result(architecture(shapes=real_shapes))
-    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
+    discovery_still_running(monkeypatch, real=architecture(shapes=real_shapes))
     (tmp_path / "out").write_text("a file")
     with pytest.raises(InputError, match=message):
         export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("int8",)))
@@ -752,11 +745,7 @@ def test_a_destination_error_while_discovery_runs_is_reported_after_checking_the
 def test_a_rewrite_after_a_wrong_prediction_is_logged(tmp_path, monkeypatch, caplog):
     import logging
 
-    future: Future = Future()
-    future.done = lambda: False
-    future.set_result(architecture())
-    monkeypatch.setattr(export_module, "discover", lambda *_a, **_k: future)
-    monkeypatch.setattr(export_module, "predict_architecture", lambda *_a: architecture(linear=LINEAR - {UP}))
+    discovery_still_running(monkeypatch, predicted=architecture(linear=LINEAR - {UP}))
     with caplog.at_level(logging.INFO, logger="qexport"):
         export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("int8",)))
     assert [r.getMessage() for r in caplog.records if r.levelname == "INFO"] == [
