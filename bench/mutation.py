@@ -369,6 +369,13 @@ def summarise(note: str) -> str:
         for name, diff in names:
             lines += [f"`{name}`" + (f": equivalent. {equivalent[name]}" if name in equivalent else ": not killed yet"),
                       "", "```diff", diff, "```", ""]
+    # An entry whose mutant is no survivor (killed by a later test, or renumbered when its function was edited) would
+    # excuse a different mutant if the numbers came back: listed here to be removed from the file.
+    surviving = {name for names in survivors.values() for name, _ in names}
+    orphans = sorted(set(equivalent) - surviving)
+    if orphans:
+        lines += ["", f"## Equivalent entries naming no survivor (remove from {EQUIVALENT.name})", "",
+                  *[f"- `{name}`" for name in orphans]]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -307,7 +307,7 @@ def compare_logprobs(ctx: Context, result: dict) -> dict:
     dtype = getattr(torch, result["dtype"])
     sequences = result["generation"]["sequences"]
     low = _score(ctx.export, dtype, sequences)
-    exact = low if dtype == torch.float32 else _score(ctx.export, torch.float32, sequences)
+    exact = _score(ctx.export, torch.float32, sequences)  # vLLM runs fp16 or bf16 here (engine_dtype)
     max_diff = noise = 0.0
     positions = 0
     for seq, logp, logp32 in zip(sequences, low, exact):
