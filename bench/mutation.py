@@ -116,6 +116,11 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                           ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain",
                            "tests/test_unit_verify_functional.py", "tests/test_unit_verify_reload.py"],
                           False),
+    # merge: LoRA folding and averaging on hand-made safetensors checkpoints and adapters (a one-layer hidden-8
+    # llama / gpt2 config built on the meta device for the module kinds; no model built, no peft)
+    "merge": (["qexport/merge.py"],
+              ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain", "tests/test_unit_merge.py"],
+              False),
     "verify": (["qexport/verify/*"],
                ["tests/test_planted_defects.py", "tests/test_no_silent_pass.py", "tests/test_reload_checks.py"], True),
 }
