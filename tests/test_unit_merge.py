@@ -781,3 +781,132 @@ def test_merge_folder_refuses_to_write_into_an_input(tmp_path, inside):
     src = merged(tmp_path)
     with pytest.raises(InputError, match="qexport never writes into its input"):
         merge_folder(src, tmp_path / inside / "out", progress=False)
+
+
+def test_lora_on_a_zero_size_weight_merges_to_the_empty_tensor(tmp_path):
+    # intermediate_size 0: down_proj is Linear(0, 8), weight [8, 0]; B @ A is empty (nothing to check for NaN)
+    config = {**LLAMA, "intermediate_size": 0}
+    base = {f"{DOWN}.weight": torch.zeros(8, 0, dtype=torch.bfloat16), f"{Q}.weight": torch.zeros(8, 8)}
+    src = merged(tmp_path, model(tmp_path / "base", base, config),
+                 {f"{P}{DOWN}.lora_A.weight": torch.zeros(4, 0), f"{P}{DOWN}.lora_B.weight": torch.ones(8, 4)})
+    got = src.read(f"{DOWN}.weight")
+    assert got.shape == (8, 0) and got.dtype == torch.bfloat16
+
+
+def test_merge_folder_shows_progress_only_when_asked(tmp_path, capsys):
+    src = merged(tmp_path)
+    merge_folder(src, tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+    merge_folder(src, tmp_path / "shown", progress=True)
+    assert capsys.readouterr().err != ""  # stderr is not a terminal here: None (auto) would show nothing
+
+
+def test_merge_folder_shards_at_the_given_size(tmp_path):
+    src = merged(tmp_path)
+    merge_folder(src, tmp_path / "out", max_shard_size=1000, progress=False)
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_merge_folder_creates_a_missing_parent_and_leaves_no_temporary_folder(tmp_path):
+    src = merged(tmp_path)
+    out = tmp_path / "missing" / "deeper" / "out"
+    merge_folder(src, out, progress=False)
+    assert (out / "model.safetensors").is_file() and [p.name for p in out.parent.iterdir()] == ["out"]
+
+
+def test_merge_folder_under_a_file_is_the_exports_input_error_alone(tmp_path):
+    # the parent cannot be created: export() says why; the cleanup of a temporary folder never made adds nothing
+    src = merged(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=str(tmp_path / "file")):
+        merge_folder(src, tmp_path / "file" / "out", progress=False)
+
+
+def test_merge_folder_holds_its_temporary_folder_so_a_concurrent_cleanup_leaves_it(tmp_path, monkeypatch):
+    from qexport import merge
+    from qexport.export import TMP_MARK, remove_stale
+
+    real = merge.export
+    seen = []
+
+    def export_with_a_cleanup_racing(source, work, options):
+        remove_stale(work.parent.glob(f".out{TMP_MARK}*"))  # what another run's start does
+        seen.append(work.is_dir())
+        return real(source, work, options)
+
+    monkeypatch.setattr(merge, "export", export_with_a_cleanup_racing)
+    merge_folder(merged(tmp_path), tmp_path / "out", progress=False)
+    assert seen == [True]
+
+
+def test_merge_folder_without_overwrite_never_replaces_an_out_that_appeared_meanwhile(tmp_path, monkeypatch):
+    from qexport import merge
+
+    real = merge.export
+    out = tmp_path / "out"
+
+    def export_while_another_run_writes_out(source, work, options):
+        out.mkdir()
+        (out / "theirs").write_text("x")
+        return real(source, work, options)
+
+    monkeypatch.setattr(merge, "export", export_while_another_run_writes_out)
+    with pytest.raises(InputError, match="appeared while this export was running"):
+        merge_folder(merged(tmp_path), out, progress=False)
+    assert [p.name for p in out.iterdir()] == ["theirs"]
+
+
+def test_weights_below_one_are_fine():
+    assert normalized_weights([0.5, 0.25], 2) == pytest.approx([2 / 3, 1 / 3])
+
+
+def test_open_source_messages_name_the_options_as_the_cli_spells_them(tmp_path):
+    with pytest.raises(InputError) as e:
+        open_source()
+    assert str(e.value) == "no model given: name a base folder (SRC / --base) or average several with --models"
+    with pytest.raises(InputError) as e:
+        open_source("x", models=["a", "b"])
+    assert str(e.value) == "--models: averages the given checkpoints; do not combine it with a base/SRC or --lora"
+
+
+def test_invalid_pattern_error_names_the_key_cut_at_80_characters(tmp_path):
+    key = "(" + "a" * 100
+    message = refused(tmp_path, "not a valid regular expression", rank_pattern={key: 4})
+    assert f"{tmp_path / 'lora' / ADAPTER_CONFIG}: rank_pattern: key {key[:80]!r}: pattern" in message
+
+
+def test_long_bad_values_and_pattern_names_are_cut_in_the_message(tmp_path):
+    value, name = "v" * 60, "p" * 100
+    assert f"r={json.dumps(value)[:40]} is not" in refused(tmp_path / "r", "positive finite", r=value)
+    message = refused(tmp_path / "rank", "positive integer", rank_pattern={name: value})
+    assert f"rank_pattern[{name[:80]!r}]={json.dumps(value)[:40]} is not" in message
+    message = refused(tmp_path / "alpha", "positive number", alpha_pattern={name: value})
+    assert f"alpha_pattern[{name[:80]!r}]={json.dumps(value)[:40]} is not" in message
+
+
+def test_rank_pattern_of_one_is_accepted(tmp_path):
+    tensors = lora_pair(Q, rank=1)
+    assert merged(tmp_path, tensors=tensors, rank_pattern={"q_proj": 1}).lora[f"{Q}.weight"].rank == 1
+
+
+def test_base_config_transformers_does_not_know_is_refused_naming_the_bases_config(tmp_path):
+    root = model(tmp_path / "base", llama_tensors(), {**LLAMA, "model_type": "no-such-model-type"})
+    message = refused(tmp_path, "is not known to this transformers", base=root)
+    assert message.startswith(f"{root / 'config.json'}: model_type 'no-such-model-type'")
+
+
+def test_adapter_without_a_config_is_refused_naming_adapter_config_json(tmp_path):
+    root = adapter(tmp_path / "lora")
+    (root / ADAPTER_CONFIG).unlink()
+    with pytest.raises(InputError, match=ADAPTER_CONFIG):
+        Adapter.open(root)
+
+
+def test_adapter_config_over_the_config_size_cap_is_refused(tmp_path):
+    from qexport import safe_fs
+
+    root = adapter(tmp_path / "lora")
+    (root / ADAPTER_CONFIG).write_text(json.dumps({"r": 4, "lora_alpha": 8, "pad": "x" * safe_fs.MAX_CONFIG_BYTES}))
+    with pytest.raises(InputError, match=ADAPTER_CONFIG):
+        Adapter.open(root)
