@@ -71,8 +71,9 @@ def test_absmax_is_bit_for_bit_abs_amax_including_signed_zero_inf_and_nan(dtype)
         x = torch.cat([x, nan_payload.unsqueeze(0), -x[2:3]])
     else:
         x = torch.tensor([[-7, 3, 2], [0, 0, 0], [5, -9, 1]], dtype=dtype)
+    x = torch.stack([x, x.flip(0)])  # [2, rows, 3]: the max is over the last dimension
     ours, theirs = quant._absmax(x), x.abs().amax(dim=-1)
-    assert ours.dtype == theirs.dtype
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     if dtype.is_floating_point:
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
         assert torch.equal(ours.view(bits), theirs.view(bits))
@@ -90,10 +91,11 @@ def test_quantize_rounds_half_to_even_and_clamps_per_group():
 
 
 def test_quantize_divides_in_the_scale_dtype():
-    # 1 / 3 in fp16 is 0.33325..., so 0.3333 (fp32) / fp16(1/3) rounds differently from fp32 arithmetic only in
-    # the scale dtype: 65504-scale overflow is the observable: fp32 1e5 / 1.0 is 1e5, fp16 1e5 is inf -> clamp 7
-    w = torch.tensor([[1e5, -1e5]])
-    assert quant.quantize(w, torch.tensor([[1.0]], dtype=torch.float16), 8, None).tolist() == [[127, -128]]
+    # 2.5004 is 2.5 in fp16 (spacing 2^-9 there): half to even gives 2; in fp32 it would round to 3
+    w = torch.tensor([[2.5004, -2.5004]])
+    assert quant.quantize(w, torch.tensor([[1.0]], dtype=torch.float16), 8, None).tolist() == [[2, -2]]
+    zp = torch.zeros(1, 1, dtype=torch.int8)
+    assert quant.quantize_asymmetric(w, torch.tensor([[1.0]], dtype=torch.float16), zp, 8, None).tolist() == [[2, -2]]
 
 
 def test_dequantize_multiplies_each_group_by_its_scale_in_the_scale_dtype():
@@ -121,6 +123,11 @@ def test_asymmetric_qparams_equal_compressed_tensors_calculate_qparams(dtype, gr
     assert torch.equal(scales, their_scale.to(dtype))
     assert torch.equal(zp, their_zp.to(torch.int8))
     assert bool((scales[1] == torch.finfo(dtype).eps).all()) and bool((zp[1] == 0).all())
+    # a float32 weight is first cast to `dtype`: every step in `dtype`, as compressed-tensors on the loaded weight
+    from_fp32 = quant.compute_asymmetric_qparams(w.float() + 1e-4, 4, group_size, dtype=dtype)
+    cast = (w.float() + 1e-4).to(dtype).reshape(5, -1, group_size or 32)
+    their_scale, their_zp = calculate_qparams(cast.amin(-1), cast.amax(-1), args)
+    assert torch.equal(from_fp32[0], their_scale.to(dtype)) and torch.equal(from_fp32[1], their_zp.to(torch.int8))
 
 
 def test_asymmetric_codes_by_hand():
@@ -216,6 +223,14 @@ def expected_dense(q, scale, zp=None):
     return (q.to(scale.dtype) - zp.repeat_interleave(group, 1)) * scale.repeat_interleave(group, 1)
 
 
+def test_pack_quantized_row_of_any_length_drops_the_padding_codes():
+    q = codes(3, 13, 4)  # two words a row, the last three codes padding
+    scale = torch.tensor([[1.0], [2.0], [0.5]])
+    out = dequant.dequantize_module({"weight_packed": quant.pack_int4(q), "weight_scale": scale,
+                                     "weight_shape": torch.tensor([3, 13])}, 4)
+    assert torch.equal(out, expected_dense(q, scale))
+
+
 @pytest.mark.parametrize("group_size", [8, None])
 def test_pack_quantized_module_dequantizes_to_codes_times_scales(group_size):
     q = codes(3, 16, 4)
@@ -232,9 +247,10 @@ def test_int_quantized_module_with_a_1d_scale_and_with_one_scale_for_the_tensor(
     scale = torch.tensor([0.5, 1.0, 2.0, 4.0])
     out = dequant.dequantize_module({"weight": q, "weight_scale": scale}, 8)
     assert torch.equal(out, expected_dense(q, scale.reshape(4, 1)))
+    odd = codes(4, 5, 8)  # one scale per tensor is one group of the whole row, whatever its length
     for per_tensor in (torch.tensor([0.25]), torch.tensor([[0.25]])):
-        out = dequant.dequantize_module({"weight": q, "weight_scale": per_tensor}, 8)
-        assert out.shape == (4, 6) and torch.equal(out, q.float() * 0.25)
+        out = dequant.dequantize_module({"weight": odd, "weight_scale": per_tensor}, 8)
+        assert out.shape == (4, 5) and torch.equal(out, odd.float() * 0.25)
 
 
 def test_one_row_module_with_one_scale_is_not_expanded():
@@ -301,7 +317,9 @@ def test_bit_width_comes_from_the_group_naming_the_module_else_the_first_group()
     assert dequant.num_bits_of(config, "lm_head") == 8
     assert dequant.num_bits_of(config, "model.layers.0.mlp.down_proj") == 4  # "re:" and "Linear" match no name here
     assert dequant.num_bits_of(ct_config((["Linear"], 4), ([], 2)), "Linear") == 4
-    assert dequant.num_bits_of(ct_config((["Linear"], 4), (["x"], 2)), "model.Linear") == 4
+    # "Linear" names a class, never a module suffix; a "re:" target is a pattern, never a suffix
+    assert dequant.num_bits_of(ct_config((["x"], 2), (["Linear"], 4)), "model.Linear") == 2
+    assert dequant.num_bits_of(ct_config((["x"], 2), (["re:lm_head"], 4)), "re:lm_head") == 2
     assert dequant.num_bits_of({}, "m") == 8 and dequant.num_bits_of({"quantization_config": None}, "m") == 8
     assert dequant.num_bits_of({"quantization_config": {"config_groups": None}}, "m") == 8
     assert dequant.num_bits_of(ct_config(([], 4)), "m") == 4
@@ -372,7 +390,9 @@ def test_iter_dequantized_marks_quantized_modules_and_reads_a_checkpoint_object(
     from qexport.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(mixed_folder[0])
-    flags = {name: quantized for name, _, quantized in dequant.iter_dequantized(ckpt)}
+    yielded = [(name, quantized) for name, _, quantized in dequant.iter_dequantized(ckpt)]
+    assert len(yielded) == dequant.dequantized_count(ckpt) == 5  # each module once, not once per stored part
+    flags = dict(yielded)
     assert flags == {"a.proj.weight": True, "b.lin.weight": True, "norm.weight": False, "norm.bias": False,
                      "pos.ids": False}
     assert sorted(dequant.dequantized_state_dict(ckpt)) == sorted(flags)
@@ -384,7 +404,8 @@ def test_iter_dequantized_marks_quantized_modules_and_reads_a_checkpoint_object(
 @pytest.mark.parametrize("text,expected", [
     ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("400KB", 400_000), ("2GiB", 2 * 2**30), ("3MiB", 3 * 2**20),
     ("7KiB", 7 * 2**10), ("1234", 1234), ("12B", 12), (" 5 gb ", 5 * 10**9), ("1.5GB", 1_500_000_000),
-    ("0.5KiB", 512), ("2.5", 2), (4096, 4096),
+    ("0.5KiB", 512), ("2.5", 2), (4096, 4096), ("1", 1), (1, 1),
+    ("9007199254740993", 2**53 + 1),  # an integer is read exactly, not through a float (2**53 + 1 is no float)
 ])
 def test_sizes_are_read_like_transformers_max_shard_size(text, expected):
     assert parse_size(text) == expected
