@@ -139,6 +139,19 @@ def test_asymmetric_qparams_equal_compressed_tensors_calculate_qparams(dtype, gr
     assert torch.equal(from_fp32[0], their_scale.to(dtype)) and torch.equal(from_fp32[1], their_zp.to(torch.int8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_8_bit_zero_points_of_non_positive_rows_are_clamped_like_compressed_tensors(dtype):
+    # all values <= 0: zero point qmax in exact arithmetic; fp16 rounding of (0 - low) / 255 pushed qmin - low / scale
+    # to 130.25 (measured), and a subnormal row's scale to 0 (inf): the clamp keeps both at 127
+    w = -(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).abs() + 0.01).to(dtype)
+    w[5] = -1e-7
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="channel")
+    their_scale, their_zp = calculate_qparams(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True), args)
+    scales, zp = quant.compute_asymmetric_qparams(w, 8, None, dtype=dtype)
+    assert torch.equal(zp, their_zp.to(torch.int8)) and torch.equal(scales, their_scale.to(dtype))
+    assert int(zp.max()) == 127
+
+
 def test_asymmetric_codes_by_hand():
     # range [-1, 2] widened from [-1, 2]; scale 3 / 15 = 0.2; zero point round(-8 + 1 / 0.2) = -3
     w = torch.tensor([[-1.0, 0.0, 2.0, 1.0]])
