@@ -121,6 +121,14 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
     "merge": (["qexport/merge.py"],
               ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain", "tests/test_unit_merge.py"],
               False),
+    # the numeric core: scales, codes and int32 packing (quant), reading compressed-tensors layouts back to dense
+    # weights (dequant), byte sizes and ratios (sizes); laws on small tensors and compressed-tensors' own functions,
+    # no model built. Hypothesis on its derandomized "ci" profile: a mutant's verdict must not depend on the draw.
+    "numeric": (["qexport/quant.py", "qexport/dequant.py", "qexport/sizes.py"],
+                ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain", "--hypothesis-profile=ci",
+                 "tests/test_unit_quant.py", "tests/test_property_quant.py", "tests/test_ct_compat.py",
+                 "tests/test_dequant_g_idx.py", "tests/test_unit_formats.py"],
+                False),
     "verify": (["qexport/verify/*"],
                ["tests/test_planted_defects.py", "tests/test_no_silent_pass.py", "tests/test_reload_checks.py"], True),
 }

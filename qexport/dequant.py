@@ -42,7 +42,8 @@ def dequantize_module(tensors: dict[str, torch.Tensor], num_bits: int, dtype=Non
         rows, cols = q.shape
     if scale.dim() == 1:
         scale = scale.reshape(-1, 1)
-    if scale.shape[0] == 1 and rows != 1:  # per-tensor scale
+    scale_rows = scale.shape[0]  # 1 for a per-tensor scale (and zero point), else rows
+    if scale_rows == 1 and rows != 1:  # per-tensor scale
         scale = scale.expand(rows, 1)
     groups = scale.shape[1]
     group_size = None if groups == 1 else cols // groups
@@ -50,7 +51,7 @@ def dequantize_module(tensors: dict[str, torch.Tensor], num_bits: int, dtype=Non
     zp = None
     if "weight_zero_point" in tensors:
         zp = tensors["weight_zero_point"]
-        zp_rows = rows if scale.shape[0] == rows else 1
+        zp_rows = scale_rows
         if zp.dtype == torch.int32:  # pack-quantized: packed along the output dimension (packed_dim=0)
             zp = unpack_int32(zp.t().contiguous(), num_bits, zp_rows).t()
         zp = zp.reshape(zp_rows, -1).to(scale.dtype)
