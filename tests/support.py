@@ -1,14 +1,17 @@
 """Helpers the test modules share: running `qexport verify` in-process, copying an export as another tool would
-leave it, and bounding a call (or, as an autouse fixture imported by a module, every test) that might hang."""
+leave it, writing a model folder by hand, and bounding a call (or, as an autouse fixture imported by a module, every test) that might hang."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 
 def verify_cli(capsys, *argv) -> tuple[int, str]:
@@ -52,3 +55,19 @@ def fail_a_hang():
     faulthandler.dump_traceback_later(120, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
+
+
+def write_folder(folder: Path, tensors: dict[str, torch.Tensor] | None = None, config: dict | None = None,
+                 files: dict[str, str | bytes] | None = None) -> Path:
+    """A model folder written by hand: config.json (when a config is given), model.safetensors with `tensors`
+    (when there are any), and side files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    if tensors:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    for rel, content in (files or {}).items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder

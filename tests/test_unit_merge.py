@@ -20,6 +20,7 @@ from qexport.checkpoint import Checkpoint
 from qexport.errors import InputError
 from qexport.merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, UNSUPPORTED_FIELDS, Adapter, AveragedSource, \
     LoraMergedSource, input_folders, merge_folder, normalized_weights, open_source, pattern_value
+from tests import support
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 12,
          "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 16,
@@ -43,10 +44,7 @@ def llama_tensors(seed=0, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
 
 
 def model(root: Path, tensors: dict, config=LLAMA) -> Path:
-    root.mkdir(parents=True)
-    (root / "config.json").write_text(json.dumps(config))
-    save_file(tensors, root / "model.safetensors")
-    return root
+    return support.write_folder(root, tensors, config)
 
 
 def pair(rank, fan_in, fan_out, seed=1, dtype=torch.float32):
@@ -593,7 +591,7 @@ def test_models_of_another_architecture_are_refused_naming_the_key(tmp_path, key
             config[key] = value
 
     roots = models(tmp_path, 2, edit=change)
-    with pytest.raises(InputError, match=f"differs from") as e:
+    with pytest.raises(InputError, match="differs from") as e:
         open_source(models=roots)
     assert str(e.value) == f"{roots[1] / 'config.json'}: {key} {value!r} differs from {roots[0]}'s {LLAMA[key]!r}"
 

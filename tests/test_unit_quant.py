@@ -3,18 +3,16 @@ against compressed-tensors' own functions where it has one. Model-free: millisec
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.utils import calculate_qparams
-from safetensors.torch import save_file
 
 from qexport import dequant, quant
 from qexport.errors import InputError
 from qexport.sizes import FLOAT_DTYPES, fp16_bytes, parse_size, size_summary
+from tests import support
 
 
 def codes(rows: int, cols: int, num_bits: int, seed: int = 0) -> torch.Tensor:
@@ -301,7 +299,7 @@ def test_per_tensor_zero_point_applies_to_every_row():
 
 
 def test_group_index_with_zero_points_reads_each_columns_group():
-    rows, cols, group = 2, 8, 4
+    rows, cols = 2, 8
     q = codes(rows, cols, 4, seed=5)
     scale = torch.tensor([[1.0, 3.0], [2.0, 5.0]])
     zp = torch.tensor([[1, -1], [2, 0]], dtype=torch.int8)
@@ -350,10 +348,7 @@ def test_bit_width_comes_from_the_group_naming_the_module_else_the_first_group()
 
 
 def write_folder(path, tensors: dict[str, torch.Tensor], config: dict):
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
-    save_file(tensors, str(path / "model.safetensors"))
-    return path
+    return support.write_folder(path, tensors, {"model_type": "llama", **config})
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from qexport.verify.context import Context
+from tests import support
 
 # A one-layer qwen3 small enough to write by hand: Linears [64, 32] (q_proj, gate_proj, up_proj), [16, 32]
 # (k_proj, v_proj), [32, 32] (o_proj), [32, 64] (down_proj); lm_head [64, 32].
@@ -37,17 +37,8 @@ def qc(num_bits=4, strategy="group", group_size=16, fmt="pack-quantized", **weig
 
 def write_folder(folder: Path, tensors: dict[str, torch.Tensor] | None = None, config: dict | None = None,
                  files: dict[str, str | bytes] | None = None) -> Path:
-    """A model folder: config.json (unless config is False), model.safetensors with `tensors`, and side files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if config is not False:
-        (folder / "config.json").write_text(json.dumps(CONFIG if config is None else config))
-    if tensors:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    for rel, content in (files or {}).items():
-        path = folder / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return folder
+    """support.write_folder with this module's one-layer qwen3 CONFIG by default (config=False: no config.json)."""
+    return support.write_folder(folder, tensors, CONFIG if config is None else (None if config is False else config), files)
 
 
 def config_with(**changes) -> dict:
