@@ -56,6 +56,11 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "type check", None: "not checked",
           "stale": "stale (function edited since)"}
 
+# pytest's own start in each mutant's child cost 2.7 s of a 3.4 s mutant (measured, idle, verify-files): assertion
+# rewriting of the mutated modules, gc.collect twice at exit (unraisableexception), anyio's plugin probing event loops.
+# Off for the unit-test selections (0.7 s); a mutant's tests still fail on the same asserts.
+FAST_PYTEST = ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain"]
+
 # group -> (module globs it mutates, the tests mutmut maps onto them, whether exports come from the disk cache: only
 # for groups of verify code; tiny source models come from it in every group).
 # The tests are the fast ones that state each module's behaviour; mutmut runs, per mutant, only those of them that
@@ -89,10 +94,7 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
     # (13-47 s a mutant) stay in the default tier and in the "verify" group.
     "verify-files": (["qexport/verify/config_checks.py", "qexport/verify/file_checks.py",
                       "qexport/verify/weight_checks.py", "qexport/verify/layout_checks.py"],
-                     # pytest's own start in each mutant's child cost 2.7 s of a 3.4 s mutant (measured, idle): assertion
-                     # rewriting of the mutated modules, gc.collect twice at exit (unraisableexception), anyio's plugin
-                     # probing event loops. Off here (0.7 s); a mutant's tests still fail on the same asserts.
-                     ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain",
+                     [*FAST_PYTEST,
                       "tests/test_unit_verify_config.py", "tests/test_unit_verify_files.py",
                       "tests/test_unit_verify_weights.py", "tests/test_unit_verify_layout.py"],
                      False),
@@ -100,32 +102,32 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
     # judged on vLLM's real answers recorded once (fixtures/vllm_results/) for a hand-written one-layer qwen3 (model
     # loads of a few ms), check_engine_vllm with a stand-in interpreter, sentence-transformers with a stand-in library
     "verify-engine": (["qexport/verify/engine_checks.py"],
-                      ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain",
+                      [*FAST_PYTEST,
                        "tests/test_unit_verify_engine.py"], False),
     # verify's runner and Context (the result type, the JSON / shard / target helpers, lazy loading, the runner's
     # failure, NaN and threshold rules, verify() itself) on hand-written folders and stand-in checks; the model
     # loads, tokenizer and forward passes are recording fakes (milliseconds a test)
     "verify-core": (["qexport/verify/context.py", "qexport/verify/__init__.py"],
-                    ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain",
+                    [*FAST_PYTEST,
                      "tests/test_unit_verify_core.py"],
                     False),
     # verify's checks that load models (reload, reload_matches_dequant, finite_outputs, functional,
     # functional_vs_rtn) and the round-to-nearest reference: bounds and messages on hand-made outputs (no model),
     # loads on a 1-layer hidden-32 qwen3 exported to int8 per test module (about a second)
     "verify-functional": (["qexport/verify/functional_checks.py", "qexport/verify/reference_quant.py"],
-                          ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain",
+                          [*FAST_PYTEST,
                            "tests/test_unit_verify_functional.py", "tests/test_unit_verify_reload.py"],
                           False),
     # merge: LoRA folding and averaging on hand-made safetensors checkpoints and adapters (a one-layer hidden-8
     # llama / gpt2 config built on the meta device for the module kinds; no model built, no peft)
     "merge": (["qexport/merge.py"],
-              ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain", "tests/test_unit_merge.py"],
+              [*FAST_PYTEST, "tests/test_unit_merge.py"],
               False),
     # the numeric core: scales, codes and int32 packing (quant), reading compressed-tensors layouts back to dense
     # weights (dequant), byte sizes and ratios (sizes); laws on small tensors and compressed-tensors' own functions,
     # no model built. Hypothesis on its derandomized "ci" profile: a mutant's verdict must not depend on the draw.
     "numeric": (["qexport/quant.py", "qexport/dequant.py", "qexport/sizes.py"],
-                ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain", "--hypothesis-profile=ci",
+                [*FAST_PYTEST, "--hypothesis-profile=ci",
                  "tests/test_unit_quant.py", "tests/test_property_quant.py", "tests/test_ct_compat.py",
                  "tests/test_dequant_g_idx.py", "tests/test_unit_formats.py"],
                 False),
@@ -153,12 +155,15 @@ def module_file(arg: str) -> str:
 
 def mutant_pattern(path: str) -> str:
     """qexport/verify/layout_checks.py -> the mutant-name glob mutmut matches: qexport.verify.layout_checks.*;
-    qexport/verify/layout_checks.py::check_layout -> only that function's mutants; a mutant name -> itself (mutmut
-    then tests it again even if it has a result)."""
+    qexport/verify/layout_checks.py::check_layout -> only that function's mutants (a method: ::Checkpoint.read); a
+    mutant name -> itself (mutmut then tests it again even if it has a result)."""
     if "__mutmut_" in path:
         return path
     path, _, function = path.partition("::")
     module = path.removesuffix(".py").replace("/", ".")
+    if "." in function:  # mutmut names a method's mutants xǁClassǁmethod__mutmut_N
+        cls, _, method = function.partition(".")
+        return f"{module}.xǁ{cls}ǁ{method}__mutmut_*"
     if module.endswith(".__init__"):  # mutmut names a package's own mutants after the package
         module = module.removesuffix(".__init__")
         return f"{module}.x_{function}__mutmut_*" if function else f"{module}.x*"
