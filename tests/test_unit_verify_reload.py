@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from qexport.export import ExportOptions, export_folder
 from qexport.verify import context as context_module
 from qexport.verify import functional_checks as F
 from qexport.verify import reference_quant as R
 from qexport.verify.context import Context
+from tests import defects
 from tests.unit_verify import named
 
 check_reload = named(F.check_reload, "reload")
@@ -60,13 +60,9 @@ def planted(tiny, tmp_path, config=None, tensors=None) -> Path:
     folder = tmp_path / "int8"
     shutil.copytree(tiny[1], folder)
     if config:
-        c = json.loads((folder / "config.json").read_text())
-        config(c)
-        (folder / "config.json").write_text(json.dumps(c))
+        defects.edit_json(folder / "config.json", config)
     if tensors:
-        t = load_file(folder / "model.safetensors")
-        tensors(t)
-        save_file(t, folder / "model.safetensors")
+        defects.edit_tensors(folder, tensors)
     return folder
 
 
