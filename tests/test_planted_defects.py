@@ -272,7 +272,9 @@ def test_the_exports_the_defects_start_from_pass_every_check(sources, source, fm
 # ---------------------------------------------------------------------------------------------------------------
 # Just past each default threshold. Measured on the qwen3 tiny fixture (bf16, seed 0) with qexport verify on this
 # stack (torch 2.13 CPU, transformers 5.24, compressed-tensors 0.20); the neighbouring measured steps are quoted
-# so "just past" can be judged.
+# so "just past" can be judged. bf16 arithmetic differs between CPUs (AVX512-BF16 / AMX or not, thread count), so
+# each metric's distance to the default and to the loosened value is kept well outside that spread:
+# bench/just_past_spread.py measures it (bench/JUST_PAST_SPREAD.md). Top-1 moves in steps of 1/2048 positions.
 
 
 @dataclass(frozen=True)
@@ -302,15 +304,15 @@ JUST_PAST = [
              "functional_vs_rtn", "max_kld_vs_rtn", "KLD", 1.7, ("max_top1_drop_vs_rtn",),
              measured="x1.02: 1.674x round-to-nearest (x1.015: 1.395x passes)"),
     JustPast("int4_max_top1_drop_vs_rtn", "int4", lambda f, r: defects.scale_one_layer(f, DOWN, 1.35),
-             "functional_vs_rtn", "max_top1_drop_vs_rtn", "top-1", 0.06, ("max_kld_vs_rtn",),
-             measured="x1.35: top-1 0.5298 vs round-to-nearest's 0.5879, drop 0.058 (x1.3: 0.041 passes); "
+             "functional_vs_rtn", "max_top1_drop_vs_rtn", "top-1", 0.07, ("max_kld_vs_rtn",),
+             measured="x1.35: drop 0.0596-0.0615 across CPU settings, 0.058 on another CPU (x1.3: 0.041 passes); "
                       "its KLD ratio 1.457 passes too"),
     JustPast("int8_min_top1", "int8", lambda f, r: defects.scale_one_layer(f, DOWN, 1.1), "functional",
-             "min_top1", "top1", 0.89, ("max_kld_mean", "max_kld_p99"),
-             measured="x1.1: top-1 0.8936 (x1.08: 0.9146 passes); its KLD 2.2e-4 / p99 3.4e-4 pass"),
-    JustPast("fp16_min_top1", "fp16", lambda f, r: defects.dense_noise(f, f"{DOWN}.weight", 40.0), "functional",
-             "min_top1", "top1", 0.988, ("max_kld_mean", "max_kld_p99"),
-             measured="noise at 40 dB: top-1 0.9883, KLD 2.1e-6 (30 dB: top-1 0.964)"),
+             "min_top1", "top1", 0.885, ("max_kld_mean", "max_kld_p99"),
+             measured="x1.1: top-1 0.8916-0.8936 across CPUs (x1.08: 0.9146 passes); its KLD 2.2e-4 / p99 3.4e-4 pass"),
+    JustPast("fp16_min_top1", "fp16", lambda f, r: defects.dense_noise(f, f"{DOWN}.weight", 38.0), "functional",
+             "min_top1", "top1", 0.98, ("max_kld_mean", "max_kld_p99"),
+             measured="noise at 38 dB: top-1 0.9854, KLD 3.4e-6 (37 dB: 0.9844, 40 dB: 0.9883)"),
     JustPast("fp16_max_kld_mean", "fp16", lambda f, r: defects.dense_noise(f, f"{DOWN}.weight", 22.0), "functional",
              "max_kld_mean", "kld_mean", 1.4e-4, ("min_top1", "max_kld_p99"),
              measured="noise at 22 dB: KLD 1.32e-4 (25 dB: 6.6e-5 passes)"),
