@@ -27,6 +27,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 # Under mutation testing (bench/mutation.py; mutmut sets MUTANT_UNDER_TEST in every process it runs tests in)
 
 
+def pytest_configure(config):
+    """Import every qexport module before any test runs. pytester's in-process runs (the gate's tests) drop from
+    sys.modules what was first imported inside them; the next run imports a second copy, whose classes
+    (LogitWindows) fail isinstance against the first copy's objects. So `pytest tests/test_plugin.py` alone
+    failed while the whole suite, which had imported everything earlier, passed."""
+    import importlib
+    import pkgutil
+
+    import qexport
+
+    for module in pkgutil.walk_packages(qexport.__path__, "qexport."):
+        importlib.import_module(module.name)
+
+
 def _mutant() -> str:
     return os.environ.get("MUTANT_UNDER_TEST", "")
 

@@ -257,7 +257,7 @@ def test_in_background_runs_on_a_daemon_thread_and_hands_back_the_result_or_the_
         seen["thread"] = threading.current_thread()
         return 42
 
-    assert in_background(work).result(timeout=10) == 42
+    assert in_background(work).result(timeout=300) == 42
     assert seen["thread"] is not threading.current_thread() and seen["thread"].daemon
     assert seen["thread"].name == "qexport-background"
 
@@ -265,7 +265,7 @@ def test_in_background_runs_on_a_daemon_thread_and_hands_back_the_result_or_the_
         raise KeyboardInterrupt  # a BaseException too reaches whoever asks for the result
 
     with pytest.raises(KeyboardInterrupt):
-        in_background(fail).result(timeout=10)
+        in_background(fail).result(timeout=300)
 
 
 @pytest.mark.parametrize("values,dtype,finite", [
