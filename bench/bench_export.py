@@ -33,7 +33,7 @@ ROOT = HERE.parent
 CACHE = Path(os.environ.get("QEXPORT_BENCH_CACHE", Path.home() / ".cache" / "qexport" / "bench"))
 PEER_VENV = CACHE / "venv-llmc"
 # This checkout's qexport (a worktree too), in the interpreter running the benchmark; main() puts ROOT on PYTHONPATH.
-QEXPORT = [sys.executable, "-m", "qexport.cli"]
+QEXPORT = [sys.executable, "-m", "qexport.cli.main"]
 PEER_PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1"]
 
 SIZES = {
@@ -58,9 +58,9 @@ def make_checkpoint(size: str) -> Path:
     import torch
     from transformers import AutoConfig
 
-    from qexport.architecture import inspect_architecture
-    from qexport.safetensors_io import StreamWriter, nbytes
-    from qexport.tiny import build_tokenizer
+    from qexport.model.architecture import inspect_architecture
+    from qexport.io.safetensors_file import StreamWriter, nbytes
+    from qexport.model.tiny import build_tokenizer
 
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +96,7 @@ def make_checkpoint(size: str) -> Path:
 
 
 def params_of(folder: Path) -> int:
-    from qexport.checkpoint import Checkpoint
+    from qexport.io.checkpoint import Checkpoint
 
     import math
 
@@ -178,7 +178,7 @@ def run_measured(cmd: list[str], env=None) -> dict:
 
 def reloads(folder: Path) -> bool:
     code = (
-        "import sys, torch; from qexport.functional import load_model; "
+        "import sys, torch; from qexport.verify.functional import load_model; "
         "_, info = load_model(sys.argv[1], dtype=torch.float16); sys.exit(1 if any(info.values()) else 0)"
     )
     return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True).returncode == 0
@@ -242,11 +242,11 @@ def bench_size(size: str, rounds: int, peer: Path | None, scratch: Path) -> list
 PROFILE_SCRIPT = r"""
 import json, resource, sys, threading, time
 t0 = time.perf_counter()
-from qexport.malloc import keep_freed_memory
+from qexport.io.malloc import keep_freed_memory
 keep_freed_memory()
-from qexport import forked
-from qexport.architecture import prefetch
-from qexport.checkpoint import Checkpoint
+from qexport.io import forked
+from qexport.model.architecture import prefetch
+from qexport.io.checkpoint import Checkpoint
 calls, init = [], forked.ForkedCall.__init__
 forked.ForkedCall.__init__ = lambda self, *a: calls.append(self) or init(self, *a)
 source = Checkpoint.open(sys.argv[1])
@@ -254,8 +254,9 @@ source.hash_in_child()  # as the command line does: before torch is imported
 with forked.no_gc():
     import torch
 prefetch(source.config, source.folder / "config.json", fork=True)  # as the command line does, right after torch
-import qexport.export as E
-from qexport import formats, safetensors_io
+import qexport.export.pipeline as E
+from qexport import formats
+from qexport.io import safetensors_file as safetensors_io
 imports_cpu, imports_wall = time.process_time(), time.perf_counter() - t0
 stats, lock = {}, threading.Lock()
 def account(key, seconds):
@@ -364,7 +365,7 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    from qexport.report import table
+    from qexport.report.terminal import table
 
     peer = None if args.skip_peer else ensure_peer()
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scratch export")
     args = parser.parse_args()
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    from qexport.report import table
+    from qexport.report.terminal import table
 
     src = make_checkpoint(args.size)
     scratch = CACHE / f"scratch-verify-{os.getpid()}"

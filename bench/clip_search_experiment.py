@@ -1,4 +1,4 @@
-"""In-memory comparison of int4 round-to-nearest with the per-group clipping search (qexport/clip_search.py).
+"""In-memory comparison of int4 round-to-nearest with the per-group clipping search (qexport/quant/clip_search.py).
 
     PYTHONPATH=. .venv/bin/python bench/clip_search_experiment.py smollm2 '{"sym": true, "method": "mse", "norm": 2.0}' ...
     PYTHONPATH=. .venv/bin/python bench/clip_search_experiment.py minilm
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from qexport import clip_search, quant
-from qexport.functional import (compare, encode_sentences, load_model, model_outputs, perplexity, pooled_embeddings,
+from qexport.quant import clip_search
+
+from qexport.quant import primitives as quant
+from qexport.verify.functional import (compare, encode_sentences, load_model, model_outputs, perplexity, pooled_embeddings,
                                 text_windows)
 
 
@@ -51,7 +53,7 @@ def linears(model):
 
 
 def smollm2(variants):
-    from qexport.testing import smollm2_folder
+    from qexport.model.smollm2 import smollm2_folder
 
     folder = smollm2_folder()
     model, _ = load_model(folder)

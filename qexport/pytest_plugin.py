@@ -7,9 +7,9 @@
 
 exports the model at PATH in each format (to a temporary folder, or DIR/<format> with --qexport-keep), or takes
 existing export folders, and runs every `qexport verify` check on each, one test item per (target, check), named
-`qexport[int4]::functional` etc. Thresholds come from the format defaults (qexport.thresholds), then the
+`qexport[int4]::functional` etc. Thresholds come from the format defaults (qexport.verify.thresholds), then the
 `qexport_thresholds` ini lines, then `--qexport-threshold` options. `--qexport-engine vllm` adds the item
-`qexport[FMT]::engine_vllm` (vLLM in its own interpreter; see qexport.engines.runner); an engine that cannot run
+`qexport[FMT]::engine_vllm` (vLLM in its own interpreter; see qexport.verify.engines.runner); an engine that cannot run
 fails its item. Without a gate option the plugin adds no tests.
 
 Under pytest-xdist each export is made once per session (a file lock in the controller's folder, which every worker
@@ -54,7 +54,7 @@ def pytest_addoption(parser):
     group.addoption("--qexport-only", action="store_true", default=False,
                     help="run only the gate's items: the folder's own tests are neither collected nor run")
     group.addoption("--qexport-threshold", action="append", default=[], metavar="NAME=VALUE",
-                    help="override a threshold, e.g. max_kld_mean=0.05 (repeatable; see qexport.thresholds)")
+                    help="override a threshold, e.g. max_kld_mean=0.05 (repeatable; see qexport.verify.thresholds)")
     group.addoption("--qexport-engine", action="append", default=[], metavar="vllm[=PYTHON]",
                     help="also run each export in this engine (item engine_vllm; repeatable)")
     group.addoption("--qexport-json", metavar="PATH", default=None,
@@ -106,7 +106,7 @@ def pytest_runtest_makereport(item, call):
     fragments = [v for k, v in item.user_properties if k == HTML]
     if not metrics and not fragments:
         return
-    from .html_report import STYLE, metrics_table
+    from qexport.report.html import STYLE, metrics_table
 
     merged = {k: v for m in metrics for k, v in m.items()}
     extras = list(getattr(report, "extras", []))
@@ -142,7 +142,7 @@ def pytest_configure(config):
     collected = config.stash[_COLLECTED] = _Collected()
     config.pluginmanager.register(collected, f"qexport-collected-{id(config)}")
     if config.getoption("qexport_model", None) is not None or config.getoption("qexport_export", None):
-        from .errors import InputError
+        from qexport.errors import InputError
 
         try:
             config.stash[_GATE] = Gate(config)
@@ -157,7 +157,7 @@ def pytest_configure(config):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_html_results_summary(prefix, summary, postfix, session):
-    from .html_report import merge_rows, summary_html, svg_histogram
+    from qexport.report.html import merge_rows, summary_html, svg_histogram
 
     collected = session.config.stash.get(_COLLECTED, None)
     if not collected or not collected.rows:
@@ -182,7 +182,7 @@ def pytest_sessionfinish(session):
         path = str(Path(html_path).with_suffix(".json"))
     if path is None or collected is None or not (collected.rows or collected.tests):
         return
-    from .html_report import merge_rows, to_json, write_text
+    from qexport.report.html import merge_rows, to_json, write_text
 
     write_text(path, to_json({"rows": merge_rows(collected.rows), "tests": collected.tests}))
 
@@ -210,8 +210,8 @@ class Gate:
     worker through a file lock) and one verification context, so each item runs only its own check."""
 
     def __init__(self, config):
-        from .formats import format_name
-        from .thresholds import parse_overrides
+        from qexport.formats import format_name
+        from qexport.verify.thresholds import parse_overrides
 
         model, exports = config.getoption("qexport_model"), config.getoption("qexport_export")
         reference, keep = config.getoption("qexport_reference"), config.getoption("qexport_keep")
@@ -237,7 +237,7 @@ class Gate:
             formats = [format_name(f, option)
                        for f in config.getoption("qexport_formats") or config.getini("qexport_formats")]
             self.targets = {fmt: Target(fmt, fmt=fmt) for fmt in dict.fromkeys(formats)}
-        from .engines.runner import parse_engine
+        from qexport.verify.engines.runner import parse_engine
 
         self.engines = [parse_engine(value) for value in config.getoption("qexport_engine")]
         self.keep = Path(keep) if keep is not None else None
@@ -284,7 +284,7 @@ class Gate:
         return self._exports[label]
 
     def _export_now(self, target: Target) -> dict:
-        from .export import ExportOptions, export_folder
+        from qexport.export.pipeline import ExportOptions, export_folder
 
         root = self.keep if self.keep is not None else self.dir / "exports"
         start = time.perf_counter()
@@ -300,7 +300,7 @@ class Gate:
     def context(self, label: str):
         """The verification Context of the target's export (or the exception that prevented it), per process."""
         if label not in self._contexts:
-            from .verify import Context
+            from qexport.verify import Context
 
             made = self.export(label)
             try:
@@ -316,7 +316,7 @@ class Gate:
     def check(self, label: str, check: str):
         """The CheckResult of one check on the target (each item runs its own; they share the context)."""
         if (label, check) not in self._results:
-            from .verify import CHECK_NAMES, CHECKS, ENGINE_CHECKS, _run_one
+            from qexport.verify import CHECK_NAMES, CHECKS, ENGINE_CHECKS, _run_one
 
             ctx = self.context(label)
             functions = {**dict(zip(CHECK_NAMES, CHECKS)), **{name: f for f, name in ENGINE_CHECKS.values()}}
@@ -376,7 +376,7 @@ class QexportCheckItem(pytest.Item):
         self.fmt, self.check = fmt, check  # fmt: the target's label (its format, for --qexport-model)
 
     def runtest(self):
-        from .verify import threshold_entries
+        from qexport.verify import threshold_entries
 
         gate = self.config.stash[_GATE]
         made = gate.export(self.fmt)
@@ -393,11 +393,11 @@ class QexportCheckItem(pytest.Item):
             scalars["thresholds"] = "; ".join(e["text"] for e in check.thresholds)
         Recorder(self).metrics(**scalars)
         # This check's part of the summary row; the report merges the parts of every item (and every worker).
-        from .verify import SUMMARY_KEYS
+        from qexport.verify import SUMMARY_KEYS
 
         changed = [e["text"] for e in threshold_entries(ctx.thresholds, ctx.defaults) if e["status"] != "default"]
         sqnr = check.metrics.get("per_tensor_sqnr_db") if check.name == "weights_sqnr" else None
-        from .report import model_name
+        from qexport.report.terminal import model_name
 
         Recorder(self).row(model_name(gate.reference), self.fmt, path=str(gate.reference), passed=check.passed,
                            sqnr_values=list(sqnr.values()) if sqnr else None,
@@ -423,7 +423,7 @@ def pytest_collection_modifyitems(session, config, items):
     gate = config.stash.get(_GATE, None)
     if gate is None:
         return
-    from .verify import CHECK_NAMES, ENGINE_CHECKS, applies
+    from qexport.verify import CHECK_NAMES, ENGINE_CHECKS, applies
 
     if config.getoption("qexport_only"):
         # Gate only: whatever the folder's own tests are, none runs (pytest_ignore_collect skipped collecting most).

@@ -10,8 +10,7 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
-from qexport import quant
-
+from qexport.quant import primitives as quant
 WEIGHTS = "model.safetensors"
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 def verify_cli(capsys, *argv) -> tuple[int, str]:
     """`qexport verify ARGV...` in-process: (exit code, stdout + stderr)."""
-    from qexport.cli import main
+    from qexport.cli.main import main
 
     code = main(["verify", *map(str, argv)])
     captured = capsys.readouterr()

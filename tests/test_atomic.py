@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from fixtures.bad_inputs import manifest_problems
-from qexport import safetensors_io
-from qexport.cli import main
-from qexport.export import TMP_MARK
+from qexport.io import safetensors_file as safetensors_io
+from qexport.cli.main import main
+from qexport.export.pipeline import TMP_MARK
 
 FORMATS = ["fp16", "int4"]
 SHARD = "600KB"  # the tiny llama model (about 4 MB) gives several output shards per format
@@ -29,11 +29,11 @@ SHARD = "600KB"  # the tiny llama model (about 4 MB) gives several output shards
 # before forking, so the children start with no thread pools to inherit.
 DRIVER = r"""
 import json, os, signal, sys
-import qexport.architecture, qexport.cli, qexport.export, qexport.safetensors_io
-from qexport.checkpoint import load_config
+import qexport.model.architecture, qexport.cli.main, qexport.export.pipeline, qexport.io.safetensors_file
+from qexport.io.checkpoint import load_config
 from pathlib import Path
 runs = json.loads(sys.argv[1])
-qexport.architecture.inspect_architecture(load_config(Path(runs[0]["argv"][1])))  # import the model code once
+qexport.model.architecture.inspect_architecture(load_config(Path(runs[0]["argv"][1])))  # import the model code once
 
 def kill_on_call(target, attr, when, nth):
     original, calls = getattr(target, attr), [0]
@@ -51,9 +51,9 @@ results = {}
 for run in runs:
     pid = os.fork()
     if pid == 0:
-        target = {"export": qexport.export, "StreamWriter": qexport.safetensors_io.StreamWriter, "os": os}
+        target = {"export": qexport.export.pipeline, "StreamWriter": qexport.io.safetensors_file.StreamWriter, "os": os}
         kill_on_call(target[run["owner"]], run["attr"], run["when"], run["nth"])
-        os._exit(qexport.cli.main(run["argv"]))
+        os._exit(qexport.cli.main.main(run["argv"]))
     _, status = os.waitpid(pid, 0)
     results[run["name"]] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 print(json.dumps(results))

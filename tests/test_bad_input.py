@@ -16,9 +16,9 @@ import pytest
 
 from fixtures.bad_inputs import LINEAR, RECIPES, UNPICKLED_MARKER, manifest_problems, nan_in_norm, nan_in_weight, \
     tree_sha256
-from qexport.architecture import inspect_architecture
-from qexport.checkpoint import load_config
-from qexport.cli import main
+from qexport.model.architecture import inspect_architecture
+from qexport.io.checkpoint import load_config
+from qexport.cli.main import main
 
 
 @pytest.fixture
@@ -58,14 +58,14 @@ def test_bad_input_is_refused_with_one_line_and_the_input_untouched(name, good_m
     assert not (tmp_path / UNPICKLED_MARKER).exists()
 
 
-# A few recipes again through a real process (`python -m qexport.cli`): what a CI script sees.
+# A few recipes again through a real process (`python -m qexport.cli.main`): what a CI script sees.
 @pytest.mark.parametrize("name", ["truncated_file", "index_escapes_folder", "pickle_checkpoint"])
 def test_bad_input_is_refused_by_the_real_process(name, good_models, tmp_path):
     recipe, base, expected = RECIPES[name]
     src = broken_copy(good_models[base], recipe, tmp_path)
     before = tree_sha256(tmp_path)
     out = tmp_path / "nested" / "out"  # parents that --out would create must not be left behind either
-    result = subprocess.run([sys.executable, "-m", "qexport.cli", "export", str(src), "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "qexport.cli.main", "export", str(src), "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert_refused(result.returncode, result.stderr, expected, out, tmp_path)
     assert not out.parent.exists()
@@ -83,7 +83,7 @@ def test_nan_during_writing_leaves_no_created_parent_folders(good_models, tmp_pa
 
 
 def test_allow_nonfinite_keeps_the_weight_dense_and_the_export_reloads(good_models, tmp_path, capsys):
-    from qexport.functional import load_model
+    from qexport.verify.functional import load_model
 
     src = broken_copy(good_models["single"], nan_in_weight, tmp_path)
     nan_in_norm(src)  # a non-Linear tensor with NaN is stored as it is (it is dense anyway)

@@ -17,12 +17,12 @@ import yaml
 
 from hypothesis import given, settings, strategies as st
 
-from qexport.card import (PATH_PLACEHOLDER, README_BEGIN, README_END, base_model_id, embed_readme, source_readme_of,
+from qexport.report.card import (PATH_PLACEHOLDER, README_BEGIN, README_END, base_model_id, embed_readme, source_readme_of,
                           unembed_readme, update_card_verification, verification_result)
-from qexport.checkpoint import load_config
-from qexport.export import ExportOptions, export_folder
-from qexport.report import format_value
-from qexport.safetensors_io import sha256_file
+from qexport.io.checkpoint import load_config
+from qexport.export.pipeline import ExportOptions, export_folder
+from qexport.report.terminal import format_value
+from qexport.io.safetensors_file import sha256_file
 
 FORMATS = ("fp16", "int8", "int4")
 SOURCE_README = "---\nlicense: apache-2.0\nlanguage:\n- en\ntags:\n- tiny\n---\n\n# Tiny source\n\nWritten by hand.\n"
@@ -103,8 +103,8 @@ def test_card_summary_equals_manifest_summary(qwen3_export, qwen3_src, fmt):
     s = manifests[fmt]["summary"]
     rows = table_rows(card_of(out / fmt), "measure")
     # The manifest's numbers, recomputed without qexport's export code: headers on disk and the architecture.
-    from qexport.architecture import inspect_architecture
-    from qexport.safetensors_io import read_header
+    from qexport.model.architecture import inspect_architecture
+    from qexport.io.safetensors_file import read_header
 
     entries = read_header(out / fmt / "model.safetensors")[0]
     linears = [n for n in inspect_architecture(load_config(qwen3_src)).linear_weights if n != "lm_head.weight"]
@@ -127,7 +127,7 @@ def test_card_summary_equals_manifest_summary(qwen3_export, qwen3_src, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_card_loading_snippet_loads_the_folder(qwen3_export, fmt):
-    from qexport.dequant import dequantized_state_dict
+    from qexport.quant.dequant import dequantized_state_dict
 
     folder = qwen3_export[0] / fmt
     code = python_block(card_of(folder))
@@ -260,7 +260,7 @@ def test_verification_result_passes_only_without_failed_checks():
 
 
 def test_demo_records_its_checks_in_every_card(tmp_path):
-    from qexport.demo import run_demo
+    from qexport.cli.demo import run_demo
 
     with contextlib.redirect_stdout(io.StringIO()):
         assert run_demo(tmp_path, "qwen3") == 0

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from qexport.sizes import parse_size
+from qexport.io.sizes import parse_size
 
 
 def qexport(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "qexport.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qexport.cli.main", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
 
 

@@ -1,4 +1,4 @@
-"""Per-group clipping search (`--int4-method mse`, qexport/clip_search.py): its laws, and that an export made with
+"""Per-group clipping search (`--int4-method mse`, qexport/quant/clip_search.py): its laws, and that an export made with
 it keeps the round-to-nearest layout, reloads exactly and passes verify."""
 
 from __future__ import annotations
@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qexport import clip_search, quant
-from qexport.dequant import dequantize_module
+from qexport.quant import clip_search
+
+from qexport.quant import primitives as quant
+from qexport.quant.dequant import dequantize_module
 from qexport.formats import get_format
 
 DTYPES = [torch.float16, torch.bfloat16]
@@ -145,7 +147,7 @@ def mse_export(request, qwen3_src, export_model):
 
 
 def test_mse_export_records_the_method_in_config_manifest_and_card(mse_export):
-    from qexport.checkpoint import load_config
+    from qexport.io.checkpoint import load_config
 
     weights = load_config(mse_export[0])["quantization_config"]["config_groups"]["group_0"]["weights"]
     assert weights["observer"] == "mse"

@@ -1,4 +1,4 @@
-"""config.json's dtype has one reading (qexport.checkpoint.declared_dtype) shared by export, verify, card, engines."""
+"""config.json's dtype has one reading (qexport.io.checkpoint.declared_dtype) shared by export, verify, card, engines."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qexport.checkpoint import declared_dtype
-from qexport.export import compute_dtype_of
-from qexport.functional import config_dtype
+from qexport.io.checkpoint import declared_dtype
+from qexport.export.pipeline import compute_dtype_of
+from qexport.verify.functional import config_dtype
 from qexport.verify.engine_checks import engine_dtype
 
 

@@ -13,8 +13,8 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
 from safetensors import safe_open
 
-from qexport import quant
-from qexport.dequant import dequantize_module
+from qexport.quant import primitives as quant
+from qexport.quant.dequant import dequantize_module
 from qexport.formats import get_format
 
 SHAPES = [(256, 384), (128, 1024), (3, 128), (512, 256)]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qexport import quant
-from qexport.dequant import dequantize_module
+from qexport.quant import primitives as quant
+from qexport.quant.dequant import dequantize_module
 
 GROUP = 32
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from fixtures.bad_inputs import read_raw, tree_sha256
-from qexport.cli import main
-from qexport.export import ExportOptions, export_folder
+from qexport.cli.main import main
+from qexport.export.pipeline import ExportOptions, export_folder
 
 SHARDED = dict(formats=("fp16", "int8", "int4"), max_shard_size=600_000, progress=False)  # several shards each
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qexport.cli import main
-from qexport.engines.runner import ChildFailed, EngineSpec, parse_engine, read_result, run_child
+from qexport.cli.main import main
+from qexport.verify.engines.runner import ChildFailed, EngineSpec, parse_engine, read_result, run_child
 from qexport.errors import InputError
 from qexport.verify import verify
 from qexport.verify.context import Context
@@ -165,7 +165,7 @@ def test_no_kernel_passes_but_says_generation_was_not_checked(qwen3_out, qwen3_s
 
 def transformers_generation(folder, prompts, steps=4) -> dict:
     """What a perfect engine would answer: transformers' own greedy tokens and logprobs (fp16)."""
-    from qexport.functional import load_model
+    from qexport.verify.functional import load_model
 
     model, _ = load_model(folder, dtype=torch.float16)
     sequences = []
@@ -198,7 +198,7 @@ def test_engine_picking_another_token_beyond_a_tie_fails(qwen3_out, qwen3_src):
     generation = transformers_generation(ctx.export, prompt_ids(ctx)[:1], steps=1)
     seq = generation["sequences"][0]
     with torch.no_grad():
-        from qexport.functional import load_model
+        from qexport.verify.functional import load_model
 
         model, _ = load_model(ctx.export, dtype=torch.float16)
         logp = torch.log_softmax(model(input_ids=torch.tensor([seq["prompt"]])).logits[0, -1].float(), -1)

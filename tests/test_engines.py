@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qexport.cli import main
-from qexport.engines.runner import parse_engine, unavailable_reason
+from qexport.cli.main import main
+from qexport.verify.engines.runner import parse_engine, unavailable_reason
 from qexport.verify import verify
 from qexport.verify.engine_checks import MAX_ABS_DLOGPROB
 

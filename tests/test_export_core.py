@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qexport.architecture import inspect_architecture
-from qexport.checkpoint import Checkpoint, load_config
-from qexport.dequant import dequantized_state_dict
-from qexport.functional import fixed_token_ids, load_model, model_from_state_dict, model_outputs
-from qexport.safetensors_io import read_header, sha256_file
+from qexport.model.architecture import inspect_architecture
+from qexport.io.checkpoint import Checkpoint, load_config
+from qexport.quant.dequant import dequantized_state_dict
+from qexport.verify.functional import fixed_token_ids, load_model, model_from_state_dict, model_outputs
+from qexport.io.safetensors_file import read_header, sha256_file
 
 FORMATS = ("fp16", "int8", "int4")
 CAUSAL_MODELS = ["qwen3_src", "qwen3_tied_src", "llama_sharded_src"]
@@ -105,7 +105,7 @@ def test_tied_embeddings_are_stored_once_without_lm_head(qwen3_tied_src, export_
 
 def test_linear_whose_input_does_not_divide_by_a_given_group_size_stays_dense_with_warning(build_model, tmp_path,
                                                                                            caplog):
-    from qexport.export import ExportOptions, export_folder
+    from qexport.export.pipeline import ExportOptions, export_folder
 
     src = build_model("qwen3", intermediate_size=320)  # down_proj input 320 is not a multiple of 128
     with caplog.at_level(logging.WARNING, logger="qexport"):
@@ -121,7 +121,7 @@ def test_linear_whose_input_does_not_divide_by_a_given_group_size_stays_dense_wi
 
 
 def test_smaller_group_size_quantizes_what_128_cannot(build_model, tmp_path):
-    from qexport.export import ExportOptions, export_folder
+    from qexport.export.pipeline import ExportOptions, export_folder
 
     src = build_model("qwen3", intermediate_size=320)
     manifests = export_folder(src, tmp_path / "out", ExportOptions(formats=("int4",), group_size=64, progress=False))

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-import qexport.export as export_module
+import qexport.export.pipeline as export_module
 from fixtures.bad_inputs import tree_sha256
-from qexport.architecture import Architecture, _in_child, inspect_architecture, predict_architecture
-from qexport.checkpoint import Checkpoint, load_config
+from qexport.model.architecture import Architecture, _in_child, inspect_architecture, predict_architecture
+from qexport.io.checkpoint import Checkpoint, load_config
 from qexport.errors import InputError
-from qexport.export import ExportOptions, export
+from qexport.export.pipeline import ExportOptions, export
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = dict(formats=("fp16", "int8", "int4"), max_shard_size=600_000, progress=False)  # several shards
@@ -119,15 +119,15 @@ def test_the_child_process_reports_a_bad_config_as_input_error(qwen3_src):
 # torch and computed before the command, as a test session or notebook does.
 CLI_DRIVER = r"""
 import sys
-import qexport.architecture as architecture
-from qexport.checkpoint import Checkpoint
+import qexport.model.architecture as architecture
+from qexport.io.checkpoint import Checkpoint
 if sys.argv[1] == "torch-first":
     import torch
     torch.ones(64, 64).matmul(torch.ones(64, 64))
 used = []
 for owner, name in ((architecture, "_in_fork"), (architecture, "_in_child"), (Checkpoint, "hash_in_child")):
     setattr(owner, name, lambda *a, _o=getattr(owner, name), _n=name: used.append(_n) or _o(*a))
-from qexport.cli import main
+from qexport.cli.main import main
 code = main(sys.argv[2:])
 print("children:", *used, file=sys.stderr)
 sys.exit(code)
@@ -172,7 +172,7 @@ def test_an_architecture_error_in_a_forked_child_exits_2_with_one_line_and_leave
 
 
 def test_discovery_spawns_instead_of_forking_while_another_thread_runs(qwen3_src, monkeypatch):
-    import qexport.architecture as architecture
+    import qexport.model.architecture as architecture
 
     monkeypatch.setattr(architecture, "_HEAVY_MODULES", ("no.such.module",))  # as in a fresh process
     monkeypatch.setattr(architecture, "_in_fork", lambda *_: pytest.fail("forked with another thread running"))
@@ -189,7 +189,7 @@ def test_discovery_spawns_instead_of_forking_while_another_thread_runs(qwen3_src
 
 
 def test_source_hashes_fed_from_reads_in_file_order_equal_the_files_sha256_gaps_and_all(llama_sharded_src):
-    from qexport.safetensors_io import sha256_file
+    from qexport.io.safetensors_file import sha256_file
 
     source = Checkpoint.open(llama_sharded_src)
     names = source.names
@@ -203,7 +203,7 @@ def test_source_hashes_fed_from_reads_in_file_order_equal_the_files_sha256_gaps_
 def test_an_export_records_the_source_files_sha256(llama_sharded_src, tmp_path):
     import json
 
-    from qexport.safetensors_io import sha256_file
+    from qexport.io.safetensors_file import sha256_file
 
     export(Checkpoint.open(llama_sharded_src), tmp_path / "out", ExportOptions(**OPTIONS))
     for fmt in OPTIONS["formats"]:
@@ -213,7 +213,7 @@ def test_an_export_records_the_source_files_sha256(llama_sharded_src, tmp_path):
 
 
 def test_a_small_checkpoint_is_not_discovered_in_a_child(qwen3_src, monkeypatch):
-    import qexport.architecture as architecture
+    import qexport.model.architecture as architecture
 
     monkeypatch.delenv("QEXPORT_DISCOVERY_CHILD_MIN_BYTES", raising=False)
     monkeypatch.setattr(architecture, "_in_child", lambda *_: pytest.fail("child process started"))

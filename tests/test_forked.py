@@ -1,4 +1,4 @@
-"""qexport.forked: a function run in a forked child, its answer read back. Run in a new interpreter each (forking
+"""qexport.io.forked: a function run in a forked child, its answer read back. Run in a new interpreter each (forking
 from this multi-threaded test process is what qexport never does)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIVER = r"""
 import sys, time
 from qexport.errors import InputError
-from qexport.forked import ForkedCall, can_fork
+from qexport.io.forked import ForkedCall, can_fork
 
 def bad_input():
     raise InputError("config.json: no such model")

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qexport.cli import main
-from qexport.functional import fixed_token_ids, load_model, model_outputs
+from qexport.cli.main import main
+from qexport.verify.functional import fixed_token_ids, load_model, model_outputs
 from qexport.verify import verify
 
 NORM = "model.layers.0.post_attention_layernorm.weight"

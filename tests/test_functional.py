@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from qexport import verify as V
-
 # Measured on MiniLM (all-MiniLM-L6-v2) over 16 real sentences, mean-pooled with the attention mask:
 # INT8 0.9996, INT4 0.946. Floors as the issue sets them.
 MINILM_COSINE_FLOOR = {"int8": 0.999, "int4": 0.93}

@@ -1,7 +1,7 @@
 """Fuzzing the two things qexport parses from a model folder: safetensors headers and config.json.
 
 Law: any input gives either a complete export (exit 0, manifest intact) or a one-line refusal (exit 2, no output
-folder) -- never a traceback, never a hang. Runs `qexport.cli.main` in-process for speed; each example is bounded
+folder) -- never a traceback, never a hang. Runs `qexport.cli.main.main` in-process for speed; each example is bounded
 by an alarm. Example counts come from the hypothesis profile (ci/dev: 60, deep: 2000; see conftest.py).
 """
 
@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from fixtures.bad_inputs import manifest_problems, read_raw
-from qexport.cli import main
+from qexport.cli.main import main
 from qexport.errors import InputError
-from qexport.safetensors_io import DTYPES, read_header
+from qexport.io.safetensors_file import DTYPES, read_header
 from tests.support import deadline
 
 SECONDS_PER_EXAMPLE = 60  # a tiny export takes about 0.2 s; a minute means a hang, not a slow machine
@@ -160,7 +160,7 @@ def test_float8_weights_export_or_name_their_nan(mini_src, tmp_path, poison, cap
 
 # Oracle: what read_header accepts, the safetensors library (which does the actual reading) accepts too; and what
 # read_header refuses, the library refuses too, except where qexport is stricter on purpose. Those rules, each named
-# by a phrase of its one-line error (qexport/safetensors_io.py):
+# by a phrase of its one-line error (qexport/io/safetensors_file.py):
 STRICTER_THAN_THE_LIBRARY = {
     # a cap on tensors per file: a header of millions of tiny entries would take minutes to build and plan
     "above qexport's limit of": "MAX_TENSORS_PER_FILE",

@@ -18,7 +18,7 @@ QUICK = "model_type or tensor_names or bytes"
 # Counts every export the gate makes, whichever process makes it: one line per call, "<format> <worker>".
 COUNTING_CONFTEST = """
 import os
-import qexport.export as export
+import qexport.export.pipeline as export
 
 _real = export.export_folder
 

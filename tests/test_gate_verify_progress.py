@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from qexport.cli import main
+from qexport.cli.main import main
 from qexport.verify import CHECK_NAMES, verify
 
 QWEN3_CHECKS = [c for c in CHECK_NAMES if c != "engine_sentence_transformers"]  # no modules.json
@@ -53,8 +53,8 @@ class Steps:
 
 
 def test_weights_sqnr_reports_each_tensor_it_walks(qwen3_src, export_model):
-    from qexport.checkpoint import Checkpoint
-    from qexport.dequant import quantized_modules
+    from qexport.io.checkpoint import Checkpoint
+    from qexport.quant.dequant import quantized_modules
 
     out, _ = export_model(qwen3_src, formats=("int4",))
     progress = Steps()
@@ -77,8 +77,7 @@ def test_functional_reports_each_window_it_runs(qwen3_src, export_model):
 def test_verify_progress_prints_step_counts_of_a_long_check(monkeypatch, qwen3_src, export_model):
     import io
 
-    from qexport import cli
-
+    from qexport.cli import main as cli
     out, _ = export_model(qwen3_src, formats=("int8",))
     monkeypatch.setattr(cli._VerifyProgress, "STEP_EVERY", 0.0)  # every step is "long" here
     stream = io.StringIO()

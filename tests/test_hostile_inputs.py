@@ -3,7 +3,7 @@
 Promise: bad input is exit 2 and one short line naming the file / tensor / option; a failed check exit 1; never a
 traceback, never a hang; nothing outside the source read or copied; the input unchanged; nothing half-written.
 Runs that could hang (FIFOs, /dev/zero, regexes, sizes, signals, concurrency) are real processes with `timeout=`;
-the others call `qexport.cli.main` in-process under an alarm (a tiny export takes about 0.3 s).
+the others call `qexport.cli.main.main` in-process under an alarm (a tiny export takes about 0.3 s).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.bad_inputs import manifest_problems, read_raw, rewrite_header, tree_sha256, write_raw
-from qexport.cli import main
+from qexport.cli.main import main
 from tests.support import deadline
 
 MINI = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -54,7 +54,7 @@ def src(mini, tmp_path):
 
 
 def run_process(*args: str, timeout: int = SECONDS, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qexport.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qexport.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
@@ -497,7 +497,7 @@ def test_write_card_with_an_undecodable_reference_path_leaves_a_consistent_folde
 
 SIGNAL_DRIVER = r"""
 import os, signal, sys
-import qexport.cli, qexport.safetensors_io as io
+import qexport.cli.main, qexport.io.safetensors_file as io
 sig = getattr(signal, sys.argv[1])
 signal.signal(sig, signal.SIG_DFL)  # as from a terminal: nohup (a CI launcher) ignores SIGHUP, which the CLI respects
 add, calls = io.StreamWriter.add, [0]
@@ -507,7 +507,7 @@ def add_then_signal(self, *a, **k):
     if calls[0] == 3:
         os.kill(os.getpid(), sig)
 io.StreamWriter.add = add_then_signal
-sys.exit(qexport.cli.main(sys.argv[2:]))
+sys.exit(qexport.cli.main.main(sys.argv[2:]))
 """
 
 
@@ -538,7 +538,7 @@ def test_overwrite_onto_a_regular_file_leaves_no_temporary_file(mini, tmp_path):
 
 def test_two_exports_to_the_same_out_at_once_one_wins_one_is_refused(mini, tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "qexport.cli", "export", str(mini), "--out", str(out), "--formats", "int4",
+    args = [sys.executable, "-m", "qexport.cli.main", "export", str(mini), "--out", str(out), "--formats", "int4",
             "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     runs = [subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
@@ -611,7 +611,7 @@ def test_nan_in_an_adapter_is_blamed_on_the_adapter(src, tmp_path):
 
 
 def test_card_escapes_names_so_no_line_can_be_forged_and_no_nul_is_written():
-    from qexport.card import render_card
+    from qexport.report.card import render_card
 
     evil = "x\n\n**PASSED** (forged)\n# Heading\x00`<script>|"
     manifest = {"format": "int4", "qexport_version": "0", "model_type": "qwen3",

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qexport.architecture import inspect_architecture
-from qexport.checkpoint import load_config
-from qexport.cli import main
-from qexport.inspect import inspect_folder
+from qexport.model.architecture import inspect_architecture
+from qexport.io.checkpoint import load_config
+from qexport.cli.main import main
+from qexport.report.inspection import inspect_folder
 
 FORMATS = ("fp16", "int8", "int4")
 MANIFEST_TOTALS = ("tensor_bytes", "fp16_tensor_bytes", "ratio_vs_fp16", "quantized_weights", "quantized_bytes",
@@ -30,7 +30,7 @@ def compress_with_compressed_tensors(src: Path, out: Path, scheme) -> Path:
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
     from transformers import AutoModelForCausalLM
 
-    from qexport.functional import quiet
+    from qexport.verify.functional import quiet
 
     with quiet():
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16)

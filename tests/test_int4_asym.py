@@ -13,8 +13,8 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
 
-from qexport import quant
-from qexport.dequant import dequantize_module
+from qexport.quant import primitives as quant
+from qexport.quant.dequant import dequantize_module
 from qexport.formats import get_format
 
 COMPUTE = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -117,7 +117,7 @@ def asym_export(qwen3_src, export_model):
 
 
 def test_int4_asym_config_declares_asymmetric_pack_quantized_groups(asym_export):
-    from qexport.checkpoint import load_config
+    from qexport.io.checkpoint import load_config
 
     qc = load_config(asym_export[0])["quantization_config"]
     assert qc["format"] == "pack-quantized" and qc["quantization_status"] == "compressed"
@@ -127,9 +127,9 @@ def test_int4_asym_config_declares_asymmetric_pack_quantized_groups(asym_export)
 
 
 def test_int4_asym_reloads_in_transformers_with_empty_loading_info_and_our_logits(asym_export, qwen3_src):
-    from qexport.checkpoint import load_config
-    from qexport.dequant import dequantized_state_dict
-    from qexport.functional import config_dtype, fixed_token_ids, load_model, model_from_state_dict, model_outputs
+    from qexport.io.checkpoint import load_config
+    from qexport.quant.dequant import dequantized_state_dict
+    from qexport.verify.functional import config_dtype, fixed_token_ids, load_model, model_from_state_dict, model_outputs
 
     model, info = load_model(asym_export[0], dtype=torch.float32)
     assert not any(info.values()), info
@@ -185,7 +185,7 @@ def test_int4_asym_is_dense_in_memory_under_transformers_while_int4_stays_packed
     # loaded int4-asym model holds dense weights, as many bytes as the fp16 export's; symmetric int4 keeps its
     # packed codes. Measured on this tiny qwen3: 4,197,376 bytes (int4-asym and fp16) vs 1,862,880 (int4). If a
     # transformers / compressed-tensors upgrade loads int4-asym packed, this fails: revisit the default then.
-    from qexport.functional import load_model
+    from qexport.verify.functional import load_model
 
     def state_bytes(folder):
         model, _ = load_model(folder, dtype="auto")  # config.json's dtype, as a user's plain load

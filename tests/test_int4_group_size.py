@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from qexport.checkpoint import load_config
-from qexport.export import ExportOptions, choose_group_size, export_folder
-from qexport.functional import load_model
+from qexport.io.checkpoint import load_config
+from qexport.export.pipeline import ExportOptions, choose_group_size, export_folder
+from qexport.verify.functional import load_model
 
 # hidden 576 (SmolLM2-135M's width): 576 = 4.5 x 128 = 9 x 64, so group 128 fits no attention / up / gate input.
 HIDDEN_576 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -87,7 +87,7 @@ def test_given_group_size_is_strict_and_the_share_says_what_stayed_dense(hidden5
 
 
 def test_export_summary_table_shows_linears_quantized(hidden576_int4):
-    from qexport.report import export_rows
+    from qexport.report.terminal import export_rows
 
     row = export_rows({"int4": hidden576_int4[1]})[0]
     assert row["linears_quantized"] == "14/14 (100% of bytes), g64"

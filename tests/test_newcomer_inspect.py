@@ -7,14 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qexport.cli import main
+from qexport.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def qexport_process(*args: str, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "qexport.cli", *args], env=env, stderr=subprocess.PIPE, text=True,
+    return subprocess.run([sys.executable, "-m", "qexport.cli.main", *args], env=env, stderr=subprocess.PIPE, text=True,
                           **kwargs)
 
 
@@ -41,7 +41,7 @@ def test_inspect_json_into_a_closed_pipe_exits_quietly(export_model, qwen3_src):
 def test_inspect_imports_neither_torch_nor_transformers(export_model, qwen3_src):
     # Headers only: importing torch alone costs 2-5 s here (python -X importtime), which is what made it slow.
     out, _ = export_model(qwen3_src)
-    code = ("import sys; from qexport.cli import main; code = main(['inspect', sys.argv[1]]); "
+    code = ("import sys; from qexport.cli.main import main; code = main(['inspect', sys.argv[1]]); "
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)); sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", code, str(out / "int4")], env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True)

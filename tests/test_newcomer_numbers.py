@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from qexport.cli import main
-from qexport.inspect import format_report, inspect_folder
-from qexport.report import export_rows, format_value, table
+from qexport.cli.main import main
+from qexport.report.inspection import format_report, inspect_folder
+from qexport.report.terminal import export_rows, format_value, table
 from qexport.verify import check_baseline, verify
 
 
@@ -17,7 +17,7 @@ def test_ratio_vs_fp16_is_one_number_in_manifest_inspect_and_verify(export_model
     summary = manifests[fmt]["summary"]
     totals = inspect_folder(out / fmt)["totals"]
     metrics = verify(out / fmt, qwen3_src, only=["bytes"]).metrics
-    # Equal floats, not "close": every caller goes through qexport.sizes.size_summary.
+    # Equal floats, not "close": every caller goes through qexport.io.sizes.size_summary.
     assert summary["ratio_vs_fp16"] == totals["ratio_vs_fp16"] == metrics["file_ratio"]
     assert summary["quantized_ratio_vs_fp16"] == totals["quantized_ratio_vs_fp16"] == metrics["quantized_ratio"]
     assert summary["weight_bytes"] == totals["weight_file_bytes"] == metrics["weight_bytes"]

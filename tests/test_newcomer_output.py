@@ -8,10 +8,10 @@ import logging
 
 import pytest
 
-from qexport.cli import build_parser, main
-from qexport.export import ExportOptions
+from qexport.cli.main import build_parser, main
+from qexport.export.pipeline import ExportOptions
 from qexport.formats import format_name, user_formats
-from qexport.report import model_name
+from qexport.report.terminal import model_name
 
 pytest_plugins = ["pytester"]
 
@@ -53,7 +53,7 @@ def test_odd_group_size_warns_once_with_a_count_and_the_first_names(qwen3_src, t
 
 
 def test_building_the_demo_model_draws_no_progress_bar(tmp_path, capfd):
-    from qexport.tiny import build_tiny_model
+    from qexport.model.tiny import build_tiny_model
 
     build_tiny_model(tmp_path / "m", "qwen3")
     captured = capfd.readouterr()
@@ -61,7 +61,7 @@ def test_building_the_demo_model_draws_no_progress_bar(tmp_path, capfd):
 
 
 def test_help_states_the_workers_default_and_the_real_presets(capsys):
-    from qexport.tiny import PRESETS
+    from qexport.model.tiny import PRESETS
 
     for command in (["export", "--help"], ["demo", "--help"]):
         with pytest.raises(SystemExit):
@@ -88,7 +88,7 @@ def test_reports_name_a_model_by_its_recorded_name(tmp_path):
 
 
 def test_verify_report_rows_carry_the_name_and_the_path(export_model, qwen3_src):
-    from qexport.html_report import verification_html
+    from qexport.report.html import verification_html
     from qexport.verify import verify
 
     out, _ = export_model(qwen3_src, formats=("int8",))

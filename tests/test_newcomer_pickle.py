@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from qexport.checkpoint import Checkpoint, auto_class_for, load_config
-from qexport.cli import main
+from qexport.io.checkpoint import Checkpoint, auto_class_for, load_config
+from qexport.cli.main import main
 
 ADVICE_START = "then export that: "
 

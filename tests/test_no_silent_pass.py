@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from qexport.errors import InputError
-from qexport.thresholds import parse_overrides, thresholds_for
+from qexport.verify.thresholds import parse_overrides, thresholds_for
 from qexport.verify import CheckResult, _no_silent_pass, verify
 from tests.support import verify_cli
 
@@ -199,7 +199,7 @@ def test_card_of_a_default_verification_shows_each_checks_threshold(capsys, tmp_
 
 
 def test_histogram_has_axis_labels_and_a_threshold_marker():
-    from qexport.html_report import svg_histogram
+    from qexport.report.html import svg_histogram
 
     svg = svg_histogram([18.5, 19.0, 19.2], threshold=13.0)
     assert "SQNR (dB)" in svg and "tensors" in svg and "threshold 13" in svg

@@ -9,7 +9,7 @@ Two tables:
   every check and asserts the exact set, which is what proves exclusivity.
 - JUST_PAST: for every default threshold a defect whose metric sits just past it, measured. At the default the
   check fails naming the metric; with the threshold loosened to just beyond the measured value it passes. So a
-  threshold loosened (or a comparison turned around) in qexport/thresholds.py or in a check fails a row.
+  threshold loosened (or a comparison turned around) in qexport/verify/thresholds.py or in a check fails a row.
 
 Every defect edits a copy of one shared export per format (module-scoped); exports drop qexport.json unless the
 defect is about it, as another tool's export would have none.
@@ -27,8 +27,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qexport import quant
-from qexport.thresholds import DEFAULTS
+from qexport.quant import primitives as quant
+from qexport.verify.thresholds import DEFAULTS
 from qexport.verify import CHECK_NAMES, verify
 from tests import defects
 
@@ -495,12 +495,12 @@ def test_min_quantized_ratio_floor_just_above_int4_g128_fails_and_just_below_pas
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# qexport/thresholds.py survivors of mutation testing (bench/MUTATION.md)
+# qexport/verify/thresholds.py survivors of mutation testing (bench/MUTATION.md)
 
 
 def test_threshold_errors_name_the_option_they_came_from():
     from qexport.errors import InputError
-    from qexport.thresholds import parse_overrides
+    from qexport.verify.thresholds import parse_overrides
 
     with pytest.raises(InputError, match=r"^--threshold: 'bogus=1' is not NAME=VALUE with NAME one of "
                                          r"cosine_vs_rtn_slack, dense_min_sqnr_db, "):
@@ -513,13 +513,13 @@ def test_threshold_errors_name_the_option_they_came_from():
 
 
 def test_unknown_format_gets_the_fp16_thresholds():
-    from qexport.thresholds import thresholds_for
+    from qexport.verify.thresholds import thresholds_for
 
     assert thresholds_for("bf16") == DEFAULTS["fp16"]
     assert thresholds_for("int8", {"min_top1": None}).min_top1 is None
 
 
 def test_regression_allowance_is_absolute_plus_relative_to_the_baseline():
-    from qexport.thresholds import Regression
+    from qexport.verify.thresholds import Regression
 
     assert Regression(higher_is_better=True, abs_tol=0.01, rel_tol=0.1).allowed(-2.0) == pytest.approx(0.21)

@@ -1,4 +1,4 @@
-"""Laws of the quantization primitives (qexport/quant.py), over generated shapes, dtypes and value distributions.
+"""Laws of the quantization primitives (qexport/quant/primitives.py), over generated shapes, dtypes and value distributions.
 
 Tensors are drawn from a seeded torch generator whose seed, shape, dtype and distribution hypothesis chooses, so
 failures shrink to a small reproducible case. Profiles (conftest.py): `ci` derandomized, `deep` 2000 examples
@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from qexport import quant
-from qexport.dequant import dequantize_module
+from qexport.quant import primitives as quant
+from qexport.quant.dequant import dequantize_module
 from qexport.errors import InputError
 from qexport.formats import get_format
 
@@ -153,7 +153,7 @@ def test_zero_groups_give_zero_output_and_no_nan(num_bits, group, rows, zero_row
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_export_refuses_non_finite_weights_naming_the_tensor(tmp_path, qwen3_src, bad):
-    from qexport.export import ExportOptions, export_folder
+    from qexport.export.pipeline import ExportOptions, export_folder
 
     src = tmp_path / "src"
     shutil.copytree(qwen3_src, src)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qexport.checkpoint import Checkpoint
+from qexport.io.checkpoint import Checkpoint
 from qexport.verify import Context, check_bytes
 
 FLOORS = {"int8": 1.95, "int4": 3.85}

@@ -9,7 +9,6 @@ import json
 import pytest
 
 from qexport import verify as V
-
 FORMATS = ["fp16", "int8", "int4"]
 
 

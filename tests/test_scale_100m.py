@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qexport.checkpoint import load_config
-from qexport.dequant import dequantized_state_dict
-from qexport.functional import fixed_token_ids, load_model, model_from_state_dict, model_outputs
+from qexport.io.checkpoint import load_config
+from qexport.quant.dequant import dequantized_state_dict
+from qexport.verify.functional import fixed_token_ids, load_model, model_from_state_dict, model_outputs
 
 pytestmark = pytest.mark.slow
 

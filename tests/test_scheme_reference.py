@@ -2,7 +2,7 @@
 
 A random-init model makes int4 lossy enough that absolute KLD / top-1 floors fail clean exports; RTN of the same
 scheme on the same reference is as lossy, so `functional_vs_rtn` passes clean exports of any model and fails
-exports far worse than the scheme allows (the ratio in the detail). Margins: qexport/thresholds.py.
+exports far worse than the scheme allows (the ratio in the detail). Margins: qexport/verify/thresholds.py.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import shutil
 import pytest
 import torch
 
-from qexport import quant
+from qexport.quant import primitives as quant
 from qexport import verify as V
-from qexport.functional import EVAL_TEXT, text_windows
-from qexport.tiny import build_tokenizer
+from qexport.verify.functional import EVAL_TEXT, text_windows
+from qexport.model.tiny import build_tokenizer
 from qexport.verify.reference_quant import quantization_args, rtn_fake_quantize
 from tests import defects
 from tests.support import copy_without_manifest
@@ -44,7 +44,7 @@ def test_rtn_reference_is_round_to_nearest_within_half_a_step(weights, group, qm
 
 
 def test_rtn_reference_equals_qexport_arithmetic_in_float32():
-    # Two independent implementations of the same scheme (compressed-tensors' functions vs qexport.quant).
+    # Two independent implementations of the same scheme (compressed-tensors' functions vs qexport.quant.primitives).
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
     ours = quant.dequantize(quant.quantize(w, quant.compute_scales(w, 4, 128, torch.float32), 4, 128),
                             quant.compute_scales(w, 4, 128, torch.float32), 128)
@@ -115,7 +115,7 @@ def test_clean_exports_of_tiny_presets_pass_default_thresholds(build_model, expo
 def _better_than_rtn(folder, reference_dir, group_size=128):
     """Re-quantize every int4 module with a per-group clipping search (scale = a * absmax / 7.5, a in 0.80..1.00,
     the a with the least squared error), as llama.cpp / AWQ-style tools do: weights closer than RTN's."""
-    from qexport.checkpoint import Checkpoint
+    from qexport.io.checkpoint import Checkpoint
 
     reference = Checkpoint.open(reference_dir)
 

@@ -10,9 +10,9 @@ import statistics
 import pytest
 import torch
 
-from qexport.dequant import dequantize_module
+from qexport.quant.dequant import dequantize_module
 from qexport.formats import get_format
-from qexport.functional import sqnr_db
+from qexport.verify.functional import sqnr_db
 from qexport.verify import Context, check_weights
 
 SHAPES = [(256, 256), (512, 256), (768, 256), (256, 768), (384, 384)]

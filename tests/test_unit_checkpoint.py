@@ -1,4 +1,4 @@
-"""qexport/checkpoint.py on hand-made folders (no model build): what a model folder must hold, checked up front,
+"""qexport/io/checkpoint.py on hand-made folders (no model build): what a model folder must hold, checked up front,
 and tensors read back exactly as the safetensors library wrote them."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qexport.checkpoint import INDEX_FILE, Checkpoint, auto_class_for, check_layer_counts, is_float, load_config, \
+from qexport.io.checkpoint import INDEX_FILE, Checkpoint, auto_class_for, check_layer_counts, is_float, load_config, \
     pickle_advice, weight_files
 from qexport.errors import InputError
 
@@ -295,7 +295,7 @@ def test_side_folder_may_link_to_a_file_elsewhere_in_the_model_folder_but_not_ou
     (None, None),
 ])
 def test_declared_dtype_is_the_floating_dtype_config_json_names(config, dtype):
-    from qexport.checkpoint import declared_dtype
+    from qexport.io.checkpoint import declared_dtype
 
     assert declared_dtype(config) == dtype
 
@@ -345,7 +345,7 @@ def file_digests(root, names):
 
 
 def test_tensors_fed_in_file_order_give_each_weight_files_sha256_without_reading_it_again(tmp_path, monkeypatch):
-    import qexport.checkpoint as checkpoint
+    import qexport.io.checkpoint as checkpoint
 
     t = {"a": torch.arange(6, dtype=torch.float32), "b": torch.tensor([9], dtype=torch.uint8),
          "c": torch.zeros(0, dtype=torch.bfloat16), "d": torch.ones(3, dtype=torch.bfloat16)}
@@ -493,7 +493,7 @@ def test_pickle_advice_command_copies_the_folder_without_pickles_and_resaves_wit
 
 def test_files_hashed_in_a_forked_child_give_the_same_source_files(tmp_path):
     # The command line forks the hashing before importing torch; the child touches no torch, so forking under
-    # pytest is safe here (qexport.forked: only other threads' locks are a hazard, and the child takes none).
+    # pytest is safe here (qexport.io.forked: only other threads' locks are a hazard, and the child takes none).
     root = folder(tmp_path, {"model.safetensors": tensors()}, config={"model_type": "llama"})
     ckpt = Checkpoint.open(root)
     ckpt.hash_in_child()

@@ -1,4 +1,4 @@
-"""qexport/export.py's planning and folder helpers as plain functions (no model build, no export; milliseconds):
+"""qexport/export/pipeline.py's planning and folder helpers as plain functions (no model build, no export; milliseconds):
 which tensors are quantized, how they are sharded, what config.json says, where an export may be written."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qexport.architecture import Architecture
+from qexport.model.architecture import Architecture
 from qexport.errors import InputError
-from qexport.export import TMP_MARK, ExportOptions, OwnedFolder, _assign_shards, _ignored, check_destination, \
+from qexport.export.pipeline import TMP_MARK, ExportOptions, OwnedFolder, _assign_shards, _ignored, check_destination, \
     check_not_input, check_shapes, choose_group_size, clean_stale, compute_dtype_of, dense_linears_warning, \
     input_folders, output_config, plan_format
 from qexport.formats import get_format
@@ -69,7 +69,7 @@ def test_group_size_is_the_largest_dividing_every_input_whatever_the_order_of_th
 
 
 def plans(sizes):
-    from qexport.export import TensorPlan
+    from qexport.export.pipeline import TensorPlan
 
     return [TensorPlan(f"t{i}", False, [(f"t{i}", "U8", (n,))]) for i, n in enumerate(sizes)]
 
@@ -221,7 +221,7 @@ def test_clean_stale_removes_unlocked_temporaries_only(tmp_path):
 
 
 def test_quantizable_linears_are_the_stored_2d_linear_weights_not_tied_or_ignored():
-    from qexport.export import quantizable_linears
+    from qexport.export.pipeline import quantizable_linears
 
     entries = {"emb.weight": Entry("BF16", (16, 128)), "a.weight": Entry("BF16", (8, 128)),
                "b.weight": Entry("BF16", (8, 96)), "lm_head.weight": Entry("BF16", (16, 128)),
@@ -233,7 +233,7 @@ def test_quantizable_linears_are_the_stored_2d_linear_weights_not_tied_or_ignore
 
 
 def test_a_temporary_folder_is_stale_only_when_it_is_a_real_folder_whose_lock_is_free(tmp_path):
-    from qexport.export import _is_stale
+    from qexport.export.pipeline import _is_stale
 
     free = OwnedFolder(tmp_path / "free")
     free.release()
@@ -249,7 +249,7 @@ def test_a_temporary_folder_is_stale_only_when_it_is_a_real_folder_whose_lock_is
 def test_in_background_runs_on_a_daemon_thread_and_hands_back_the_result_or_the_error():
     import threading
 
-    from qexport.export import in_background
+    from qexport.export.pipeline import in_background
 
     seen = {}
 
@@ -279,7 +279,7 @@ def test_in_background_runs_on_a_daemon_thread_and_hands_back_the_result_or_the_
     ([1, 2], torch.int32, True),
 ])
 def test_all_finite_is_false_for_any_nan_or_inf(values, dtype, finite):
-    from qexport.export import all_finite
+    from qexport.export.pipeline import all_finite
 
     assert all_finite(torch.tensor(values).to(dtype)) is finite
 
@@ -287,7 +287,7 @@ def test_all_finite_is_false_for_any_nan_or_inf(values, dtype, finite):
 def test_deferred_computes_once_on_the_first_result_call_on_the_calling_thread():
     import threading
 
-    from qexport.export import Deferred
+    from qexport.export.pipeline import Deferred
 
     calls = []
     deferred = Deferred(lambda: calls.append(threading.current_thread()) or len(calls))
@@ -310,7 +310,7 @@ def test_deferred_computes_once_on_the_first_result_call_on_the_calling_thread()
 def test_ordered_map_yields_in_order_with_at_most_workers_items_ahead(workers):
     import threading
 
-    from qexport.export import ordered_map
+    from qexport.export.pipeline import ordered_map
 
     started, lock = [], threading.Lock()
 
@@ -335,8 +335,8 @@ def test_dense_linears_warning_shows_three_names_per_reason_by_default():
 def test_a_stale_folder_or_file_removed_by_another_run_meanwhile_is_no_error(tmp_path, monkeypatch):
     import shutil
 
-    import qexport.export as export_module
-    from qexport.export import remove_stale
+    import qexport.export.pipeline as export_module
+    from qexport.export.pipeline import remove_stale
 
     folder = tmp_path / f".int4{TMP_MARK}1"
     folder.mkdir()
@@ -405,7 +405,7 @@ def test_an_unwritable_destination_says_where_and_why(tmp_path, monkeypatch):
 def test_a_failed_text_write_names_the_file_with_the_systems_reason(tmp_path, monkeypatch):
     import errno
 
-    from qexport.export import _write_text
+    from qexport.export.pipeline import _write_text
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")  # as a full disk reports it: no file name
@@ -444,7 +444,7 @@ def test_an_owned_folder_creates_its_missing_parents(tmp_path):
 
 def test_a_finite_float64_tensor_beyond_float32s_range_is_finite():
     # all_finite must not judge a wide dtype through float32 (1e300 would become inf there).
-    from qexport.export import all_finite
+    from qexport.export.pipeline import all_finite
 
     assert all_finite(torch.tensor([1e300, -1e300], dtype=torch.float64))
     assert not all_finite(torch.tensor([1.0, float("inf")], dtype=torch.float64))
@@ -458,7 +458,7 @@ def test_every_shard_may_be_filled_exactly_not_only_the_first():
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ordered_map_maps_every_item_even_a_none_or_falsy_one(workers):
-    from qexport.export import ordered_map
+    from qexport.export.pipeline import ordered_map
 
     items = [1, None, 0, None, 2]
     assert list(ordered_map(lambda x: (x,), items, workers)) == [(x,) for x in items]

@@ -1,4 +1,4 @@
-"""qexport/export.py's write path on a hand-made checkpoint (a few tensors written with safetensors in tmp_path) and a
+"""qexport/export/pipeline.py's write path on a hand-made checkpoint (a few tensors written with safetensors in tmp_path) and a
 hand-made Architecture in place of the meta model's (`discover` is replaced; no transformers model is built): what
 each format folder holds, what the manifest and the index say about it, and what happens on bad input or a failure
 half-way. Each export here takes well under a second."""
@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import qexport.export as export_module
-from qexport.architecture import Architecture
-from qexport.checkpoint import INDEX_FILE, Checkpoint
+import qexport.export.pipeline as export_module
+from qexport.model.architecture import Architecture
+from qexport.io.checkpoint import INDEX_FILE, Checkpoint
 from qexport.errors import InputError
-from qexport.export import TMP_MARK, ExportOptions, export, export_folder
+from qexport.export.pipeline import TMP_MARK, ExportOptions, export, export_folder
 from qexport.formats import get_format
 from tests.support import fail_a_hang  # noqa: F401  (autouse: a hung test fails after 120 s)
 
@@ -445,7 +445,7 @@ def test_an_architecture_error_is_reported_before_a_bad_destination_while_discov
 
 
 class Merged:
-    """A source that is not a Checkpoint (as qexport.merge presents one): no hash_read, no side_tree."""
+    """A source that is not a Checkpoint (as qexport.merge.sources presents one): no hash_read, no side_tree."""
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt, self.folder, self.config, self.entries = ckpt, ckpt.folder, ckpt.config, ckpt.entries
@@ -565,7 +565,7 @@ def test_each_format_is_written_once_to_a_hidden_temporary_sibling_named_after_i
 
 
 def test_no_export_folder_stays_locked_after_the_export(tmp_path, discovered):
-    from qexport.export import _is_stale
+    from qexport.export.pipeline import _is_stale
 
     export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("fp16", "int8")))
     assert _is_stale(tmp_path / "out" / "fp16") and _is_stale(tmp_path / "out" / "int8")
@@ -843,7 +843,7 @@ def test_a_source_without_side_tree_has_its_side_files_checked_against_its_own_f
 
 
 def test_a_source_without_readme_gets_a_card_without_an_original_model_card_section(tmp_path, discovered):
-    from qexport.card import README_BEGIN
+    from qexport.report.card import README_BEGIN
 
     export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("fp16",)))
     card = (tmp_path / "out" / "fp16" / "README.md").read_text()
@@ -851,8 +851,7 @@ def test_a_source_without_readme_gets_a_card_without_an_original_model_card_sect
 
 
 def test_a_source_readme_above_the_limit_is_refused_naming_it(tmp_path, discovered):
-    from qexport import safe_fs
-
+    from qexport.io import safe_fs
     src = checkpoint(tmp_path)
     with open(src / "README.md", "wb") as f:
         f.truncate(safe_fs.MAX_JSON_BYTES + 1)  # sparse: nothing is written, nothing is read

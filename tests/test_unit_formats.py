@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qexport import quant
+from qexport.quant import primitives as quant
 from qexport.errors import InputError
 from qexport.formats import INTERNAL_FORMATS, REGISTRY, format_name, get_format, user_formats
 from qexport.formats.base import Format, dtype_name, nonfinite_error
-from qexport.safetensors_io import DTYPE_NAMES
+from qexport.io.safetensors_file import DTYPE_NAMES
 
 ALL = ["fp16", "int8", "int4", "int4-asym", "original"]
 W = "model.layers.0.mlp.down_proj.weight"

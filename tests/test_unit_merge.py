@@ -1,4 +1,4 @@
-"""qexport/merge.py on hand-made folders (no model built, no peft): a LoRA adapter folded into its base is
+"""qexport/merge/sources.py on hand-made folders (no model built, no peft): a LoRA adapter folded into its base is
 W + (B @ A) * scale in fp32 rounded once to W's dtype, a weighted average is sum_i w_i * W_i in fp32, and every bad
 input is an InputError naming the file, tensor or option. The architecture (which module is a Linear, Conv1D or
 Embedding) comes from a one-layer hidden-8 config built on the meta device (milliseconds).
@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qexport.checkpoint import Checkpoint
+from qexport.io.checkpoint import Checkpoint
 from qexport.errors import InputError
-from qexport.merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, UNSUPPORTED_FIELDS, Adapter, AveragedSource, \
+from qexport.merge.sources import ADAPTER_CONFIG, ADAPTER_WEIGHTS, UNSUPPORTED_FIELDS, Adapter, AveragedSource, \
     LoraMergedSource, input_folders, merge_folder, normalized_weights, open_source, pattern_value
 from tests import support
 
@@ -822,8 +822,8 @@ def test_merge_folder_under_a_file_is_the_exports_input_error_alone(tmp_path):
 
 
 def test_merge_folder_holds_its_temporary_folder_so_a_concurrent_cleanup_leaves_it(tmp_path, monkeypatch):
-    from qexport import merge
-    from qexport.export import TMP_MARK, remove_stale
+    from qexport.merge import sources as merge
+    from qexport.export.pipeline import TMP_MARK, remove_stale
 
     real = merge.export
     seen = []
@@ -839,8 +839,7 @@ def test_merge_folder_holds_its_temporary_folder_so_a_concurrent_cleanup_leaves_
 
 
 def test_merge_folder_without_overwrite_never_replaces_an_out_that_appeared_meanwhile(tmp_path, monkeypatch):
-    from qexport import merge
-
+    from qexport.merge import sources as merge
     real = merge.export
     out = tmp_path / "out"
 
@@ -903,8 +902,7 @@ def test_adapter_without_a_config_is_refused_naming_adapter_config_json(tmp_path
 
 
 def test_adapter_config_over_the_config_size_cap_is_refused(tmp_path):
-    from qexport import safe_fs
-
+    from qexport.io import safe_fs
     root = adapter(tmp_path / "lora")
     (root / ADAPTER_CONFIG).write_text(json.dumps({"r": 4, "lora_alpha": 8, "pad": "x" * safe_fs.MAX_CONFIG_BYTES}))
     with pytest.raises(InputError, match=ADAPTER_CONFIG):

@@ -1,4 +1,4 @@
-"""Laws of the numeric core (qexport/quant.py, qexport/dequant.py, qexport/sizes.py) on small hand-made tensors,
+"""Laws of the numeric core (qexport/quant/primitives.py, qexport/quant/dequant.py, qexport/io/sizes.py) on small hand-made tensors,
 against compressed-tensors' own functions where it has one. Model-free: milliseconds a test."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.utils import calculate_qparams
 
-from qexport import dequant, quant
+from qexport.quant import dequant
+
+from qexport.quant import primitives as quant
 from qexport.errors import InputError
-from qexport.sizes import FLOAT_DTYPES, fp16_bytes, parse_size, size_summary
+from qexport.io.sizes import FLOAT_DTYPES, fp16_bytes, parse_size, size_summary
 from tests import support
 
 
@@ -371,7 +373,7 @@ def mixed_folder(tmp_path):
 
 
 def test_quantized_modules_name_every_stored_part_and_an_integer_weight(mixed_folder):
-    from qexport.checkpoint import Checkpoint
+    from qexport.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(mixed_folder[0])
     assert dequant.quantized_modules(ckpt) == {
@@ -382,7 +384,7 @@ def test_quantized_modules_name_every_stored_part_and_an_integer_weight(mixed_fo
 
 
 def test_a_float_weight_beside_a_scale_is_not_a_part_of_the_module(tmp_path):
-    from qexport.checkpoint import Checkpoint
+    from qexport.io.checkpoint import Checkpoint
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         folder = write_folder(tmp_path / str(dtype).split(".")[1], {"m.weight": torch.ones(2, 2, dtype=dtype),
@@ -404,7 +406,7 @@ def test_dequantized_state_dict_has_every_tensor_dense_under_its_original_name(m
 
 
 def test_iter_dequantized_marks_quantized_modules_and_reads_a_checkpoint_object(mixed_folder):
-    from qexport.checkpoint import Checkpoint
+    from qexport.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(mixed_folder[0])
     yielded = [(name, quantized) for name, _, quantized in dequant.iter_dequantized(ckpt)]

@@ -1,4 +1,4 @@
-"""qexport/safetensors_io.py on hand-made files (no model; milliseconds): headers read and checked, files written.
+"""qexport/io/safetensors_file.py on hand-made files (no model; milliseconds): headers read and checked, files written.
 
 The reference side is the safetensors library: files it writes must read back entry for entry, files qexport writes
 must load in it, and every malformed header is refused with one line naming the file and tensor.
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import _TYPES as SAFETENSORS_DTYPES
 from safetensors.torch import load_file, save_file
 
-from qexport import safetensors_io as st
+from qexport.io import safetensors_file as st
 from qexport.errors import InputError
 
 
@@ -393,7 +393,7 @@ def test_dtype_tables_are_built_on_first_use_whichever_is_asked_first(monkeypatc
 
 def test_other_missing_module_attributes_raise_attribute_error():
     assert not hasattr(st, "NO_SUCH_TABLE")
-    with pytest.raises(AttributeError, match="module 'qexport.safetensors_io' has no attribute 'NO_SUCH_TABLE'"):
+    with pytest.raises(AttributeError, match="module 'qexport.io.safetensors_file' has no attribute 'NO_SUCH_TABLE'"):
         st.NO_SUCH_TABLE
 
 

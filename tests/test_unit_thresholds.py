@@ -1,4 +1,4 @@
-"""qexport/thresholds.py as plain functions: overrides parsed, checked and applied (no model; milliseconds).
+"""qexport/verify/thresholds.py as plain functions: overrides parsed, checked and applied (no model; milliseconds).
 
 Written for mutation testing (bench/MUTATION.md): each test states one rule a user of `--threshold` relies on.
 """
@@ -10,7 +10,7 @@ import math
 import pytest
 
 from qexport.errors import InputError
-from qexport.thresholds import DEFAULTS, REGRESSIONS, Regression, Thresholds, parse_overrides, threshold_value, \
+from qexport.verify.thresholds import DEFAULTS, REGRESSIONS, Regression, Thresholds, parse_overrides, threshold_value, \
     thresholds_for
 
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import qexport.verify as verify_module
-from qexport import functional
+from qexport.verify import functional
 from qexport.errors import InputError
-from qexport.thresholds import Thresholds, thresholds_for
+from qexport.verify.thresholds import Thresholds, thresholds_for
 from qexport.verify import (
     CHECK_NAMES,
     CHECKS,
@@ -302,8 +302,7 @@ def test_a_link_to_nothing_is_bad_input_naming_the_link(tmp_path, which):
 
 
 def test_a_file_gone_between_listing_and_reading_is_bad_input_naming_it(tmp_path, monkeypatch):
-    from qexport import safe_fs
-
+    from qexport.io import safe_fs
     (tmp_path / "notes.txt").write_text("x")
 
     def gone(path, root=None):
@@ -834,8 +833,7 @@ def test_dequantized_model_is_built_from_our_float32_dequantization(tmp_path, re
 
 def test_dequantized_model_follows_transformers_dequantize_route_in_the_config_dtype(tmp_path, ref, monkeypatch):
     # dequantize=True: transformers multiplies codes and scales in the scale dtype (fp16 here) and casts after
-    from qexport import dequant
-
+    from qexport.quant import dequant
     FakeLoads(monkeypatch)
     dtypes = []
     real = dequant.iter_dequantized
@@ -1247,8 +1245,7 @@ def test_recording_in_a_folder_without_a_qexport_manifest_is_bad_input(tmp_path)
 
 
 def test_record_in_card_writes_each_check_with_its_thresholds_and_changes(tmp_path, monkeypatch):
-    from qexport import card
-
+    from qexport.report import card
     written = []
     monkeypatch.setattr(card, "update_card_verification", lambda folder, results: written.append((folder, results)))
     (tmp_path / "qexport.json").write_text("{}")
@@ -1270,8 +1267,7 @@ def test_record_in_card_writes_each_check_with_its_thresholds_and_changes(tmp_pa
 
 
 def test_record_in_card_names_qexport_verify_as_the_tool_by_default(tmp_path, monkeypatch):
-    from qexport import card
-
+    from qexport.report import card
     written = []
     monkeypatch.setattr(card, "update_card_verification", lambda folder, results: written.append(results))
     (tmp_path / "qexport.json").write_text("{}")

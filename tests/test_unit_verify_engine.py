@@ -1,7 +1,7 @@
 """verify's engine checks (qexport/verify/engine_checks.py) without starting an engine.
 
 vLLM: the request qexport sends (vllm_request, prompt_ids, engine_dtype) and the verdict drawn from the dict the
-child (qexport/engines/vllm_child.py) writes back (judge_vllm and its helpers), on tests/unit_engine.py's hand-written
+child (qexport/verify/engines/vllm_child.py) writes back (judge_vllm and its helpers), on tests/unit_engine.py's hand-written
 one-layer qwen3. The good results are real: vLLM 0.32 CPU's answers on these very folders, recorded once
 (fixtures/vllm_results/, fixtures/record_vllm_results.py); the bad ones are those results with one thing changed.
 check_engine_vllm itself runs end to end with a stand-in interpreter (a shell script that answers with a recorded
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from qexport.engines.runner import EngineSpec
+from qexport.verify.engines.runner import EngineSpec
 from qexport.verify import engine_checks
 from qexport.verify.engine_checks import (
     DTYPE_NOISE_FACTOR,
@@ -127,7 +127,7 @@ def test_request_for_a_model_that_is_not_a_causal_lm_asks_for_no_generation_and_
 
 
 def fixed(vocab):
-    from qexport.functional import fixed_token_ids
+    from qexport.verify.functional import fixed_token_ids
 
     return fixed_token_ids(vocab, batch=len(PROMPTS), length=12).tolist()
 
@@ -490,7 +490,7 @@ def test_another_greedy_token_within_the_bound_is_a_tie_and_beyond_it_a_failure(
 
 def test_transformers_scores_every_position_in_the_engines_dtype_and_in_float32(folders):
     # a perfect engine: transformers' own fp16 logprobs of the recorded sequences, computed here independently
-    from qexport.functional import load_model
+    from qexport.verify.functional import load_model
 
     ctx = ctx_of(folders, "int4")
     result = result_of("int4")
@@ -607,7 +607,7 @@ class FakeST:
     built: ClassVar[list] = []
 
     def __init__(self, folder, device=None, model_kwargs=None):
-        from qexport.functional import SENTENCES
+        from qexport.verify.functional import SENTENCES
 
         torch.device(device)  # as the real one: an unknown device is an error
         self.device, self.folder = device, Path(folder)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from qexport.card import CARD_MARK, README_BEGIN, README_END
+from qexport.report.card import CARD_MARK, README_BEGIN, README_END
 from qexport.verify import file_checks
 from qexport.verify.file_checks import same_content
 from tests.unit_verify import context, named, reference_weights, write_folder
@@ -222,7 +222,7 @@ def test_a_reference_without_tokenizer_files_skips_tokenizer_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from qexport.tiny import build_tokenizer
+    from qexport.model.tiny import build_tokenizer
 
     return build_tokenizer(256)
 

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from qexport.functional import LogitWindows, compare, perplexity
-from qexport.thresholds import Thresholds
+from qexport.verify.functional import LogitWindows, compare, perplexity
+from qexport.verify.thresholds import Thresholds
 from qexport.verify import functional_checks as F
 from qexport.verify.reference_quant import UnsupportedScheme
 from tests.unit_verify import CONFIG, config_with, context, named, qc, reference_weights, write_folder

@@ -274,8 +274,7 @@ def test_quantized_modules_without_a_quantization_config_object_fail(tmp_path, r
 
 
 def int8_naive(module: str, w: torch.Tensor, packed: bool = False) -> dict[str, torch.Tensor]:
-    from qexport import quant
-
+    from qexport.quant import primitives as quant
     scales = quant.compute_scales(w.float(), 8, None, torch.float16)
     q = quant.quantize(w.float(), scales, 8, None)
     if packed:
@@ -390,8 +389,7 @@ def test_int8_codes_under_pack_quantized_fail(tmp_path, ref):
 
 def test_4_bit_codes_stored_one_per_byte_fail(tmp_path, ref):
     # what a naive-quantized int4 export looks like: codes in [-8, 7] in int8 storage, per-group scales
-    from qexport import quant
-
+    from qexport.quant import primitives as quant
     w = reference_weights()
     scales = quant.compute_scales(w[f"{DOWN}.weight"].float(), 4, 16, torch.float16)
     codes = quant.quantize(w[f"{DOWN}.weight"].float(), scales, 4, 16)
@@ -517,8 +515,7 @@ def test_packed_zero_points_of_the_wrong_shape_or_dtype_fail(tmp_path, ref):
 
 
 def test_unpacked_asymmetric_zero_points_are_one_per_group_of_any_dtype(tmp_path, ref):
-    from qexport import quant
-
+    from qexport.quant import primitives as quant
     w = reference_weights()
     tensors = {NORM: w[NORM].half()}
     for m, (rows, cols) in ((D, (32, 64)), (UP, (64, 32))):
@@ -547,7 +544,7 @@ INT4_MODULE_BYTES = 1296
 
 
 def test_an_int4_export_stores_what_its_config_predicts(tmp_path, ref):
-    from qexport.report import format_ratio
+    from qexport.report.terminal import format_ratio
 
     folder = int4_export(tmp_path)
     result = check_bytes(context(folder, ref))
@@ -563,7 +560,7 @@ def test_an_int4_export_stores_what_its_config_predicts(tmp_path, ref):
 
 
 def test_a_dense_export_reports_the_whole_model_ratio_only(tmp_path, ref):
-    from qexport.report import format_ratio
+    from qexport.report.terminal import format_ratio
 
     folder = write_folder(tmp_path / "fp16", {k: v.half() for k, v in reference_weights().items()})
     result = check_bytes(context(folder, ref))
@@ -638,8 +635,7 @@ def test_per_tensor_scales_are_predicted_as_one(tmp_path, ref):
 
 
 def test_4_bit_codes_one_per_byte_store_more_than_packed(tmp_path, ref):
-    from qexport import quant
-
+    from qexport.quant import primitives as quant
     w = reference_weights()
     scales = quant.compute_scales(w[f"{DOWN}.weight"].float(), 4, 16, torch.float16)
     tensors = int4_tensors()
@@ -692,7 +688,7 @@ def test_a_manifest_without_predictions_predicts_nothing_per_file(tmp_path, ref)
 
 
 def test_the_opt_in_ratio_floor_fails_a_scheme_that_compresses_less(tmp_path, ref):
-    from qexport.report import format_ratio, format_value
+    from qexport.report.terminal import format_ratio, format_value
 
     folder = int4_export(tmp_path)
     ratio = 8192 / 2592

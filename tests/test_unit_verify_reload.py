@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qexport.export import ExportOptions, export_folder
+from qexport.export.pipeline import ExportOptions, export_folder
 from qexport.verify import context as context_module
 from qexport.verify import functional_checks as F
 from qexport.verify import reference_quant as R
@@ -322,7 +322,7 @@ def test_rtn_fake_quantize_refuses_a_group_size_the_rows_do_not_divide_by():
 
 
 def test_rtn_model_fake_quantizes_exactly_the_targeted_linears_in_the_given_dtype(tiny):
-    from qexport.functional import load_streamed
+    from qexport.verify.functional import load_streamed
 
     ref = tiny[0]
     qc = json.loads((tiny[1] / "config.json").read_text())["quantization_config"]  # int8 per channel, lm_head out
@@ -337,7 +337,7 @@ def test_rtn_model_fake_quantizes_exactly_the_targeted_linears_in_the_given_dtyp
 
 
 def test_apply_rtn_refuses_a_config_that_targets_no_linear(tiny):
-    from qexport.functional import load_streamed
+    from qexport.verify.functional import load_streamed
 
     qc = {"config_groups": {"g": {"targets": ["Embedding"], "weights": INT4_G16}}, "ignore": []}
     with pytest.raises(R.UnsupportedScheme, match="targets no Linear of the reference architecture"):

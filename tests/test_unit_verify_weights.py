@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qexport.thresholds import thresholds_for
+from qexport.verify.thresholds import thresholds_for
 from qexport.verify import weight_checks
 from tests.unit_verify import (
     DOWN,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qexport import quant
-from qexport.cli import main
+from qexport.quant import primitives as quant
+from qexport.cli.main import main
 from tests.support import verify_cli
 
 
@@ -242,7 +242,7 @@ def test_byte_changed_after_export_fails_manifest(capsys, tmp_path, qwen3_src, q
 def test_file_larger_than_predicted_fails_bytes(capsys, tmp_path, qwen3_src, qwen3_out):
     # A valid file with a bloated header, whose new size and hash the exporter honestly recorded: only the
     # predicted size catches it.
-    from qexport.safetensors_io import sha256_file
+    from qexport.io.safetensors_file import sha256_file
 
     export = broken_copy(tmp_path, qwen3_out / "int4", keep_manifest=True)
     path = export / "model.safetensors"

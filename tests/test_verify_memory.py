@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qexport import functional as F
-from qexport.checkpoint import load_config
-from qexport.functional import LogitWindows, compare, load_model, load_streamed, model_outputs, perplexity
+from qexport.verify import functional as F
+from qexport.io.checkpoint import load_config
+from qexport.verify.functional import LogitWindows, compare, load_model, load_streamed, model_outputs, perplexity
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_reference_loaded_tensor_by_tensor_gives_transformers_logits_bit_for_bit
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streamed_load_keeps_the_checkpoint_weights_in_the_asked_dtype(qwen3_src, dtype):
-    from qexport.checkpoint import Checkpoint
+    from qexport.io.checkpoint import Checkpoint
 
     model = load_streamed(qwen3_src, dtype)
     ckpt = Checkpoint.open(qwen3_src)
@@ -41,7 +41,7 @@ def test_streamed_load_keeps_the_checkpoint_weights_in_the_asked_dtype(qwen3_src
 
 
 def test_strict_stream_refuses_names_the_model_does_not_have(qwen3_src):
-    from qexport.checkpoint import Checkpoint
+    from qexport.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(qwen3_src)
 
@@ -124,7 +124,7 @@ def test_sqnr_of_a_large_tensor_in_slices_equals_the_whole_tensor_value(monkeypa
 
 def test_dequantized_model_is_built_without_a_second_copy_of_the_weights(qwen3_out, qwen3_src, monkeypatch):
     """Our own dequantization streams into the model: no full state dict exists at any point."""
-    from qexport import dequant
+    from qexport.quant import dequant
     from qexport.verify import Context
 
     monkeypatch.setattr(dequant, "dequantized_state_dict",

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from qexport.card import README_BEGIN, README_END
+from qexport.report.card import README_BEGIN, README_END
 from qexport.verify import verify
 
 SOURCE_README = "# The source model\n\nIt answers questions.\n"

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from qexport.functional import sqnr_db
+from qexport.verify.functional import sqnr_db
 from qexport.verify import verify
 from tests import defects
 
@@ -30,7 +30,7 @@ def copy(tmp_path, folder, name="export"):
 
 
 def sqnr(folder, ref, **thresholds):
-    from qexport.thresholds import thresholds_for
+    from qexport.verify.thresholds import thresholds_for
 
     fmt = folder.name if folder.name in ("fp16", "int8", "int4") else "int4"
     t = vars(thresholds_for(fmt)) | thresholds
@@ -58,8 +58,7 @@ def test_the_measured_sqnr_is_the_tensors_own_dequantized_exactly(out, qwen3_src
     # 6.3e-5 dB lower on the worst tensor here (o_proj of layer 1: 19.005614 vs 19.005677), 5.8e-4 on down_proj.
     from safetensors.torch import load_file
 
-    from qexport import quant
-
+    from qexport.quant import primitives as quant
     result = sqnr(out / "int4", qwen3_src)
     module = result.metrics["sqnr_worst"].removesuffix(".weight")
     stored = load_file(out / "int4" / "model.safetensors")

@@ -66,8 +66,7 @@ def int4_export(folder: Path, dense: tuple[str, ...] = ()) -> Path:
 
 def int8_export(folder: Path) -> Path:
     """An int8 (W8A16 per channel, pack-quantized) export: what qexport writes for int8."""
-    from qexport import quant
-
+    from qexport.quant import primitives as quant
     tensors = {}
     for name, w in weights().items():
         module = name.removesuffix(".weight")

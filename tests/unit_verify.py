@@ -65,9 +65,8 @@ _ARCHITECTURES: dict = {}
 
 def context(export: Path, reference: Path, thresholds: dict | None = None) -> Context:
     """verify's Context on the two folders. The reference's architecture (a meta-device model built from its
-    config, 80 ms) is built once per config text: qexport.architecture is not what these tests check."""
-    from qexport import architecture
-
+    config, 80 ms) is built once per config text: qexport.model.architecture is not what these tests check."""
+    from qexport.model import architecture
     real = architecture.inspect_architecture
     key = (Path(reference) / "config.json").read_text()
 
@@ -87,8 +86,7 @@ def int4_module(module: str, w: torch.Tensor, group_size: int = 16) -> tuple[dic
     """(what an int4 pack-quantized export stores for `module`, the float32 weight it dequantizes to), from qexport's
     quantization primitives (scale = absmax / 7.5 in fp16, codes packed 8 per int32); the dequantized weight is
     computed here as codes x scales in float32 (exact: a 4-bit code times an fp16 scale fits float32)."""
-    from qexport import quant
-
+    from qexport.quant import primitives as quant
     scales = quant.compute_scales(w.float(), 4, group_size, torch.float16)
     q = quant.quantize(w.float(), scales, 4, group_size)
     w_hat = (q.float().reshape(q.shape[0], -1, group_size) * scales.float().unsqueeze(-1)).reshape(q.shape)

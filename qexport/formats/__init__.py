@@ -4,8 +4,8 @@ Names are case-insensitive (`--formats INT4` is int4). `original` (every tensor 
 writes) is internal: accepted, but not offered in messages or help.
 """
 
-from . import fp16, int4, int4_asym, int8, original  # noqa: F401  (registration)
-from .base import REGISTRY, Format
+from qexport.formats import fp16, int4, int4_asym, int8, original  # noqa: F401  (registration)
+from qexport.formats.base import REGISTRY, Format
 
 INTERNAL_FORMATS = ("original",)
 
@@ -18,7 +18,7 @@ def user_formats() -> list[str]:
 
 def format_name(name: str, option: str = "--formats") -> str:
     """The registered name for `name` in any case; InputError naming `option` and the known formats if none."""
-    from ..errors import InputError
+    from qexport.errors import InputError
 
     canonical = str(name).lower()
     if canonical not in REGISTRY:

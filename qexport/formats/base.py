@@ -10,8 +10,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..errors import InputError
-from ..safetensors_io import DTYPE_NAMES
+from qexport.errors import InputError
+from qexport.io.safetensors_file import DTYPE_NAMES
 
 Stored = tuple[str, str, tuple[int, ...]]  # (tensor name, safetensors dtype, shape)
 

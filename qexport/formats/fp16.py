@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, register
+from qexport.formats.base import Format, register
 
 
 @register

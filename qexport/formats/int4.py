@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import clip_search, quant
-from ..errors import InputError
-from .base import register
-from .int8 import INT8
+from qexport.quant import clip_search
+
+from qexport.quant import primitives as quant
+from qexport.errors import InputError
+from qexport.formats.base import register
+from qexport.formats.int8 import INT8
 
 # How scales (and zero points) are chosen; the stored layout is the same for every method.
 # rtn: round-to-nearest over each group's full range (compressed-tensors' minmax observer).

@@ -17,10 +17,12 @@ import math
 
 import torch
 
-from .. import clip_search, quant
-from .base import register
-from .int4 import INT4
-from .int8 import _module
+from qexport.quant import clip_search
+
+from qexport.quant import primitives as quant
+from qexport.formats.base import register
+from qexport.formats.int4 import INT4
+from qexport.formats.int8 import _module
 
 
 @register

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from .. import quant
-from .base import STORED_NAMES, Format, register
+from qexport.quant import primitives as quant
+from qexport.formats.base import STORED_NAMES, Format, register
 
 
 def _module(name: str) -> str:

@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..thresholds import Thresholds
-from .baseline import check_baseline, load_baseline  # noqa: F401  (public API)
-from .config_checks import check_config_keys, check_model_type, check_quantization_config
-from .context import CheckResult, Context, _fail, _listing, detect_format, has_tokenizer, open_tensors, weights_args  # noqa: F401
-from .engine_checks import check_engine_sentence_transformers, check_engine_vllm
-from .file_checks import check_side_files, check_tokenizer, check_tokenizer_files
-from .functional_checks import (check_finite_outputs, check_functional, check_functional_vs_rtn, check_reload,
+from qexport.verify.thresholds import Thresholds
+from qexport.verify.baseline import check_baseline, load_baseline  # noqa: F401  (public API)
+from qexport.verify.config_checks import check_config_keys, check_model_type, check_quantization_config
+from qexport.verify.context import CheckResult, Context, _fail, _listing, detect_format, has_tokenizer, open_tensors, weights_args  # noqa: F401
+from qexport.verify.engine_checks import check_engine_sentence_transformers, check_engine_vllm
+from qexport.verify.file_checks import check_side_files, check_tokenizer, check_tokenizer_files
+from qexport.verify.functional_checks import (check_finite_outputs, check_functional, check_functional_vs_rtn, check_reload,
                                 check_reload_matches_dequant)
-from .layout_checks import check_bytes, check_layout, check_manifest, check_shards, check_tensor_names
-from .weight_checks import check_weights
+from qexport.verify.layout_checks import check_bytes, check_layout, check_manifest, check_shards, check_tensor_names
+from qexport.verify.weight_checks import check_weights
 
 CHECKS: list[Callable[[Context], CheckResult]] = [
     check_model_type, check_config_keys, check_quantization_config, check_shards, check_manifest,
@@ -225,7 +225,7 @@ def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresh
            only: list[str] | None = None, engines=(), progress: Progress | None = None) -> Verification:
     """Run the checks (all, or those named in `only`) and return them with the headline metrics.
 
-    `engines`: EngineSpecs (qexport.engines.runner.parse_engine) whose checks run too, e.g. engine_vllm."""
+    `engines`: EngineSpecs (qexport.verify.engines.runner.parse_engine) whose checks run too, e.g. engine_vllm."""
     import time
 
     start = time.perf_counter()
@@ -253,8 +253,8 @@ def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresh
 
 def record_in_card(result: Verification, tool: str = "qexport verify") -> None:
     """Write the checks into the export's README.md model card and qexport.json (folders qexport wrote)."""
-    from ..card import update_card_verification, verification_result
-    from ..errors import InputError
+    from qexport.report.card import update_card_verification, verification_result
+    from qexport.errors import InputError
 
     if not (result.export / "qexport.json").is_file():
         raise InputError(f"--write-card: {result.export} has no qexport.json (only qexport exports carry a card)")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
-from ..report import format_value
-from ..thresholds import REGRESSIONS
-from .context import CheckResult, _fail, _ok, _read_json_object
+from qexport.errors import InputError
+from qexport.report.terminal import format_value
+from qexport.verify.thresholds import REGRESSIONS
+from qexport.verify.context import CheckResult, _fail, _ok, _read_json_object
 
 
 def load_baseline(path: str | Path) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .context import (CHANGED_BY_EXPORT, PACKED_FORMATS, UNPACKED_FORMATS, CheckResult, Context, _fail, _listing, _ok,
+from qexport.verify.context import (CHANGED_BY_EXPORT, PACKED_FORMATS, UNPACKED_FORMATS, CheckResult, Context, _fail, _listing, _ok,
                       json_equal)
 
 
@@ -37,7 +37,7 @@ def check_config_keys(ctx: Context) -> CheckResult:
     try:
         from transformers import AutoConfig
 
-        from ..functional import quiet
+        from qexport.verify.functional import quiet
 
         # model_type is compared above as a source key; the class AutoConfig picks for it can carry another name
         # (gpt-sw3 loads as gpt2) in the reference as much as in the export, so that is no defect of the export.

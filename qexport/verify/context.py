@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .. import safe_fs, untrusted_regex
-from ..checkpoint import INDEX_FILE, Checkpoint, weight_files
-from ..errors import InputError, not_a_model_folder
-from ..safetensors_io import read_header
-from ..thresholds import Thresholds, thresholds_for
+from qexport.io import safe_fs
+
+from qexport.io import untrusted_regex
+from qexport.io.checkpoint import INDEX_FILE, Checkpoint, weight_files
+from qexport.errors import InputError, not_a_model_folder
+from qexport.io.safetensors_file import read_header
+from qexport.verify.thresholds import Thresholds, thresholds_for
 
 MANIFEST = "qexport.json"
 TOKENIZER_FILES = (
@@ -83,7 +85,7 @@ class Context:
 
     def __init__(self, export_dir: str | Path, reference_dir: str | Path,
                  thresholds: Thresholds | dict | None = None):
-        from ..architecture import inspect_architecture
+        from qexport.model.architecture import inspect_architecture
 
         self.export = Path(export_dir)
         if not self.export.is_dir():
@@ -140,7 +142,7 @@ class Context:
         """Fixed inputs, tokenized with the reference's tokenizer when it has one (`input_kind` says which):
         "text": the shipped English text in windows (causal LM); "sentences": real sentences (encoder);
         "random": seeded random token ids (no tokenizer)."""
-        from ..functional import encode_sentences, fixed_token_ids, text_windows
+        from qexport.verify.functional import encode_sentences, fixed_token_ids, text_windows
 
         if self._inputs is None:
             folder = self.reference.folder
@@ -159,7 +161,7 @@ class Context:
         """Logits of a causal LM as LogitWindows (one forward pass per window, each window's logits in a temporary
         file: never all windows of several models in memory) or mask-pooled embeddings [B, H] of an encoder, on
         the fixed inputs (the first `windows` rows only, when given)."""
-        from ..functional import pooled_embeddings, window_logits
+        from qexport.verify.functional import pooled_embeddings, window_logits
 
         inputs = {k: v[:windows] for k, v in self.inputs().items()}
         if self.is_causal:
@@ -172,7 +174,7 @@ class Context:
         key = (str(self.reference.folder.resolve()), (self.reference.folder / "config.json").stat().st_mtime_ns,
                self.is_causal)
         if key not in _REFERENCE_OUTPUTS:
-            from ..functional import load_streamed
+            from qexport.verify.functional import load_streamed
 
             self.unload()  # the reference model never sits in memory next to a load of the export
             _REFERENCE_OUTPUTS.clear()  # one reference at a time: bounded memory (and disk)
@@ -188,7 +190,7 @@ class Context:
         (reference_quant.rtn_model); cached per reference and scheme. Raises UnsupportedScheme."""
         import json as _json
 
-        from .reference_quant import rtn_model
+        from qexport.verify.reference_quant import rtn_model
 
         key = (str(self.reference.folder.resolve()), (self.reference.folder / "config.json").stat().st_mtime_ns,
                _json.dumps(self.qc, sort_keys=True, default=str), str(dtype))
@@ -205,7 +207,7 @@ class Context:
     @property
     def config_dtype(self) -> torch.dtype:
         """The dtype transformers loads this export in by default: config.json's `dtype` / `torch_dtype`."""
-        from ..functional import config_dtype
+        from qexport.verify.functional import config_dtype
 
         return config_dtype(self.config or {})
 
@@ -213,7 +215,7 @@ class Context:
         """(model, loading_info) of the export loaded through transformers in `dtype`, or None (the reason in
         `load_errors[dtype]`). Only the latest load is kept: loading another dtype drops the previous model
         first, so two copies of a large model never sit in memory together."""
-        from ..functional import load_model
+        from qexport.verify.functional import load_model
 
         if self._load is not None and self._load[0] == dtype:
             return self._load[1]
@@ -253,8 +255,8 @@ class Context:
         """Our own dequantization of the export's shards in the reference architecture, float32, built one tensor
         at a time (functional.model_from_tensors: the model once plus one module's tensors in flight). The
         caller frees it (`del`) when done; nothing here keeps a reference."""
-        from ..dequant import dequantized_count, iter_dequantized
-        from ..functional import model_from_tensors
+        from qexport.quant.dequant import dequantized_count, iter_dequantized
+        from qexport.verify.functional import model_from_tensors
 
         # transformers' dequantize route (CompressedTensorsConfig dequantize=True) multiplies codes and scales in
         # the scale dtype while loading, then casts: do the same to compare bit for bit.

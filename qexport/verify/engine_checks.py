@@ -2,7 +2,7 @@
 
 - `engine_sentence_transformers` (folders with modules.json; on by default, it is cheap): SentenceTransformer(export)
   encodes the functional check's sentences; cosine against SentenceTransformer(reference).
-- `engine_vllm` (only when asked: `--engine vllm[=PYTHON]`): vLLM in its own interpreter (qexport.engines.runner)
+- `engine_vllm` (only when asked: `--engine vllm[=PYTHON]`): vLLM in its own interpreter (qexport.verify.engines.runner)
   parses the quantization config, picks a scheme and kernel per Linear, and where it has kernels generates
   greedily with logprobs; transformers on the same folder, in the same dtype, scores the same tokens.
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import declared_dtype
-from .context import CheckResult, Context, _fail, _listing, _ok, _skip, has_tokenizer
+from qexport.io.checkpoint import declared_dtype
+from qexport.verify.context import CheckResult, Context, _fail, _listing, _ok, _skip, has_tokenizer
 
 # |logprob(vLLM) - logprob(transformers)| on the same folder, tokens and dtype, per dtype. Measured on the tiny
 # qwen3 preset (vLLM 0.32 CPU vs transformers 5.24, 3 prompts, 78 scored positions incl. 24 generated): fp16
@@ -60,7 +60,7 @@ def check_engine_sentence_transformers(ctx: Context) -> CheckResult:
         import sentence_transformers
     except ImportError:
         return _skip(name, "the folder has modules.json but sentence-transformers is not installed: not checked")
-    from ..functional import SENTENCES, quiet
+    from qexport.verify.functional import SENTENCES, quiet
 
     def encode(folder, **kwargs):
         with quiet():
@@ -131,7 +131,7 @@ def _cosine_result(name, ctx, reference, embeddings, version) -> CheckResult:
 def check_engine_vllm(ctx: Context) -> CheckResult:
     """vLLM parses the config, maps each Linear to the scheme the files hold, and (where it has kernels)
     generates with logprobs equal to transformers' on the same folder."""
-    from ..engines.runner import ChildFailed, run_child, unavailable_reason
+    from qexport.verify.engines.runner import ChildFailed, run_child, unavailable_reason
 
     name = "engine_vllm"
     spec = (getattr(ctx, "engines", None) or {}).get("vllm")
@@ -176,7 +176,7 @@ def prompt_ids(ctx: Context) -> list[list[int]]:
     if has_tokenizer(ctx.export):
         from transformers import AutoTokenizer
 
-        from ..functional import quiet
+        from qexport.verify.functional import quiet
 
         try:
             with quiet():
@@ -186,7 +186,7 @@ def prompt_ids(ctx: Context) -> list[list[int]]:
             prompts = []
         if prompts and all(len(p) >= 2 and max(p) < vocab for p in prompts):
             return prompts
-    from ..functional import fixed_token_ids
+    from qexport.verify.functional import fixed_token_ids
 
     return fixed_token_ids(vocab, batch=len(PROMPTS), length=12).tolist()
 
@@ -287,7 +287,7 @@ def _bound_origin(metrics: dict) -> str:
 
 def _score(folder, dtype: torch.dtype, sequences: list[dict]) -> list[torch.Tensor]:
     """Per sequence, transformers' next-token log-probabilities (float32) at every position but the last."""
-    from ..functional import load_model, quiet
+    from qexport.verify.functional import load_model, quiet
 
     model, _ = load_model(folder, dtype=dtype)
     rows = []

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import INDEX_FILE
-from ..safetensors_io import sha256_file
-from .context import (MANIFEST, TOKENIZER_FILES, CheckResult, Context, _fail, _listing, _ok, _skip, has_tokenizer,
+from qexport.io.checkpoint import INDEX_FILE
+from qexport.io.safetensors_file import sha256_file
+from qexport.verify.context import (MANIFEST, TOKENIZER_FILES, CheckResult, Context, _fail, _listing, _ok, _skip, has_tokenizer,
                       json_equal)
 
 
@@ -57,7 +57,7 @@ def same_content(ref: Path, ours: Path, ref_root: Path | None = None, our_root: 
 
 def _card_keeps_source_readme(ref: Path, ours: Path) -> bool:
     """A qexport model card must embed the reference README unchanged; another tool's README may say anything."""
-    from ..card import CARD_MARK, source_readme_of
+    from qexport.report.card import CARD_MARK, source_readme_of
 
     text = ours.read_text(encoding="utf-8", errors="replace")
     if CARD_MARK not in text:
@@ -99,7 +99,7 @@ def check_side_files(ctx: Context) -> CheckResult:
 
 def check_tokenizer(ctx: Context) -> CheckResult:
     """The export's tokenizer loads and encodes real text exactly as the reference's does."""
-    from ..functional import SENTENCES, quiet
+    from qexport.verify.functional import SENTENCES, quiet
 
     name = "tokenizer"
     if not has_tokenizer(ctx.reference.folder):

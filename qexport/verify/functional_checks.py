@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .context import CheckResult, Context, _fail, _listing, _ok, _release, _skip
+from qexport.verify.context import CheckResult, Context, _fail, _listing, _ok, _release, _skip
 
 
 def check_reload(ctx: Context) -> CheckResult:
@@ -53,7 +53,7 @@ def check_reload_matches_dequant(ctx: Context) -> CheckResult:
 
 def _max_abs_diff(a, b) -> tuple[float, bool]:
     """max |a - b| (NaN if either holds one) and whether a and b are equal, over tensors or LogitWindows."""
-    from ..functional import LogitWindows
+    from qexport.verify.functional import LogitWindows
 
     if not isinstance(a, LogitWindows):
         return (a - b).abs().max().item(), bool(torch.equal(a, b))
@@ -113,7 +113,7 @@ def check_finite_outputs(ctx: Context) -> CheckResult:
     """Both loads of the export -- float32 and the dtype config.json names, which is how users load it -- run the
     fixed inputs to finite outputs. An fp16 export of a model whose activations pass 65504 fails here, naming the
     first module (and decoder layer) where NaN/Inf appears."""
-    from ..functional import dtype_name, outputs_with_nonfinite
+    from qexport.verify.functional import dtype_name, outputs_with_nonfinite
 
     name = "finite_outputs"
     dtypes = list(dict.fromkeys([torch.float32, ctx.config_dtype]))
@@ -145,7 +145,7 @@ def check_finite_outputs(ctx: Context) -> CheckResult:
 def check_functional(ctx: Context) -> CheckResult:
     """Next-token KLD / top-1 / perplexity (causal LM) or pooled-embedding cosine (encoder) vs the reference,
     against the absolute thresholds; any non-finite metric fails."""
-    from ..functional import compare, perplexity
+    from qexport.verify.functional import compare, perplexity
 
     name = "functional"
     candidate = _candidate(ctx)
@@ -188,8 +188,8 @@ def check_functional_vs_rtn(ctx: Context) -> CheckResult:
     Causal LM: KLD_export <= max_kld_vs_rtn * KLD_rtn + kld_vs_rtn_slack and top1_export >= top1_rtn -
     max_top1_drop_vs_rtn. Encoder: (1 - cos_export) <= max_cosine_gap_vs_rtn * (1 - cos_rtn) + cosine_vs_rtn_slack.
     """
-    from ..functional import compare, perplexity
-    from .reference_quant import UnsupportedScheme
+    from qexport.verify.functional import compare, perplexity
+    from qexport.verify.reference_quant import UnsupportedScheme
 
     name = "functional_vs_rtn"
     if not isinstance(ctx.qc, dict) or not ctx.qc.get("config_groups"):

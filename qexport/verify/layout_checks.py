@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-from ..checkpoint import INDEX_FILE
-from ..report import format_ratio, format_value
-from ..safetensors_io import sha256_file
-from ..sizes import size_summary
-from .context import (
+from qexport.io.checkpoint import INDEX_FILE
+from qexport.report.terminal import format_ratio, format_value
+from qexport.io.safetensors_file import sha256_file
+from qexport.io.sizes import size_summary
+from qexport.verify.context import (
     MANIFEST,
     PACKED_FORMATS,
     UNPACKED_FORMATS,
@@ -69,7 +69,7 @@ def check_manifest(ctx: Context) -> CheckResult:
 
 def check_tensor_names(ctx: Context) -> CheckResult:
     """The export stores every reference tensor (quantized or dense) once, nothing else; tied ones only once."""
-    from ..dequant import quantized_modules
+    from qexport.quant.dequant import quantized_modules
 
     name = "tensor_names"
     if ctx.ckpt is None:
@@ -163,7 +163,7 @@ def _module_layout(ctx: Context, module: str, parts: dict[str, str]) -> list[str
 def check_layout(ctx: Context) -> CheckResult:
     """Each quantized module stores what its config group says (bits, packing, scale shape); Linears not ignored
     are quantized (a dense one transformers would load as missing keys)."""
-    from ..dequant import quantized_modules
+    from qexport.quant.dequant import quantized_modules
 
     name = "layout"
     if ctx.ckpt is None:
@@ -209,7 +209,7 @@ def _predicted_module_bytes(ctx: Context, module: str, parts: dict[str, str]) ->
 def check_bytes(ctx: Context) -> CheckResult:
     """Stored bytes equal predicted bytes per tensor and per file; a quantized module stores no more than its
     declared scheme needs (packed codes, one scale per channel or group in the model dtype)."""
-    from ..dequant import quantized_modules
+    from qexport.quant.dequant import quantized_modules
 
     name = "bytes"
     if ctx.ckpt is None:
@@ -249,7 +249,7 @@ def check_bytes(ctx: Context) -> CheckResult:
                   for p in parts.values()}
     sizes = size_summary([(e.dtype, e.shape, e.nbytes) for n, e in entries.items() if n not in in_modules],
                          q_weights, q_bytes)
-    # The names the verify metrics (baselines, reports) have always used for the shared definitions in qexport.sizes.
+    # The names the verify metrics (baselines, reports) have always used for the shared definitions in qexport.io.sizes.
     metrics = {"linear_weights": len(body), "quantized_linears": len(quantized_body),
                "quantized_linear_share": sum(body[n] for n in quantized_body) / sum(body.values()) if body else None,
                "weight_bytes": sum(p.stat().st_size for p in ctx.ckpt.files), "file_ratio": sizes["ratio_vs_fp16"],

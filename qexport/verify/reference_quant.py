@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import weights_args
+from qexport.verify.context import weights_args
 
 
 class UnsupportedScheme(ValueError):
@@ -93,7 +93,7 @@ def apply_rtn(model: torch.nn.Module, quantization_config: dict) -> list[str]:
 
 def rtn_model(reference_folder, quantization_config: dict, dtype=torch.float32):
     """The reference model with the declared scheme applied by round-to-nearest (see module docstring)."""
-    from ..functional import load_streamed
+    from qexport.verify.functional import load_streamed
 
     model = load_streamed(reference_folder, dtype=dtype)  # tensor by tensor: one model in memory
     apply_rtn(model, quantization_config)

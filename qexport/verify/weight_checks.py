@@ -6,13 +6,13 @@ import math
 
 import torch
 
-from .context import CheckResult, Context, _fail, _ok, _skip
+from qexport.verify.context import CheckResult, Context, _fail, _ok, _skip
 
 
 def check_weights(ctx: Context) -> CheckResult:
     """Per-tensor SQNR of the dequantized export vs the reference weights (scales off, nibbles swapped, ...)."""
-    from ..dequant import dequantized_count, iter_dequantized
-    from ..functional import sqnr_db
+    from qexport.quant.dequant import dequantized_count, iter_dequantized
+    from qexport.verify.functional import sqnr_db
 
     name = "weights_sqnr"
     if ctx.ckpt is None:

@@ -1,0 +1,1 @@
+"""The `qexport` command line."""

@@ -1,0 +1,1 @@
+"""Merged checkpoints: a LoRA adapter folded into its base, or a weighted average."""

@@ -1,0 +1,1 @@
+"""Quantization arithmetic: integer primitives, dequantization of every compressed-tensors layout, clip search."""

@@ -1,0 +1,1 @@
+"""What people read: value formatting, terminal tables, HTML, the model card, folder inspection."""
