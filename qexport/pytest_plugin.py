@@ -397,7 +397,7 @@ class QexportCheckItem(pytest.Item):
 
         changed = [e["text"] for e in threshold_entries(ctx.thresholds, ctx.defaults) if e["status"] != "default"]
         sqnr = check.metrics.get("per_tensor_sqnr_db") if check.name == "weights_sqnr" else None
-        from qexport.report.terminal import model_name
+        from qexport.io.identity import model_name
 
         Recorder(self).row(model_name(gate.reference), self.fmt, path=str(gate.reference), passed=check.passed,
                            sqnr_values=list(sqnr.values()) if sqnr else None,

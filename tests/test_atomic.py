@@ -18,7 +18,7 @@ import pytest
 from fixtures.bad_inputs import manifest_problems
 from qexport.io import safetensors_file as safetensors_io
 from qexport.cli.main import main
-from qexport.export.pipeline import TMP_MARK
+from qexport.io.publish import TMP_MARK
 
 FORMATS = ["fp16", "int4"]
 SHARD = "600KB"  # the tiny llama model (about 4 MB) gives several output shards per format
@@ -64,8 +64,8 @@ KILL_POINTS = {
     "mid_shard": ("StreamWriter", "add", "after", 3, False),
     "after_first_shard": ("StreamWriter", "close", "after", 1, False),
     "after_first_format_written": ("export", "write_format", "after", 1, False),
-    "before_first_rename": ("export", "_replace_dir", "before", 1, False),
-    "between_renames": ("export", "_replace_dir", "after", 1, False),
+    "before_first_rename": ("export", "replace_dir", "before", 1, False),
+    "between_renames": ("export", "replace_dir", "after", 1, False),
     # replacing an existing export: old folder moved aside, new one not yet in place
     "overwrite_between_moves": ("os", "replace", "after", 1, True),
 }

@@ -17,11 +17,12 @@ import yaml
 
 from hypothesis import given, settings, strategies as st
 
-from qexport.report.card import (PATH_PLACEHOLDER, README_BEGIN, README_END, base_model_id, embed_readme, source_readme_of,
+from qexport.report.card import (PATH_PLACEHOLDER, README_BEGIN, README_END, embed_readme, source_readme_of,
                           unembed_readme, update_card_verification, verification_result)
 from qexport.io.checkpoint import load_config
+from qexport.io.identity import base_model_id
 from qexport.export.pipeline import ExportOptions, export_folder
-from qexport.report.terminal import format_value
+from qexport.report.values import format_value
 from qexport.io.safetensors_file import sha256_file
 
 FORMATS = ("fp16", "int8", "int4")

@@ -7,7 +7,8 @@ import pytest
 
 from qexport.cli.main import main
 from qexport.report.inspection import format_report, inspect_folder
-from qexport.report.terminal import export_rows, format_value, table
+from qexport.report.terminal import export_rows, table
+from qexport.report.values import format_value
 from qexport.verify import check_baseline, verify
 
 

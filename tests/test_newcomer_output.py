@@ -11,7 +11,7 @@ import pytest
 from qexport.cli.main import build_parser, main
 from qexport.export.pipeline import ExportOptions
 from qexport.formats import format_name, user_formats
-from qexport.report.terminal import model_name
+from qexport.io.identity import model_name
 
 pytest_plugins = ["pytester"]
 

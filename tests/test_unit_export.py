@@ -12,9 +12,9 @@ import torch
 
 from qexport.model.architecture import Architecture
 from qexport.errors import InputError
-from qexport.export.pipeline import TMP_MARK, ExportOptions, OwnedFolder, _assign_shards, _ignored, check_destination, \
-    check_not_input, check_shapes, choose_group_size, clean_stale, compute_dtype_of, dense_linears_warning, \
-    input_folders, output_config, plan_format
+from qexport.export.pipeline import ExportOptions, _assign_shards, _ignored, check_shapes, choose_group_size, \
+    compute_dtype_of, dense_linears_warning, output_config, plan_format
+from qexport.io.publish import TMP_MARK, OwnedFolder, check_destination, check_not_input, clean_stale, input_folders
 from qexport.formats import get_format
 from tests.support import fail_a_hang  # noqa: F401  (autouse: a hung test fails after 120 s)
 
@@ -233,16 +233,16 @@ def test_quantizable_linears_are_the_stored_2d_linear_weights_not_tied_or_ignore
 
 
 def test_a_temporary_folder_is_stale_only_when_it_is_a_real_folder_whose_lock_is_free(tmp_path):
-    from qexport.export.pipeline import _is_stale
+    from qexport.io.publish import is_stale
 
     free = OwnedFolder(tmp_path / "free")
     free.release()
     held = OwnedFolder(tmp_path / "held")
     (tmp_path / "link").symlink_to(tmp_path / "free")
     (tmp_path / "file").write_text("x")
-    assert _is_stale(tmp_path / "free") and not _is_stale(tmp_path / "held")
-    assert not _is_stale(tmp_path / "link")  # never followed: what it points to is not the link's to judge
-    assert not _is_stale(tmp_path / "file") and not _is_stale(tmp_path / "missing")
+    assert is_stale(tmp_path / "free") and not is_stale(tmp_path / "held")
+    assert not is_stale(tmp_path / "link")  # never followed: what it points to is not the link's to judge
+    assert not is_stale(tmp_path / "file") and not is_stale(tmp_path / "missing")
     held.release()
 
 
@@ -335,12 +335,12 @@ def test_dense_linears_warning_shows_three_names_per_reason_by_default():
 def test_a_stale_folder_or_file_removed_by_another_run_meanwhile_is_no_error(tmp_path, monkeypatch):
     import shutil
 
-    import qexport.export.pipeline as export_module
-    from qexport.export.pipeline import remove_stale
+    import qexport.io.publish as publish
+    from qexport.io.publish import remove_stale
 
     folder = tmp_path / f".int4{TMP_MARK}1"
     folder.mkdir()
-    monkeypatch.setattr(export_module, "_is_stale", lambda p: shutil.rmtree(p) or True)  # gone once judged stale
+    monkeypatch.setattr(publish, "is_stale", lambda p: shutil.rmtree(p) or True)  # gone once judged stale
 
     class Vanishing(type(tmp_path)):
         def is_file(self):  # removed by another run right after this look

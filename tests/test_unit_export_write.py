@@ -17,10 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qexport.export.pipeline as export_module
+import qexport.io.publish as publish
 from qexport.model.architecture import Architecture
 from qexport.io.checkpoint import INDEX_FILE, Checkpoint
 from qexport.errors import InputError
-from qexport.export.pipeline import TMP_MARK, ExportOptions, export, export_folder
+from qexport.export.pipeline import ExportOptions, export, export_folder
+from qexport.io.publish import TMP_MARK
 from qexport.formats import get_format
 from tests.support import fail_a_hang  # noqa: F401  (autouse: a hung test fails after 120 s)
 
@@ -371,20 +373,20 @@ def test_a_folder_that_appears_while_exporting_is_not_replaced_without_overwrite
     (target / "other").write_text("another run's")
     with pytest.raises(InputError, match=rf"^--out {target}: appeared while this export was running \(another run "
                                          r"wrote it\); pass --overwrite"):
-        export_module._replace_dir(tmp, target, overwrite=False)
+        publish.replace_dir(tmp, target, overwrite=False)
     assert (target / "other").read_text() == "another run's"
     target.rename(tmp_path / "gone")
     (tmp_path / "int8").write_text("a file")
     with pytest.raises(InputError, match=r"appeared while this export was running \(another run\?\)"):
-        export_module._replace_dir(tmp, target, overwrite=False)
+        publish.replace_dir(tmp, target, overwrite=False)
     (tmp_path / "int8").unlink()
-    export_module._replace_dir(tmp, target, overwrite=False)
+    publish.replace_dir(tmp, target, overwrite=False)
     assert (target / "new").read_text() == "new" and not tmp.exists()
 
 
 def test_a_rename_error_other_than_an_existing_target_passes_through(tmp_path):
     with pytest.raises(FileNotFoundError):
-        export_module._replace_dir(tmp_path / "missing", tmp_path / "int8", overwrite=False)
+        publish.replace_dir(tmp_path / "missing", tmp_path / "int8", overwrite=False)
 
 
 def test_overwrite_replaces_a_symlink_without_touching_what_it_points_to(tmp_path):
@@ -394,7 +396,7 @@ def test_overwrite_replaces_a_symlink_without_touching_what_it_points_to(tmp_pat
     (tmp_path / "int8").symlink_to(kept)
     tmp = tmp_path / f".int8{TMP_MARK}1"
     tmp.mkdir()
-    export_module._replace_dir(tmp, tmp_path / "int8", overwrite=True)
+    publish.replace_dir(tmp, tmp_path / "int8", overwrite=True)
     assert (kept / "x").read_text() == "x" and not (tmp_path / "int8").is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8", "kept"]
 
@@ -565,10 +567,10 @@ def test_each_format_is_written_once_to_a_hidden_temporary_sibling_named_after_i
 
 
 def test_no_export_folder_stays_locked_after_the_export(tmp_path, discovered):
-    from qexport.export.pipeline import _is_stale
+    from qexport.io.publish import is_stale
 
     export(Checkpoint.open(checkpoint(tmp_path)), tmp_path / "out", options(formats=("fp16", "int8")))
-    assert _is_stale(tmp_path / "out" / "fp16") and _is_stale(tmp_path / "out" / "int8")
+    assert is_stale(tmp_path / "out" / "fp16") and is_stale(tmp_path / "out" / "int8")
 
 
 def test_allow_nonfinite_waits_for_the_real_architecture_instead_of_predicting(tmp_path, monkeypatch):
@@ -641,7 +643,7 @@ def test_the_replaced_folder_removed_by_another_runs_cleanup_meanwhile_is_no_err
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     monkeypatch.setattr(os, "replace", replace)
-    export_module._replace_dir(tmp, target, overwrite=True)
+    publish.replace_dir(tmp, target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"] and target.is_dir()
 
 
@@ -660,7 +662,7 @@ def test_a_replaced_folder_that_cannot_be_removed_does_not_fail_the_export(tmp_p
     (tmp / "new").write_text("new")
     target.mkdir()
     monkeypatch.setattr(shutil, "rmtree", busy)
-    export_module._replace_dir(tmp, target, overwrite=True)
+    publish.replace_dir(tmp, target, overwrite=True)
     monkeypatch.setattr(shutil, "rmtree", real)
     assert (target / "new").read_text() == "new"
 
@@ -684,7 +686,7 @@ def test_a_rewrite_keeps_its_temporary_folders_locked_so_another_runs_cleanup_le
     out = tmp_path / "out"
     source = Checkpoint.open(checkpoint(tmp_path, side={"sub/chat.jinja": "x"}))
     real_read = source.read
-    monkeypatch.setattr(source, "read", lambda name: export_module.clean_stale(out) or real_read(name))
+    monkeypatch.setattr(source, "read", lambda name: publish.clean_stale(out) or real_read(name))
     manifest = export(source, out, options(formats=("int8", "fp16")))["int8"]
     assert manifest["summary"]["quantized_linears"] == 2  # written again from the real architecture
     folder = out / "int8"

@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 
 from qexport.io.checkpoint import Checkpoint
 from qexport.errors import InputError
+from qexport.io.publish import input_folders
 from qexport.merge.sources import ADAPTER_CONFIG, ADAPTER_WEIGHTS, UNSUPPORTED_FIELDS, Adapter, AveragedSource, \
-    LoraMergedSource, input_folders, merge_folder, normalized_weights, open_source, pattern_value
+    LoraMergedSource, merge_folder, normalized_weights, open_source, pattern_value
 from tests import support
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 12,
@@ -823,7 +824,7 @@ def test_merge_folder_under_a_file_is_the_exports_input_error_alone(tmp_path):
 
 def test_merge_folder_holds_its_temporary_folder_so_a_concurrent_cleanup_leaves_it(tmp_path, monkeypatch):
     from qexport.merge import sources as merge
-    from qexport.export.pipeline import TMP_MARK, remove_stale
+    from qexport.io.publish import TMP_MARK, remove_stale
 
     real = merge.export
     seen = []

@@ -544,7 +544,7 @@ INT4_MODULE_BYTES = 1296
 
 
 def test_an_int4_export_stores_what_its_config_predicts(tmp_path, ref):
-    from qexport.report.terminal import format_ratio
+    from qexport.report.values import format_ratio
 
     folder = int4_export(tmp_path)
     result = check_bytes(context(folder, ref))
@@ -560,7 +560,7 @@ def test_an_int4_export_stores_what_its_config_predicts(tmp_path, ref):
 
 
 def test_a_dense_export_reports_the_whole_model_ratio_only(tmp_path, ref):
-    from qexport.report.terminal import format_ratio
+    from qexport.report.values import format_ratio
 
     folder = write_folder(tmp_path / "fp16", {k: v.half() for k, v in reference_weights().items()})
     result = check_bytes(context(folder, ref))
@@ -688,7 +688,7 @@ def test_a_manifest_without_predictions_predicts_nothing_per_file(tmp_path, ref)
 
 
 def test_the_opt_in_ratio_floor_fails_a_scheme_that_compresses_less(tmp_path, ref):
-    from qexport.report.terminal import format_ratio, format_value
+    from qexport.report.values import format_ratio, format_value
 
     folder = int4_export(tmp_path)
     ratio = 8192 / 2592

@@ -21,7 +21,7 @@ that the export is as close to the source as round-to-nearest of its own scheme 
 
 
 def _bounds() -> str:
-    from qexport.report.terminal import format_value
+    from qexport.report.values import format_value
     from qexport.verify.thresholds import DEFAULTS
 
     def bounds(fmt, t) -> str:

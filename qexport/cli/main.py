@@ -234,7 +234,7 @@ class _VerifyProgress:
 def _run_verify(args) -> int:
     from qexport.errors import VerificationFailed
     from qexport.report.html import to_json, verification_html, write_text
-    from qexport.report.terminal import model_name
+    from qexport.io.identity import model_name
     from qexport.verify.thresholds import parse_overrides
     from qexport.verify.engines.runner import parse_engine
     from qexport.verify import check_baseline, load_baseline, record_in_card, verify

@@ -26,7 +26,8 @@ from qexport.io import safe_fs
 from qexport.io import untrusted_regex
 from qexport.io.checkpoint import Checkpoint, load_json
 from qexport.errors import InputError
-from qexport.export.pipeline import TMP_MARK, ExportOptions, OwnedFolder, _replace_dir, check_not_input, export, remove_stale
+from qexport.export.pipeline import ExportOptions, export
+from qexport.io.publish import TMP_MARK, OwnedFolder, check_not_input, input_folders, remove_stale, replace_dir
 from qexport.io.safetensors_file import DTYPES, TensorEntry, read_header, sha256_file
 
 log = logging.getLogger("qexport")
@@ -427,10 +428,6 @@ def open_source(src: str | Path | None = None, *, lora: str | Path | None = None
     return LoraMergedSource(base, Adapter.open(lora)) if lora is not None else base
 
 
-def input_folders(source) -> list[Path]:
-    return source.input_folders()
-
-
 def merge_folder(source, out: str | Path, *, max_shard_size: int = 5 * 10**9, overwrite: bool = False,
                  progress: bool | None = None) -> dict:
     """Write `source` to OUT as a plain Hugging Face folder: tensors in their own dtype, config and tokenizer of
@@ -452,7 +449,7 @@ def merge_folder(source, out: str | Path, *, max_shard_size: int = 5 * 10**9, ov
         if parent.is_dir():  # otherwise export() reports why it cannot create it
             owned = OwnedFolder(work)
         manifest = export(source, work, options)["original"]
-        _replace_dir(work / "original", out, overwrite)
+        replace_dir(work / "original", out, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if owned is not None:

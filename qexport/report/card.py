@@ -23,7 +23,8 @@ import json
 import re
 from pathlib import Path
 
-from qexport.report.terminal import format_value, human_bytes
+from qexport.io.identity import FRONT_MATTER, readme_front_matter
+from qexport.report.values import format_value, human_bytes
 from qexport.io.checkpoint import declared_dtype
 from qexport.io.safe_fs import write_text_atomic
 
@@ -38,20 +39,10 @@ CARRIED_KEYS = ("license", "license_name", "license_link", "language", "pipeline
 PACKAGES = {"transformers": "transformers>=4.56", "compressed-tensors": "compressed-tensors>=0.12"}
 LM_HEAD_WHY = ("the output projection stays 16-bit by default (`ignore`): it is the layer most sensitive to "
                "quantization error, and in many models it shares its matrix with the input embedding")
-_FRONT_MATTER = re.compile(r"---\r?\n.*?\r?\n---\r?\n", re.DOTALL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Facts
-
-
-def base_model_id(folder: Path) -> str | None:
-    """The Hub repo id of a folder in the Hugging Face cache (…/models--Org--Name/snapshots/<rev>), else None."""
-    parts = Path(folder).resolve().parts
-    for i, part in enumerate(parts[:-2]):
-        if part.startswith("models--") and parts[i + 1] == "snapshots":
-            return part.removeprefix("models--").replace("--", "/")
-    return None
 
 
 def layer_type(name: str) -> str:
@@ -100,7 +91,7 @@ def unembed_readme(region: str) -> str:
         return "\n".join(line[2:] if line.startswith("> ") else line[1:] for line in lines)
     fence = "```yaml\n"
     if region.startswith(fence):
-        match = _FRONT_MATTER.match(region, len(fence))
+        match = FRONT_MATTER.match(region, len(fence))
         if match and region.startswith("```\n", match.end()):
             return match.group(0) + region[match.end() + len("```\n"):]
     return region
@@ -115,21 +106,6 @@ def source_readme_of(card_text: str) -> str | None:
         return None
     region = card_text[begin + len(README_BEGIN): end]
     return unembed_readme(region.removeprefix("\n").removesuffix("\n"))
-
-
-def _source_front_matter(text: str | None) -> dict:
-    if not text:
-        return {}
-    match = _FRONT_MATTER.match(text)
-    if not match:
-        return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load(match.group(0).strip().strip("-"))
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,7 +168,7 @@ def _title(manifest: dict, config: dict) -> str:
 
 
 def front_matter(manifest: dict, config: dict, source_readme: str | None) -> str:
-    source = _source_front_matter(source_readme)
+    source = readme_front_matter(source_readme)
     data: dict = {}
     base = manifest["source"].get("base_model")
     quantized = _is_quantized(manifest)

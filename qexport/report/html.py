@@ -9,7 +9,9 @@ import json
 import math
 from pathlib import Path
 
-from qexport.report.terminal import SUMMARY_COLUMNS, format_value, model_name
+from qexport.report.terminal import SUMMARY_COLUMNS
+from qexport.io.identity import model_name
+from qexport.report.values import format_value
 
 
 STYLE = """

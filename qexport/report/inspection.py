@@ -503,7 +503,8 @@ def _manifest_problems(folder: Path, all_files: list[Path]) -> list[str]:
 
 
 def format_report(report: dict, all_tensors: bool = False) -> str:
-    from qexport.report.terminal import format_ratio, format_value, human_bytes, table
+    from qexport.report.terminal import table
+    from qexport.report.values import format_ratio, format_value, human_bytes
 
     t = report["totals"]
     arch = ", ".join(map(str, report["architectures"] if isinstance(report["architectures"], list) else [])) or "?"

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
+from qexport.report.values import format_value
 
 
 # The columns of every summary table (export, demo, verify --report, the pytest report), in order, with their
@@ -46,41 +38,6 @@ COLUMN_NOTES = (
 )
 
 
-def model_name(folder, name: str | None = None) -> str:
-    """How reports name a model (the path goes in its own column): `name` if given (`--name`), else config.json's
-    `_name_or_path` (a Hub id such as Qwen/Qwen3-0.6B; the last part of a local path), else the Hub id of a folder in
-    the Hugging Face cache, else the README front matter's `model_name` or first `model-index` name, else the
-    folder's own name."""
-    import json
-    from pathlib import Path
-
-    if name:
-        return name
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        config = None
-    recorded = config.get("_name_or_path") if isinstance(config, dict) else None
-    if isinstance(recorded, str) and recorded.strip():
-        recorded = recorded.strip().rstrip("/")
-        return Path(recorded).name if recorded.startswith((".", "/", "~")) or "\\" in recorded else recorded
-    from qexport.report.card import _source_front_matter, base_model_id
-
-    if hub_id := base_model_id(folder):
-        return hub_id
-    try:
-        front = _source_front_matter((folder / "README.md").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
-        front = {}
-    index = front.get("model-index")
-    for candidate in (front.get("model_name"), index[0].get("name") if isinstance(index, list) and index
-                      and isinstance(index[0], dict) else None):
-        if isinstance(candidate, str) and candidate.strip():
-            return candidate.strip()
-    return folder.resolve().name
-
-
 def table(rows: list[dict]) -> str:
     """A markdown table of `rows` (all with the same keys), headed by SUMMARY_COLUMNS' names where they have one."""
     if not rows:
@@ -91,28 +48,6 @@ def table(rows: list[dict]) -> str:
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
-
-
-def format_value(value, missing: str = "-", false: str = "no") -> str:
-    """How a number reads in every table qexport prints (terminal, model card, HTML report)."""
-    if hasattr(value, "item"):  # numpy / pandas / torch scalars
-        value = value.item()
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return missing
-    if isinstance(value, bool):
-        return "yes" if value else false
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) >= 1e4:  # a byte count that went through a float: 1,868,632
-            return f"{int(value):,}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def format_ratio(value) -> str:
-    """A ratio vs fp16 in a sentence: `2.253x`."""
-    return f"{format_value(value)}x"
 
 
 def export_rows(manifests: dict[str, dict]) -> list[dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qexport.errors import InputError
-from qexport.report.terminal import format_value
+from qexport.report.values import format_value
 from qexport.verify.thresholds import REGRESSIONS
 from qexport.verify.context import CheckResult, _fail, _ok, _read_json_object
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from qexport.io.checkpoint import INDEX_FILE
-from qexport.report.terminal import format_ratio, format_value
+from qexport.report.values import format_ratio, format_value
 from qexport.io.safetensors_file import sha256_file
 from qexport.io.sizes import size_summary
 from qexport.verify.context import (
