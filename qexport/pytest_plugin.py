@@ -316,12 +316,12 @@ class Gate:
     def check(self, label: str, check: str):
         """The CheckResult of one check on the target (each item runs its own; they share the context)."""
         if (label, check) not in self._results:
-            from qexport.verify import CHECK_NAMES, CHECKS, ENGINE_CHECKS, _run_one
+            from qexport.verify import CHECK_NAMES, CHECKS, ENGINE_CHECKS, run_check
 
             ctx = self.context(label)
             functions = {**dict(zip(CHECK_NAMES, CHECKS)), **{name: f for f, name in ENGINE_CHECKS.values()}}
             self._results[label, check] = ctx if isinstance(ctx, Exception) else \
-                _run_one(functions[check], check, ctx)
+                run_check(functions[check], check, ctx)
         return self._results[label, check]
 
     def cleanup(self) -> None:

@@ -30,7 +30,7 @@ def compress_with_compressed_tensors(src: Path, out: Path, scheme) -> Path:
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
     from transformers import AutoModelForCausalLM
 
-    from qexport.verify.functional import quiet
+    from qexport.model.quiet import quiet
 
     with quiet():
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16)

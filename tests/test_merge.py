@@ -16,7 +16,8 @@ from qexport.io.checkpoint import Checkpoint, load_config
 from qexport.cli.main import main
 from qexport.quant.dequant import dequantized_state_dict
 from qexport.export.pipeline import ExportOptions, export, export_folder
-from qexport.verify.functional import fixed_token_ids, load_model, model_from_state_dict, model_outputs, quiet
+from qexport.verify.functional import fixed_token_ids, load_model, model_from_state_dict, model_outputs
+from qexport.model.quiet import quiet
 from qexport.merge.sources import merge_folder, open_source
 
 QWEN3_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -333,15 +333,16 @@ def ct_config(*groups) -> dict:
                                                       for i, (targets, b) in enumerate(groups)}}}
 
 
-def test_bit_width_comes_from_the_group_naming_the_module_else_the_first_group():
+def test_bit_width_comes_from_the_group_targeting_the_module_else_the_first_group():
+    # quant.scheme's rules (compressed-tensors'): exact name, then "re:" prefix match, then a class target (any
+    # module here: its class is unknown); a plain target is never a suffix of the name
     config = ct_config((["Linear"], 4), (["re:.*down_proj"], 2), (["lm_head", "q_proj"], 8))
-    assert dequant.num_bits_of(config, "model.layers.0.self_attn.q_proj") == 8
+    assert dequant.num_bits_of(config, "model.layers.0.self_attn.q_proj") == 4
     assert dequant.num_bits_of(config, "lm_head") == 8
-    assert dequant.num_bits_of(config, "model.layers.0.mlp.down_proj") == 4  # "re:" and "Linear" match no name here
+    assert dequant.num_bits_of(config, "model.layers.0.mlp.down_proj") == 2
     assert dequant.num_bits_of(ct_config((["Linear"], 4), ([], 2)), "Linear") == 4
-    # "Linear" names a class, never a module suffix; a "re:" target is a pattern, never a suffix
-    assert dequant.num_bits_of(ct_config((["x"], 2), (["Linear"], 4)), "model.Linear") == 2
     assert dequant.num_bits_of(ct_config((["x"], 2), (["re:lm_head"], 4)), "re:lm_head") == 2
+    assert dequant.num_bits_of(ct_config((["x"], 8), (["y"], 4)), "m") == 8
     assert dequant.num_bits_of({}, "m") == 8 and dequant.num_bits_of({"quantization_config": None}, "m") == 8
     assert dequant.num_bits_of({"quantization_config": {"config_groups": None}}, "m") == 8
     assert dequant.num_bits_of(ct_config(([], 4)), "m") == 4

@@ -28,7 +28,7 @@ from qexport.verify import (
     _bound_kind,
     _nan_paths,
     _no_silent_pass,
-    _run_one,
+    run_check,
     _thresholds_of,
     applies,
     record_in_card,
@@ -39,12 +39,11 @@ from qexport.verify import (
 )
 from qexport.verify import context as context_module
 from qexport.verify.context import (
-    _listing,
+    listing,
     detect_format,
     has_tokenizer,
     json_equal,
     open_tensors,
-    weights_args,
 )
 from tests.support import fail_a_hang  # noqa: F401  (autouse)
 from tests.unit_verify import (
@@ -101,16 +100,16 @@ def test_a_new_check_result_has_no_metrics_thresholds_or_time_and_is_not_skipped
 
 
 def test_ok_fail_and_skip_build_the_result_they_say():
-    assert context_module._ok("a", "fine", x=1) == CheckResult("a", True, "fine", {"x": 1})
-    assert context_module._fail("a", "broken", x=1) == CheckResult("a", False, "broken", {"x": 1})
-    assert context_module._skip("a", "why") == CheckResult("a", True, "why", {}, skipped=True)
+    assert context_module.ok("a", "fine", x=1) == CheckResult("a", True, "fine", {"x": 1})
+    assert context_module.fail("a", "broken", x=1) == CheckResult("a", False, "broken", {"x": 1})
+    assert context_module.skip("a", "why") == CheckResult("a", True, "why", {}, skipped=True)
 
 
 def test_listing_shows_four_items_then_counts_the_rest():
-    assert _listing(["a", "b", "c", "d"]) == "a, b, c, d"
-    assert _listing(["a", "b", "c", "d", "e", "f"]) == "a, b, c, d and 2 more"
-    assert _listing(iter([1, 2, 3]), 2) == "1, 2 and 1 more"
-    assert _listing([]) == ""
+    assert listing(["a", "b", "c", "d"]) == "a, b, c, d"
+    assert listing(["a", "b", "c", "d", "e", "f"]) == "a, b, c, d and 2 more"
+    assert listing(iter([1, 2, 3]), 2) == "1, 2 and 1 more"
+    assert listing([]) == ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,81 +180,6 @@ def test_a_folder_has_a_tokenizer_with_tokenizer_json_or_tokenizer_config(tmp_pa
     other.mkdir()
     (other / "tokenizer.json").write_text("{}")
     assert has_tokenizer(other)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# weights_args: which config group (if any) targets a module
-
-
-def groups(*targets_and_weights, ignore=None) -> dict:
-    config = {"config_groups": {f"group_{i}": {"targets": t, "weights": w}
-                                for i, (t, w) in enumerate(targets_and_weights)}}
-    return config | ({"ignore": ignore} if ignore is not None else {})
-
-
-W4, W8 = {"num_bits": 4}, {"num_bits": 8}
-
-
-def test_linear_targets_every_linear_and_nothing_else():
-    config = groups((["Linear"], W4))
-    assert weights_args(config, DOWN) == W4
-    assert weights_args(config, DOWN, linear=True) == W4
-    assert weights_args(config, "model.embed_tokens", linear=False) is None
-
-
-def test_a_name_targets_the_module_and_any_module_ending_in_it():
-    config = groups((["down_proj"], W4))
-    assert weights_args(config, DOWN) == W4
-    assert weights_args(config, "down_proj") == W4
-    assert weights_args(config, "model.layers.0.mlp.xdown_proj") is None  # a suffix only after a dot
-    assert weights_args(config, "model.layers.0.mlp.down_proj.inner") is None
-    assert weights_args(groups(([DOWN], W4)), DOWN, linear=False) == W4
-
-
-def test_re_patterns_match_the_whole_name():
-    config = groups((["re:.*mlp\\.(up|down)_proj"], W4))
-    assert weights_args(config, DOWN) == W4 and weights_args(config, UP) == W4
-    assert weights_args(config, "model.layers.0.mlp.gate_proj") is None
-    assert weights_args(groups((["re:model"], W4)), DOWN) is None  # a prefix is not a full match
-    assert weights_args(groups((["re:Linear"], W4)), DOWN) is None  # 're:Linear' is a regex, not the class
-
-
-def test_re_patterns_from_the_config_are_checked_and_errors_name_the_key():
-    with pytest.raises(InputError, match=r"config.json: quantization_config: pattern '\(' is not a valid regular"):
-        weights_args(groups((["re:("], W4)), DOWN)
-
-
-def test_ignore_wins_over_every_target():
-    assert weights_args(groups((["Linear"], W4), ignore=["lm_head"]), "lm_head") is None
-    assert weights_args(groups((["Linear"], W4), ignore=["re:.*down_proj"]), DOWN) is None
-    assert weights_args(groups((["Linear"], W4), ignore=["re:.*down_proj"]), UP) == W4
-    assert weights_args(groups(([DOWN], W4), ignore=["Linear"]), DOWN) is None
-    assert weights_args(groups(([DOWN], W4), ignore=["Linear"]), DOWN, linear=False) == W4
-
-
-def test_the_first_group_that_targets_the_module_gives_its_weights():
-    config = groups((["up_proj"], W8), (["Linear"], W4), (["down_proj"], W8))
-    assert weights_args(config, DOWN) == W4 and weights_args(config, UP) == W8
-
-
-@pytest.mark.parametrize("config", [
-    {}, {"config_groups": None}, {"config_groups": ["Linear"]}, {"config_groups": {"g": "Linear"}},
-    groups(("Linear", W4)), groups(([4, None], W4)), groups((["Linear"], "int4")), groups((["Linear"], None)),
-])
-def test_malformed_groups_target_nothing(config):
-    assert weights_args(config, DOWN) is None
-
-
-def test_a_malformed_entry_is_skipped_not_the_whole_list():
-    assert weights_args(groups(([4, "Linear"], W4)), DOWN) == W4
-    assert weights_args(groups(([4, "re:.*down_proj"], W4)), DOWN) == W4
-    assert weights_args(groups((["Linear"], W4), ignore=[None, DOWN]), DOWN) is None
-    assert weights_args(groups((["Linear"], W4), ignore="down_proj"), DOWN) == W4  # ignore must be a list
-
-
-def test_a_later_pattern_still_matches_after_one_that_does_not():
-    assert weights_args(groups((["re:nothing", "up_proj", "re:.*down_proj"], W4)), DOWN) == W4
-    assert weights_args(groups((["re:nothing", "up_proj", "down_proj"], W4)), DOWN) == W4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,7 +311,7 @@ def test_a_long_json_error_is_one_line_of_at_most_300_characters(tmp_path):
     folder = tmp_path / "e"
     folder.mkdir()
     os.symlink(far / "config.json", folder / "config.json")
-    value, error = context_module._read_json_object(folder / "config.json")
+    value, error = context_module.read_json_object(folder / "config.json")
     assert value is None and len(error) == 300 and "\n" not in error and "  " not in error
     assert error.startswith(f"symlink leads outside {folder} (to {tmp_path}/deep ")
 
@@ -406,8 +330,8 @@ def test_a_dangling_config_link_is_reported_as_not_found_not_missing(tmp_path):
     folder = tmp_path / "e"
     folder.mkdir()
     os.symlink(folder / "nowhere.json", folder / "config.json")
-    assert context_module._read_json_object(folder / "config.json") == (None, "config.json not found")
-    assert context_module._read_json_object(folder / "other.json") == (None, "other.json is missing")
+    assert context_module.read_json_object(folder / "config.json") == (None, "config.json not found")
+    assert context_module.read_json_object(folder / "other.json") == (None, "other.json is missing")
 
 
 def test_the_format_falls_back_to_the_manifest(tmp_path, ref):
@@ -506,7 +430,7 @@ class FakeLoads:
     def __init__(self, monkeypatch, fail=()):
         self.calls, self.released, self.fail = [], 0, fail
         monkeypatch.setattr(functional, "load_model", self.load)
-        monkeypatch.setattr(context_module, "_release", self.release)
+        monkeypatch.setattr(context_module, "release_memory", self.release)
 
     def load(self, folder, dtype):
         self.calls.append((Path(folder), dtype))
@@ -593,7 +517,7 @@ def test_release_collects_the_freed_models_cycles(monkeypatch):
     gc.disable()
     try:
         del model
-        context_module._release()
+        context_module.release_memory()
         assert alive() is None
     finally:
         gc.enable()
@@ -612,7 +536,7 @@ def test_release_hands_free_pages_back_to_glibc(monkeypatch):
     names = []
     monkeypatch.setattr(ctypes.util, "find_library", {"c": "libc.so.found"}.get)  # the C library's name, as found
     monkeypatch.setattr(ctypes, "CDLL", lambda name: names.append(name) or Libc())
-    context_module._release()
+    context_module.release_memory()
     assert trims == [0] and names == ["libc.so.found"]
 
 
@@ -626,10 +550,10 @@ def test_release_without_glibc_trims_nothing_and_does_not_fail(monkeypatch):
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     names = []
     monkeypatch.setattr(ctypes, "CDLL", lambda name: names.append(name) or no_libc(name))
-    context_module._release()
+    context_module.release_memory()
     assert names == ["libc.so.6"]
     monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace())  # a libc without malloc_trim
-    context_module._release()
+    context_module.release_memory()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -857,7 +781,7 @@ def test_dequantized_model_keeps_integer_tensors_as_they_are(tmp_path, ref, monk
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# _run_one: a check that raises is a failure naming the exception
+# run_check: a check that raises is a failure naming the exception
 
 
 def ctx_stub(fmt="int4", causal=True, **overrides):
@@ -870,7 +794,7 @@ def raises(ctx):
 
 
 def test_a_check_that_raises_fails_naming_the_exception_and_where():
-    result = _run_one(raises, "layout", ctx_stub())
+    result = run_check(raises, "layout", ctx_stub())
     line = raises.__code__.co_firstlineno + 1
     message = ("weight_scale of down_proj " + "y" * 400)[:300]
     assert (result.name, result.passed, result.metrics) == ("layout", False, {})
@@ -882,7 +806,7 @@ def test_a_check_that_raises_deeper_down_is_placed_where_it_raised():
         return raises(ctx)
 
     line = raises.__code__.co_firstlineno + 1
-    assert _run_one(check, "layout", ctx_stub()).detail.endswith(f"(test_unit_verify_core.py:{line})")
+    assert run_check(check, "layout", ctx_stub()).detail.endswith(f"(test_unit_verify_core.py:{line})")
 
 
 def test_a_check_that_raises_a_non_exception_error_still_propagates():
@@ -890,25 +814,25 @@ def test_a_check_that_raises_a_non_exception_error_still_propagates():
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run_one(interrupted, "layout", ctx_stub())
+        run_check(interrupted, "layout", ctx_stub())
 
 
 def test_the_runner_attaches_the_thresholds_the_check_compared_against():
-    result = _run_one(lambda ctx: CheckResult("weights_sqnr", True, "ok"), "weights_sqnr",
+    result = run_check(lambda ctx: CheckResult("weights_sqnr", True, "ok"), "weights_sqnr",
                       ctx_stub("int8", min_sqnr_db=10.0))
     assert [(e["name"], e["status"]) for e in result.thresholds] == [("min_sqnr_db", "loosened"),
                                                                       ("dense_min_sqnr_db", "default")]
-    assert _run_one(raises, "layout", ctx_stub()).thresholds == []
+    assert run_check(raises, "layout", ctx_stub()).thresholds == []
 
 
 def test_the_runner_never_lets_a_nan_metric_pass():
-    result = _run_one(lambda ctx: CheckResult("functional", True, "ok", {"kld_mean": math.nan}), "functional",
+    result = run_check(lambda ctx: CheckResult("functional", True, "ok", {"kld_mean": math.nan}), "functional",
                       ctx_stub("int8"))
     assert not result.passed and result.detail == "non-finite metric: kld_mean is NaN; ok"
 
 
 def test_the_runner_never_lets_an_infinite_metric_beyond_its_bound_pass():
-    result = _run_one(lambda ctx: CheckResult("functional", True, "ok", {"kld_mean": math.inf}), "functional",
+    result = run_check(lambda ctx: CheckResult("functional", True, "ok", {"kld_mean": math.inf}), "functional",
                       ctx_stub("int8"))
     assert not result.passed and result.detail == "non-finite metric: kld_mean is inf (bound max_kld_mean 0.01); ok"
 

@@ -34,10 +34,10 @@ GOOD_SOURCE = "reloaded model (bfloat16)"
 
 @pytest.fixture(autouse=True)
 def no_release(monkeypatch):
-    """_release hands freed memory back to the system (gc.collect, 0.4 s a call here): what these tests check does
+    """release_memory hands freed memory back to the system (gc.collect, 0.4 s a call here): what these tests check does
     not depend on it (tests/test_verify_memory.py measures it)."""
-    monkeypatch.setattr(context_module, "_release", lambda: None)
-    monkeypatch.setattr(F, "_release", lambda: None)
+    monkeypatch.setattr(context_module, "release_memory", lambda: None)
+    monkeypatch.setattr(F, "release_memory", lambda: None)
 
 
 @pytest.fixture(scope="module")

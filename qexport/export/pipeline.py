@@ -34,7 +34,7 @@ from qexport.io.publish import TMP_MARK, OwnedFolder, check_destination, check_n
 from qexport.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, declared_dtype, tensor_bytes
 from qexport.errors import InputError
 from qexport.formats import Format, format_name, get_format
-from qexport.formats.base import nonfinite_error
+from qexport.formats.base import module_of, nonfinite_error
 from qexport.io.safetensors_file import StreamWriter, file_bytes, nbytes, sha256_file
 from qexport.io.sizes import size_summary
 
@@ -103,10 +103,6 @@ class FormatPlan:
         return [s for t in self.tensors if t.shard == shard for s in t.stored]
 
 
-def _module(name: str) -> str:
-    return name.removesuffix(".weight")
-
-
 def _ignored(module: str, ignore: Iterable[str]) -> bool:
     return any(module == pattern or module.endswith("." + pattern) for pattern in ignore)
 
@@ -156,7 +152,7 @@ def quantizable_linears(source: TensorSource, arch: Architecture, ignore: Iterab
     """Linear weight -> shape for every nn.Linear weight the export targets (stored, 2-D, not ignored)."""
     return {name: tuple(source.entries[name].shape) for name in source.names
             if name in arch.linear_weights and name not in arch.tied_names
-            and not _ignored(_module(name), ignore) and len(source.entries[name].shape) == 2}
+            and not _ignored(module_of(name), ignore) and len(source.entries[name].shape) == 2}
 
 
 def choose_group_size(shapes: Iterable[tuple], candidates: tuple[int, ...] = AUTO_GROUP_SIZES) -> int:
@@ -177,7 +173,7 @@ def plan_format(source: TensorSource, arch: Architecture, fmt: Format, options: 
             continue  # stored once under the name it is tied to
         entry = source.entries[name]
         quantize = False
-        if fmt.quantizes and name in arch.linear_weights and not _ignored(_module(name), options.ignore):
+        if fmt.quantizes and name in arch.linear_weights and not _ignored(module_of(name), options.ignore):
             why = fmt.why_not_quantizable(name, tuple(entry.shape))
             if why is None and name in nonfinite:
                 why = "holds NaN or Inf (kept dense because of --allow-nonfinite)"
@@ -187,7 +183,7 @@ def plan_format(source: TensorSource, arch: Architecture, fmt: Format, options: 
                 quantize = True
             else:
                 dense_linears[name] = why
-                ignore.append(_module(name))
+                ignore.append(module_of(name))
         plans.append(TensorPlan(name, quantize, fmt.stored(name, entry.dtype, tuple(entry.shape), quantize)))
     shard_names = _assign_shards(plans, options.max_shard_size)
     return FormatPlan(fmt, plans, shard_names, ignore, dense_linears)

@@ -89,6 +89,11 @@ class Format(ABC):
 REGISTRY: dict[str, type[Format]] = {}
 
 
+def module_of(weight: str) -> str:
+    """The module a weight belongs to: `model.layers.0.mlp.up_proj` of `model.layers.0.mlp.up_proj.weight`."""
+    return weight.removesuffix(".weight")
+
+
 def register(cls: type[Format]) -> type[Format]:
     REGISTRY[cls.name] = cls
     return cls

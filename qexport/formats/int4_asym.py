@@ -20,9 +20,8 @@ import torch
 from qexport.quant import clip_search
 
 from qexport.quant import primitives as quant
-from qexport.formats.base import register
+from qexport.formats.base import module_of, register
 from qexport.formats.int4 import INT4
-from qexport.formats.int8 import _module
 
 
 @register
@@ -37,12 +36,12 @@ class INT4Asymmetric(INT4):
         if not quantize:
             return tensors
         out, cols = shape
-        return tensors + [(f"{_module(name)}.weight_zero_point", "I32", (math.ceil(out / 8), cols // self.group_size))]
+        return tensors + [(f"{module_of(name)}.weight_zero_point", "I32", (math.ceil(out / 8), cols // self.group_size))]
 
     def encode(self, name, w, quantize):
         if not quantize:
             return {name: self.dense(w)}
-        module = _module(name)
+        module = module_of(name)
         wc = w.to(self.dtype)  # qparams from the weight in the compute dtype, as compressed-tensors computes them
         if self.method == "mse":
             scales, zero_points, q = clip_search.search_qparams(wc, 4, self.group_size, symmetric=False,

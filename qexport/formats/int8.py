@@ -13,11 +13,7 @@ import math
 import torch
 
 from qexport.quant import primitives as quant
-from qexport.formats.base import STORED_NAMES, Format, register
-
-
-def _module(name: str) -> str:
-    return name.removesuffix(".weight")
+from qexport.formats.base import STORED_NAMES, Format, module_of, register
 
 
 @register
@@ -41,7 +37,7 @@ class INT8(Format):
         if not quantize:
             return [(name, self.dense_dtype(dtype), shape)]
         out, cols = shape
-        module = _module(name)
+        module = module_of(name)
         groups = 1 if self.group_size is None else cols // self.group_size
         return [
             (f"{module}.weight_packed", "I32", (out, math.ceil(cols * self.num_bits / 32))),
@@ -55,7 +51,7 @@ class INT8(Format):
     def encode(self, name, w, quantize):
         if not quantize:
             return {name: self.dense(w)}
-        module = _module(name)
+        module = module_of(name)
         # Scales from the weight already cast to the compute dtype, as compressed-tensors computes them.
         scales, q = self.qparams(w.to(self.dtype))
         return {

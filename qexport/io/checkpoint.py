@@ -8,7 +8,6 @@ weight files (single file or index + shards), every safetensors header, index/sh
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from qexport.io import safe_fs
 
 from qexport.io import safetensors_file as safetensors_io
 from qexport.errors import InputError
-from qexport.io.safe_fs import MAX_CONFIG_BYTES, MAX_JSON_BYTES
+from qexport.io.safe_fs import MAX_CONFIG_BYTES, load_json
 from qexport.io.safetensors_file import TensorEntry, read_header, sha256_file
 
 if TYPE_CHECKING:  # torch is imported when the first tensor is read: opening a checkpoint stays torch-free
@@ -26,6 +25,8 @@ if TYPE_CHECKING:  # torch is imported when the first tensor is read: opening a 
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+MANIFEST_FILE = "qexport.json"  # what qexport writes next to the weights of every export
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights only loadable by unpickling
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 PICKLE_PATTERNS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
@@ -64,8 +65,8 @@ def pickle_advice(folder: Path) -> str:
     import shlex
 
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = load_json(folder / "config.json", "config.json", MAX_CONFIG_BYTES)
+    except InputError:
         config = None
     cls = auto_class_for(config) if isinstance(config, dict) else None
     note = ""
@@ -81,11 +82,6 @@ def pickle_advice(folder: Path) -> str:
     return (f"qexport never unpickles weights (loading a pickle can run code). Convert a copy you trust to "
             f"safetensors with its own class {cls}, keeping the tokenizer and other files{note}, then export that: "
             f"python -c {shlex.quote(code)} {shlex.quote(src)} {shlex.quote(out)}")
-
-
-def load_json(path: Path, what: str, limit: int = MAX_JSON_BYTES):
-    """A JSON file of the model folder: a regular file inside it, size- and nesting-capped (see safe_fs)."""
-    return safe_fs.load_json(path, what, limit)
 
 
 def load_config(folder: Path) -> dict:

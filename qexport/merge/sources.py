@@ -24,7 +24,8 @@ import torch
 from qexport.io import safe_fs
 
 from qexport.io import untrusted_regex
-from qexport.io.checkpoint import Checkpoint, load_json
+from qexport.io.checkpoint import Checkpoint, is_float
+from qexport.io.safe_fs import load_json
 from qexport.errors import InputError
 from qexport.export.pipeline import ExportOptions, export
 from qexport.io.publish import TMP_MARK, OwnedFolder, check_not_input, input_folders, remove_stale, replace_dir
@@ -233,10 +234,6 @@ class Adapter:
         if lora.base_layer is not None and tuple(self.entries[lora.base_layer].shape) != w:
             raise InputError(f"{self.file}: key {lora.base_layer!r} {list(self.entries[lora.base_layer].shape)} "
                              f"replaces {lora.weight!r} {list(w)} with another shape (resized vocabulary?)")
-
-
-def is_float(dtype: str) -> bool:
-    return DTYPES[dtype].is_floating_point
 
 
 class LoraMergedSource:

@@ -45,7 +45,7 @@ def convert_gguf(gguf_path: Path, out: Path, dtype: str = "bfloat16") -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qexport.verify.functional import quiet
+    from qexport.model.quiet import quiet
 
     folder, name = str(gguf_path.parent), gguf_path.name
     with quiet():

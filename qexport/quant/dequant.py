@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from qexport.quant import primitives as quant
+from qexport.quant import scheme
 from qexport.io.checkpoint import Checkpoint
 
 
@@ -79,17 +80,17 @@ def _column_groups(g_idx: torch.Tensor | None, cols: int, groups: int) -> torch.
 
 
 def num_bits_of(config: dict, module: str) -> int:
-    """Weight bit width for `module` from the quantization_config's config groups (first group by default)."""
+    """Weight bit width for `module` from the quantization_config: the group that targets it (quant.scheme; its
+    class is unknown here, so class targets match any module), else the first group; 8 without groups."""
     qc = config.get("quantization_config") or {}
+    found = scheme.group_for(qc, module, classes=None)
+    if found is not None:
+        return int(found[1]["weights"]["num_bits"])
     groups = list((qc.get("config_groups") or {}).values())
-    for group in groups:
-        targets = group.get("targets") or []
-        if any(not t.startswith("re:") and t != "Linear" and module.endswith(t) for t in targets):
-            return int(group["weights"]["num_bits"])
     return int(groups[0]["weights"]["num_bits"]) if groups else 8
 
 
-QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+QUANT_LEAVES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
 
 def quantized_modules(ckpt: Checkpoint) -> dict[str, dict[str, str]]:
@@ -100,7 +101,7 @@ def quantized_modules(ckpt: Checkpoint) -> dict[str, dict[str, str]]:
     modules: dict[str, dict[str, str]] = {}
     for name in ckpt.names:
         module, _, leaf = name.rpartition(".")
-        if leaf in QUANT_SUFFIXES:
+        if leaf in QUANT_LEAVES:
             modules.setdefault(module, {})[leaf] = name
     for module, parts in modules.items():
         weight = f"{module}.weight"

@@ -25,11 +25,10 @@ from pathlib import Path
 
 from qexport.io.identity import FRONT_MATTER, readme_front_matter
 from qexport.report.values import format_value, human_bytes
-from qexport.io.checkpoint import declared_dtype
+from qexport.io.checkpoint import MANIFEST_FILE, declared_dtype
 from qexport.io.safe_fs import write_text_atomic
 
 CARD_FILE = "README.md"
-MANIFEST_FILE = "qexport.json"
 CARD_MARK = "<!-- qexport model card"
 README_BEGIN = "<!-- qexport:source-readme begin -->"
 README_END = "<!-- qexport:source-readme end -->"

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from qexport.io import safe_fs
 
-from qexport.io import untrusted_regex
-from qexport.report.card import MANIFEST_FILE, layer_type
+from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE, PICKLE_SUFFIXES, SINGLE_FILE
+from qexport.quant.dequant import QUANT_LEAVES
+from qexport.quant.scheme import config_groups, group_for, is_ignored, strings
+from qexport.report.card import layer_type
 from qexport.errors import InputError, not_a_model_folder
 from qexport.io.safetensors_file import (ITEMSIZES, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE, TensorEntry,
                              nbytes, read_header)
@@ -29,11 +31,7 @@ from qexport.io.sizes import size_summary
 
 MAX_LISTED_FILES = 10_000  # files counted in the totals: `inspect /` must answer, not walk the whole disk
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-QUANT_LEAVES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 INT_DTYPES = ("I8", "U8", "I16", "I32", "I64", "F8_E4M3", "F8_E5M2")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,41 +154,6 @@ def _read_ints(entry: TensorEntry, data_start: int) -> list[int] | None:
 # Quantization config
 
 
-def _matches(pattern, module: str) -> bool:
-    if not isinstance(pattern, str):
-        return False  # reported once by _quantization_summary
-    if pattern.startswith("re:"):
-        return untrusted_regex.match(pattern[3:], module, "config.json: quantization_config")
-    return module == pattern or module.endswith("." + pattern)
-
-
-def _strings(value) -> list[str]:
-    """A list of strings from a JSON value that should be one (targets, ignore); anything else gives []."""
-    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-
-
-def _groups(qc: dict) -> dict:
-    groups = qc.get("config_groups")
-    return {str(k): v for k, v in groups.items() if isinstance(v, dict)} if isinstance(groups, dict) else {}
-
-
-def _group_for(qc: dict, module: str) -> tuple[str, dict] | None:
-    """The config group whose targets name the module; class targets such as "Linear" match any module."""
-    named = list(_groups(qc).items())
-    for g, spec in named:
-        if any(_matches(t, module) for t in _strings(spec.get("targets")) if not _is_class(t)):
-            return g, spec
-    for g, spec in named:
-        if any(_is_class(t) for t in _strings(spec.get("targets"))):
-            return g, spec
-    return None
-
-
-def _is_class(target: str) -> bool:
-    """Targets name module classes (Linear) or modules (lm_head, re:.*proj); classes are CamelCase."""
-    return not target.startswith("re:") and target[:1].isupper()
-
-
 def _quantization_summary(config: dict, problems: list[str]) -> dict | None:
     qc = config.get("quantization_config")
     if qc is None:
@@ -201,22 +164,22 @@ def _quantization_summary(config: dict, problems: list[str]) -> dict | None:
     groups = []
     if "config_groups" in qc and not isinstance(qc["config_groups"], dict):
         problems.append("config.json: quantization_config.config_groups is not an object")
-    for name, spec in _groups(qc).items():
+    for name, spec in config_groups(qc).items():
         weights = spec.get("weights") if isinstance(spec.get("weights"), dict) else {}
-        if "targets" in spec and len(_strings(spec["targets"])) != len(spec["targets"] or []):
+        if "targets" in spec and len(strings(spec["targets"])) != len(spec["targets"] or []):
             problems.append(f"config.json: config_groups.{name}.targets is not a list of strings")
         bits = weights.get("num_bits")
         if bits is not None and not (isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 32):
             problems.append(_short(f"config.json: config_groups.{name}.weights.num_bits {bits!r} is not an "
                                    f"integer from 1 to 32"))
             weights = {**weights, "num_bits": None}
-        groups.append({"group": name, "targets": _strings(spec.get("targets")), "format": spec.get("format"),
+        groups.append({"group": name, "targets": strings(spec.get("targets")), "format": spec.get("format"),
                        **{k: weights.get(k) for k in ("num_bits", "type", "strategy", "group_size", "symmetric")}})
-    if "ignore" in qc and len(_strings(qc["ignore"])) != len(qc["ignore"] or []):
+    if "ignore" in qc and len(strings(qc["ignore"])) != len(qc["ignore"] or []):
         problems.append("config.json: quantization_config.ignore is not a list of strings")
     summary = {"quant_method": qc.get("quant_method"), "format": qc.get("format"),
                "quantization_status": qc.get("quantization_status"), "groups": groups,
-               "ignore": _strings(qc.get("ignore"))}
+               "ignore": strings(qc.get("ignore"))}
     if qc.get("quant_method") == "compressed-tensors":
         if "quantization_status" not in qc:
             problems.append("config.json: quantization_config has no quantization_status: transformers then loads "
@@ -286,7 +249,7 @@ def _check_module(parts: dict[str, TensorEntry], shape: list[int] | None, bits: 
         if (packed is not None) != (fmt == "pack-quantized"):
             implied = "" if spec.get("format") else " (its config group has no format of its own)"
             problems.append(f": stored as {stored} but loads as {fmt}{implied}")
-    if qc and any(_matches(p, module) for p in _strings(qc.get("ignore"))):
+    if qc and is_ignored(qc, module, classes=()):  # names only: an ignored class cannot be told from headers
         problems.append(": stored quantized but listed in quantization_config.ignore")
     return problems
 
@@ -365,7 +328,7 @@ def inspect_folder(folder: str | Path) -> dict:
             shape = shape if shape is not None and len(shape) == 2 and all(0 < d <= MAX_DIM for d in shape) else None
         else:
             shape = list(parts["weight"].shape) if len(parts["weight"].shape) == 2 else None
-        group = _group_for(qc, module) if qc else None
+        group = group_for(qc, module, classes=None) if qc else None
         spec = group[1] if group else None
         bits = _bits(_weights(spec).get("num_bits"))
         if bits is None and "weight_packed" in parts and shape:

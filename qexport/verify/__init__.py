@@ -21,7 +21,7 @@ from typing import Callable
 from qexport.verify.thresholds import Thresholds
 from qexport.verify.baseline import check_baseline, load_baseline  # noqa: F401  (public API)
 from qexport.verify.config_checks import check_config_keys, check_model_type, check_quantization_config
-from qexport.verify.context import CheckResult, Context, _fail, _listing, detect_format, has_tokenizer, open_tensors, weights_args  # noqa: F401
+from qexport.verify.context import CheckResult, Context, fail, listing, detect_format, has_tokenizer, open_tensors  # noqa: F401
 from qexport.verify.engine_checks import check_engine_sentence_transformers, check_engine_vllm
 from qexport.verify.file_checks import check_side_files, check_tokenizer, check_tokenizer_files
 from qexport.verify.functional_checks import (check_finite_outputs, check_functional, check_functional_vs_rtn, check_reload,
@@ -62,12 +62,12 @@ METRIC_BOUNDS = {
 }
 
 
-def _run_one(check: Callable[[Context], CheckResult], name: str, ctx: Context) -> CheckResult:
+def run_check(check: Callable[[Context], CheckResult], name: str, ctx: Context) -> CheckResult:
     try:
         result = check(ctx)
     except Exception as e:  # a malformed export can break a check's assumptions: that is a failure, not a crash
         where = traceback.extract_tb(e.__traceback__)[-1]
-        result = _fail(name, f"check raised {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+        result = fail(name, f"check raised {type(e).__name__}: {' '.join(str(e).split())[:300]} "
                              f"({Path(where.filename).name}:{where.lineno})")
     result.thresholds = threshold_entries(ctx.thresholds, ctx.defaults, _thresholds_of(name, ctx))
     return _no_silent_pass(result, ctx.thresholds)
@@ -108,7 +108,7 @@ def _no_silent_pass(result: CheckResult, thresholds: Thresholds) -> CheckResult:
                 problems.append(f"{key} is {value} (bound {field} {limit:g})")
     if problems:
         result.passed = False
-        result.detail = f"non-finite metric: {_listing(problems)}; {result.detail}"
+        result.detail = f"non-finite metric: {listing(problems)}; {result.detail}"
     return result
 
 
@@ -243,7 +243,7 @@ def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresh
             ctx.on_step = lambda done, total, unit, name=name: step(name, done, total, unit,
                                                                     time.perf_counter() - start)
         began = time.perf_counter()
-        results.append(_run_one(check, name, ctx))
+        results.append(run_check(check, name, ctx))
         results[-1].seconds = round(time.perf_counter() - began, 3)
         ctx.on_step = None
         if progress is not None:

@@ -7,11 +7,11 @@ from pathlib import Path
 from qexport.errors import InputError
 from qexport.report.values import format_value
 from qexport.verify.thresholds import REGRESSIONS
-from qexport.verify.context import CheckResult, _fail, _ok, _read_json_object
+from qexport.verify.context import CheckResult, fail, ok, read_json_object
 
 
 def load_baseline(path: str | Path) -> dict:
-    data, error = _read_json_object(Path(path))
+    data, error = read_json_object(Path(path))
     if data is None:
         raise InputError(f"--baseline {path}: {error}")
     metrics = data.get("metrics", data)
@@ -37,7 +37,7 @@ def check_baseline(metrics: dict, baseline: dict) -> CheckResult:
             regressions.append(f"{key} {format_value(old)} -> {format_value(new)} (allowed "
                                f"{'-' if rule.higher_is_better else '+'}{format_value(rule.allowed(old))})")
     if not compared:
-        return _fail(name, "no metric in common with the baseline")
+        return fail(name, "no metric in common with the baseline")
     if regressions:
-        return _fail(name, "regressed: " + "; ".join(regressions), compared=compared)
-    return _ok(name, f"{len(compared)} metrics within tolerance of the baseline", compared=compared)
+        return fail(name, "regressed: " + "; ".join(regressions), compared=compared)
+    return ok(name, f"{len(compared)} metrics within tolerance of the baseline", compared=compared)

@@ -2,67 +2,67 @@
 
 from __future__ import annotations
 
-from qexport.verify.context import (CHANGED_BY_EXPORT, PACKED_FORMATS, UNPACKED_FORMATS, CheckResult, Context, _fail, _listing, _ok,
+from qexport.verify.context import (CHANGED_BY_EXPORT, PACKED_FORMATS, UNPACKED_FORMATS, CheckResult, Context, fail, listing, ok,
                       json_equal)
 
 
 def check_model_type(ctx: Context) -> CheckResult:
     name = "model_type"
     if ctx.config is None:
-        return _fail(name, f"config.json: {ctx.config_error}")
+        return fail(name, f"config.json: {ctx.config_error}")
     expected = ctx.reference.config["model_type"]
     found = ctx.config.get("model_type")
     if not found:
-        return _fail(name, f"config.json has no model_type (transformers says 'Unrecognized model'); "
+        return fail(name, f"config.json has no model_type (transformers says 'Unrecognized model'); "
                            f"the reference has {expected!r}")
     if found != expected:
-        return _fail(name, f"config.json model_type is {found!r}, the reference has {expected!r}")
-    return _ok(name, f"model_type {found!r} as in the reference")
+        return fail(name, f"config.json model_type is {found!r}, the reference has {expected!r}")
+    return ok(name, f"model_type {found!r} as in the reference")
 
 
 def check_config_keys(ctx: Context) -> CheckResult:
     """Every source key survives unchanged (except dtype and the quantization config), and AutoConfig reloads it."""
     name = "config_keys"
     if ctx.config is None:
-        return _fail(name, f"config.json: {ctx.config_error}")
+        return fail(name, f"config.json: {ctx.config_error}")
     ref = ctx.reference.config
     missing = [k for k in ref if k not in CHANGED_BY_EXPORT and k not in ctx.config]
     changed = [k for k in ref
                if k not in CHANGED_BY_EXPORT and k in ctx.config and not json_equal(ctx.config[k], ref[k])]
     metrics = {"missing_keys": missing, "changed_keys": changed}
     if missing or changed:
-        parts = ([f"missing {_listing(missing)}"] if missing else []) + (
-            [f"changed {_listing(changed)}"] if changed else [])
-        return _fail(name, "config.json vs reference: " + "; ".join(parts), **metrics)
+        parts = ([f"missing {listing(missing)}"] if missing else []) + (
+            [f"changed {listing(changed)}"] if changed else [])
+        return fail(name, "config.json vs reference: " + "; ".join(parts), **metrics)
     try:
         from transformers import AutoConfig
 
-        from qexport.verify.functional import quiet
+        from qexport.model.quiet import quiet
 
         # model_type is compared above as a source key; the class AutoConfig picks for it can carry another name
         # (gpt-sw3 loads as gpt2) in the reference as much as in the export, so that is no defect of the export.
         with quiet():
             AutoConfig.from_pretrained(str(ctx.export))
     except Exception as e:
-        return _fail(name, f"AutoConfig.from_pretrained fails: {type(e).__name__}: {e}", **metrics)
-    return _ok(name, f"all {len(ref)} source keys kept; AutoConfig round trip ok", **metrics)
+        return fail(name, f"AutoConfig.from_pretrained fails: {type(e).__name__}: {e}", **metrics)
+    return ok(name, f"all {len(ref)} source keys kept; AutoConfig round trip ok", **metrics)
 
 
 def check_quantization_config(ctx: Context) -> CheckResult:
     """A quantization_config that transformers loads correctly (see design.md for what goes wrong without each key)."""
     name = "quantization_config"
     if ctx.config is None:
-        return _fail(name, f"config.json: {ctx.config_error}")
+        return fail(name, f"config.json: {ctx.config_error}")
     qc = ctx.qc
     has_int = ctx.ckpt is not None and any(
         not e.dtype.startswith(("F", "BF")) and n.rpartition(".")[2] in ("weight", "weight_packed")
         for n, e in ctx.ckpt.entries.items())
     if qc is None:
         if has_int:
-            return _fail(name, "config.json has no quantization_config but the shards hold integer weights")
-        return _ok(name, "dense export: no quantization_config, no integer weights")
+            return fail(name, "config.json has no quantization_config but the shards hold integer weights")
+        return ok(name, "dense export: no quantization_config, no integer weights")
     if not isinstance(qc, dict):
-        return _fail(name, "quantization_config is not an object")
+        return fail(name, "quantization_config is not an object")
     problems = []
     if qc.get("quant_method") != "compressed-tensors":
         problems.append(f"quant_method is {qc.get('quant_method')!r}, not 'compressed-tensors'")
@@ -105,6 +105,6 @@ def check_quantization_config(ctx: Context) -> CheckResult:
     if not isinstance(qc.get("ignore", []), list):
         problems.append("ignore is not a list")
     if problems:
-        return _fail(name, "; ".join(problems))
-    return _ok(name, f"compressed-tensors {fmt}, status compressed, {len(groups)} config group(s)")
+        return fail(name, "; ".join(problems))
+    return ok(name, f"compressed-tensors {fmt}, status compressed, {len(groups)} config group(s)")
 

@@ -20,12 +20,11 @@ import torch
 from qexport.io import safe_fs
 
 from qexport.io import untrusted_regex
-from qexport.io.checkpoint import INDEX_FILE, Checkpoint, weight_files
+from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE, PICKLE_SUFFIXES, Checkpoint, weight_files
 from qexport.errors import InputError, not_a_model_folder
 from qexport.io.safetensors_file import read_header
 from qexport.verify.thresholds import Thresholds, thresholds_for
 
-MANIFEST = "qexport.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
@@ -33,7 +32,6 @@ TOKENIZER_FILES = (
 )
 # Keys an exporter is expected to change in config.json; every other source key must survive unchanged.
 CHANGED_BY_EXPORT = ("dtype", "torch_dtype", "quantization_config", "transformers_version")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PACKED_FORMATS = ("pack-quantized",)
 UNPACKED_FORMATS = ("naive-quantized", "int-quantized")
 
@@ -58,19 +56,19 @@ class CheckResult:
                 "metrics": self.metrics, "thresholds": self.thresholds, "seconds": self.seconds}
 
 
-def _ok(name, detail, **metrics) -> CheckResult:
+def ok(name, detail, **metrics) -> CheckResult:
     return CheckResult(name, True, detail, metrics)
 
 
-def _fail(name, detail, **metrics) -> CheckResult:
+def fail(name, detail, **metrics) -> CheckResult:
     return CheckResult(name, False, detail, metrics)
 
 
-def _skip(name, detail) -> CheckResult:
+def skip(name, detail) -> CheckResult:
     return CheckResult(name, True, detail, {}, skipped=True)
 
 
-def _listing(items, limit: int = 4) -> str:
+def listing(items, limit: int = 4) -> str:
     items = list(items)
     shown = ", ".join(map(str, items[:limit]))
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -104,9 +102,9 @@ class Context:
             raise InputError(f"{self.reference.folder / 'config.json'}: --reference is itself quantized; "
                              "pass the source model the export was made from")
         self.arch = inspect_architecture(self.reference.config, self.reference.folder / "config.json")
-        self.config, self.config_error = _read_json_object(self.export / "config.json")
+        self.config, self.config_error = read_json_object(self.export / "config.json")
         self.manifest, self.manifest_error = (
-            _read_json_object(self.export / MANIFEST) if (self.export / MANIFEST).exists() else (None, None)
+            read_json_object(self.export / MANIFEST_FILE) if (self.export / MANIFEST_FILE).exists() else (None, None)
         )
         self.ckpt, self.ckpt_error = None, None
         try:
@@ -182,7 +180,7 @@ class Context:
             model = load_streamed(self.reference.folder)  # tensor by tensor: the model once, no mapped files
             _REFERENCE_OUTPUTS[key] = self.outputs(model)
             del model, inputs
-            _release()
+            release_memory()
         return _REFERENCE_OUTPUTS[key]
 
     def rtn_outputs(self, dtype=torch.float32):
@@ -201,7 +199,7 @@ class Context:
             model = rtn_model(self.reference.folder, self.qc, dtype=dtype)
             _RTN_OUTPUTS[key] = self.outputs(model)
             del model
-            _release()
+            release_memory()
         return _RTN_OUTPUTS[key]
 
     @property
@@ -232,7 +230,7 @@ class Context:
     def unload(self) -> None:
         """Drop the loaded export (the next `load` loads it again) before another model is built."""
         self._load = None
-        _release()
+        release_memory()
 
     def reload(self) -> None:
         """Load the export in float32 (the exactness checks compare it with our own float32 dequantization)."""
@@ -272,7 +270,7 @@ class Context:
         return model_from_tensors(self.reference.config, tensors)
 
 
-def _release() -> None:
+def release_memory() -> None:
     """Collect the freed model's reference cycles and hand glibc's free pages back to the system, so that the
     next model loads into memory the previous one returned (resident memory stays at one model)."""
     import ctypes
@@ -304,7 +302,7 @@ def json_equal(a, b) -> bool:
     return a == b
 
 
-def _read_json_object(path: Path):
+def read_json_object(path: Path):
     import os
 
     if not os.path.lexists(path):
@@ -365,32 +363,3 @@ def detect_format(config: dict | None, manifest: dict | None) -> str:
 
 def has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-
-
-def _matches(module: str, patterns, linear: bool) -> bool:
-    for pattern in patterns if isinstance(patterns, list) else []:
-        if not isinstance(pattern, str):
-            continue
-        if pattern.startswith("re:"):
-            if untrusted_regex.match(pattern[3:], module, "config.json: quantization_config", full=True):
-                return True
-        elif pattern == "Linear" and linear:
-            return True
-        elif module == pattern or module.endswith("." + pattern):
-            return True
-    return False
-
-
-def weights_args(qc: dict, module: str, linear: bool = True) -> dict | None:
-    """The `weights` quantization args of the config group targeting `module`, or None if it is not targeted."""
-    if _matches(module, qc.get("ignore"), linear):
-        return None
-    groups = qc.get("config_groups")
-    for group in groups.values() if isinstance(groups, dict) else []:
-        if isinstance(group, dict) and _matches(module, group.get("targets"), linear):
-            weights = group.get("weights")
-            return weights if isinstance(weights, dict) else None
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------

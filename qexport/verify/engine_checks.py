@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from qexport.io.checkpoint import declared_dtype
-from qexport.verify.context import CheckResult, Context, _fail, _listing, _ok, _skip, has_tokenizer
+from qexport.verify.context import CheckResult, Context, fail, listing, ok, skip, has_tokenizer
 
 # |logprob(vLLM) - logprob(transformers)| on the same folder, tokens and dtype, per dtype. Measured on the tiny
 # qwen3 preset (vLLM 0.32 CPU vs transformers 5.24, 3 prompts, 78 scored positions incl. 24 generated): fp16
@@ -53,14 +53,15 @@ def check_engine_sentence_transformers(ctx: Context) -> CheckResult:
     name = "engine_sentence_transformers"
     if not (ctx.export / "modules.json").is_file():
         if (ctx.reference.folder / "modules.json").is_file():
-            return _fail(name, "the reference is a sentence-transformers model (modules.json) but the export "
+            return fail(name, "the reference is a sentence-transformers model (modules.json) but the export "
                                "has no modules.json: SentenceTransformer(export) would not rebuild its pooling")
-        return _skip(name, "not a sentence-transformers folder (no modules.json)")
+        return skip(name, "not a sentence-transformers folder (no modules.json)")
     try:
         import sentence_transformers
     except ImportError:
-        return _skip(name, "the folder has modules.json but sentence-transformers is not installed: not checked")
-    from qexport.verify.functional import SENTENCES, quiet
+        return skip(name, "the folder has modules.json but sentence-transformers is not installed: not checked")
+    from qexport.verify.functional import SENTENCES
+    from qexport.model.quiet import quiet
 
     def encode(folder, **kwargs):
         with quiet():
@@ -79,13 +80,13 @@ def check_engine_sentence_transformers(ctx: Context) -> CheckResult:
     except Exception as e:
         error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
         if not getattr(e, "still_compressed", None):
-            return _fail(name, f"{version}: SentenceTransformer(export) fails: {error}")
+            return fail(name, f"{version}: SentenceTransformer(export) fails: {error}")
         workaround = _dequantize_workaround(ctx, encode, reference)
-        return _fail(name, f"{version}: SentenceTransformer(export).encode fails: {error}. Upstream cause, not "
+        return fail(name, f"{version}: SentenceTransformer(export).encode fails: {error}. Upstream cause, not "
                            f"the folder: sentence-transformers calls the model's forward() directly "
                            f"(base/modules/transformer.py, Transformer.forward), which skips the forward pre-hook "
                            f"that compressed-tensors registers to decompress the weights on the first call "
-                           f"(ModelCompressor.add_decompress_hook), so {_listing(e.still_compressed, 2)} keep "
+                           f"(ModelCompressor.add_decompress_hook), so {listing(e.still_compressed, 2)} keep "
                            f"their compressed tensors. {workaround}", st_loads=False)
     return _cosine_result(name, ctx, reference, embeddings, version)
 
@@ -120,8 +121,8 @@ def _cosine_result(name, ctx, reference, embeddings, version) -> CheckResult:
     shown = f"{version}: loads and encodes; cosine vs reference {metrics['st_cosine']:.4f} " \
             f"(min {metrics['st_cosine_min']:.4f})"
     if limit is not None and not metrics["st_cosine"] >= limit:
-        return _fail(name, f"{shown} < {limit:g}", **metrics)
-    return _ok(name, shown, **metrics)
+        return fail(name, f"{shown} < {limit:g}", **metrics)
+    return ok(name, shown, **metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,17 +137,17 @@ def check_engine_vllm(ctx: Context) -> CheckResult:
     name = "engine_vllm"
     spec = (getattr(ctx, "engines", None) or {}).get("vllm")
     if spec is None:
-        return _skip(name, "vLLM not asked for (--engine vllm)")
+        return skip(name, "vLLM not asked for (--engine vllm)")
     reason = unavailable_reason(spec)
     if reason is not None:
-        return (_fail if spec.explicit else _skip)(name, f"engine vLLM cannot run: {reason}")
+        return (fail if spec.explicit else skip)(name, f"engine vLLM cannot run: {reason}")
     if ctx.ckpt is None:
-        return _fail(name, f"engine vLLM not run: the export's shards are unreadable ({ctx.ckpt_error})")
+        return fail(name, f"engine vLLM not run: the export's shards are unreadable ({ctx.ckpt_error})")
     request = vllm_request(ctx)
     try:
         result, tail = run_child(spec.python, request)
     except ChildFailed as e:
-        return _fail(name, f"engine vLLM ({spec.python}) {e}; output tail: {e.output_tail or '(none)'}")
+        return fail(name, f"engine vLLM ({spec.python}) {e}; output tail: {e.output_tail or '(none)'}")
     return judge_vllm(ctx, result, tail)
 
 
@@ -176,7 +177,7 @@ def prompt_ids(ctx: Context) -> list[list[int]]:
     if has_tokenizer(ctx.export):
         from transformers import AutoTokenizer
 
-        from qexport.verify.functional import quiet
+        from qexport.model.quiet import quiet
 
         try:
             with quiet():
@@ -208,21 +209,21 @@ def judge_vllm(ctx: Context, result: dict, tail: str = "") -> CheckResult:
         message = f"{error['type']}: {error['message'][:400]}".rstrip(": ")
         # The output tail helps where the engine itself broke; a parser verdict says all in its message.
         output = f"; output tail: {tail[-600:] or '(none)'}" if error["stage"] in ("import", "generation") else ""
-        return _fail(name, f"{who}: {stage}: {message}{where}{hint}{done}{output}", **metrics)
+        return fail(name, f"{who}: {stage}: {message}{where}{hint}{done}{output}", **metrics)
 
     layers = result["layers"]
     problems = _scheme_mismatches(ctx, layers)
     summary = _scheme_summary(layers)
     metrics["vllm_schemes"] = summary
     if problems:
-        return _fail(name, f"{who}: schemes disagree with the files: {_listing(problems, 3)}", **metrics)
+        return fail(name, f"{who}: schemes disagree with the files: {listing(problems, 3)}", **metrics)
     if result.get("quant_method") is None:
         shown = f"{who}: dense folder (no quantization_config), every Linear unquantized"
     else:
         shown = f"{who}: config parsed; " + "; ".join(f"{n} Linear -> {s}" for s, n in summary.items())
     if result.get("generation") is None:
         why = result.get("not_generated") or "no generation result"
-        return _ok(name, f"{shown}. NOT checked: generation ({why}).", **metrics)
+        return ok(name, f"{shown}. NOT checked: generation ({why}).", **metrics)
     metrics.update(compare_logprobs(ctx, result))
     shown += (f"; generated {metrics['engine_positions']} positions in {result['dtype']}: max |Δlogprob| vs "
               f"transformers {metrics['engine_max_abs_dlogprob']:.2g} (bound {metrics['engine_dlogprob_bound']:.2g}: "
@@ -237,8 +238,8 @@ def judge_vllm(ctx: Context, result: dict, tail: str = "") -> CheckResult:
         failures.append(f"{metrics['engine_token_disagreements_beyond_tie']} greedy token(s) differ where "
                         f"transformers' top choice leads by more than {bound:.3g}")
     if failures:
-        return _fail(name, f"{shown}: " + "; ".join(failures), **metrics)
-    return _ok(name, shown, **metrics)
+        return fail(name, f"{shown}: " + "; ".join(failures), **metrics)
+    return ok(name, shown, **metrics)
 
 
 def _naive_hint(ctx: Context) -> str:
@@ -287,7 +288,8 @@ def _bound_origin(metrics: dict) -> str:
 
 def _score(folder, dtype: torch.dtype, sequences: list[dict]) -> list[torch.Tensor]:
     """Per sequence, transformers' next-token log-probabilities (float32) at every position but the last."""
-    from qexport.verify.functional import load_model, quiet
+    from qexport.verify.functional import load_model
+    from qexport.model.quiet import quiet
 
     model, _ = load_model(folder, dtype=dtype)
     rows = []

@@ -5,19 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from qexport.io.checkpoint import INDEX_FILE
+from qexport.errors import InputError
+from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE, WEIGHT_SUFFIXES
+from qexport.io.safe_fs import load_json
 from qexport.io.safetensors_file import sha256_file
-from qexport.verify.context import (MANIFEST, TOKENIZER_FILES, CheckResult, Context, _fail, _listing, _ok, _skip, has_tokenizer,
+from qexport.verify.context import (TOKENIZER_FILES, CheckResult, Context, fail, listing, ok, skip, has_tokenizer,
                       json_equal)
 
 
 def _side_files(folder: Path) -> dict[str, Path]:
-    skip = {"config.json", INDEX_FILE, MANIFEST}
+    not_side = {"config.json", INDEX_FILE, MANIFEST_FILE}
     out = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel not in skip and not rel.startswith(".") and not rel.endswith(
-                (".safetensors", ".bin", ".pt", ".pth", ".ckpt")):
+        if path.is_file() and rel not in not_side and not rel.startswith(".") and not rel.endswith(WEIGHT_SUFFIXES):
             out[rel] = path
     return out
 
@@ -31,12 +32,11 @@ def _is_tokenizer_file(rel: str) -> bool:
 REWRITTEN_BY_EXPORT = ("README.md",)
 
 
-def _read_json(path: Path):
-    import json
-
+def _read_json(path: Path, root: Path | None):
+    """The JSON value of a side file, or None when it is not JSON within safe_fs' limits (compared as bytes)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        return load_json(path, path.name, root=root)
+    except InputError:
         return None
 
 
@@ -48,7 +48,7 @@ def same_content(ref: Path, ours: Path, ref_root: Path | None = None, our_root: 
         return True
     if ref.suffix != ".json":
         return False
-    a, b = _read_json(ref), _read_json(ours)
+    a, b = _read_json(ref, ref_root), _read_json(ours, our_root)
     if not isinstance(a, dict) or not isinstance(b, dict):
         return False
     a, b = ({k: v for k, v in d.items() if k != "transformers_version"} for d in (a, b))
@@ -71,7 +71,7 @@ def _card_keeps_source_readme(ref: Path, ours: Path) -> bool:
 def _compare_files(ctx: Context, name: str, wanted: Callable[[str], bool]) -> CheckResult:
     ref = {rel: p for rel, p in _side_files(ctx.reference.folder).items() if wanted(rel)}
     if not ref:
-        return _skip(name, "the reference has none")
+        return skip(name, "the reference has none")
     missing = [rel for rel in ref if not (ctx.export / rel).is_file()]
     present = [rel for rel in ref if rel not in missing]
     rewritten = [rel for rel in present if rel in REWRITTEN_BY_EXPORT]
@@ -80,11 +80,11 @@ def _compare_files(ctx: Context, name: str, wanted: Callable[[str], bool]) -> Ch
     changed += [rel for rel in rewritten if not _card_keeps_source_readme(ref[rel], ctx.export / rel)]
     metrics = {"missing": missing, "changed": changed, "allowed_to_differ": rewritten}
     if missing or changed:
-        parts = ([f"missing {_listing(missing)}"] if missing else []) + (
-            [f"content differs from the reference: {_listing(changed)}"] if changed else [])
-        return _fail(name, "; ".join(parts), **metrics)
-    note = f" ({_listing(rewritten)} may be rewritten: the model card)" if rewritten else ""
-    return _ok(name, f"all {len(ref)} reference files present with the reference's content{note}", **metrics)
+        parts = ([f"missing {listing(missing)}"] if missing else []) + (
+            [f"content differs from the reference: {listing(changed)}"] if changed else [])
+        return fail(name, "; ".join(parts), **metrics)
+    note = f" ({listing(rewritten)} may be rewritten: the model card)" if rewritten else ""
+    return ok(name, f"all {len(ref)} reference files present with the reference's content{note}", **metrics)
 
 
 def check_tokenizer_files(ctx: Context) -> CheckResult:
@@ -99,11 +99,12 @@ def check_side_files(ctx: Context) -> CheckResult:
 
 def check_tokenizer(ctx: Context) -> CheckResult:
     """The export's tokenizer loads and encodes real text exactly as the reference's does."""
-    from qexport.verify.functional import SENTENCES, quiet
+    from qexport.verify.functional import SENTENCES
+    from qexport.model.quiet import quiet
 
     name = "tokenizer"
     if not has_tokenizer(ctx.reference.folder):
-        return _skip(name, "the reference has no tokenizer")
+        return skip(name, "the reference has no tokenizer")
     from transformers import AutoTokenizer
 
     texts = list(SENTENCES[:6]) + ["Unicode: naïve café — 東京 🙂", "  leading spaces\tand\ttabs\n"]
@@ -112,11 +113,11 @@ def check_tokenizer(ctx: Context) -> CheckResult:
             ref = AutoTokenizer.from_pretrained(str(ctx.reference.folder))
             ours = AutoTokenizer.from_pretrained(str(ctx.export))
     except Exception as e:
-        return _fail(name, f"AutoTokenizer.from_pretrained(export) fails: {type(e).__name__}: {e}")
+        return fail(name, f"AutoTokenizer.from_pretrained(export) fails: {type(e).__name__}: {e}")
     for text in texts:
         if ref(text)["input_ids"] != ours(text)["input_ids"]:
-            return _fail(name, f"encodes {text!r} differently from the reference")
+            return fail(name, f"encodes {text!r} differently from the reference")
     if getattr(ref, "chat_template", None) != getattr(ours, "chat_template", None):
-        return _fail(name, "chat template differs from the reference")
-    return _ok(name, f"{type(ours).__name__} encodes {len(texts)} texts as the reference does")
+        return fail(name, "chat template differs from the reference")
+    return ok(name, f"{type(ours).__name__} encodes {len(texts)} texts as the reference does")
 

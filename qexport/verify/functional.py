@@ -15,10 +15,6 @@ Metric definitions (shared by tests, `qexport verify` and reports; see design.md
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -27,29 +23,7 @@ import torch
 
 from qexport.model.architecture import build_config, model_class
 from qexport.io.checkpoint import declared_dtype, load_config
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence transformers' and compressed-tensors' progress bars and warnings while loading."""
-    import transformers
-
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    loggers = [logging.getLogger(n) for n in ("compressed_tensors", "accelerate")]
-    old = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers.logging.set_verbosity(level)
-        transformers.logging.enable_progress_bar()
-        for lg, lv in zip(loggers, old):
-            lg.setLevel(lv)
+from qexport.model.quiet import quiet
 
 
 def load_model(folder: str | Path, dtype=torch.float32):

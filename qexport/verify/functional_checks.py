@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from qexport.verify.context import CheckResult, Context, _fail, _listing, _ok, _release, _skip
+from qexport.verify.context import CheckResult, Context, fail, listing, ok, release_memory, skip
 
 
 def check_reload(ctx: Context) -> CheckResult:
@@ -19,14 +19,14 @@ def check_reload(ctx: Context) -> CheckResult:
     name = "reload"
     ctx.reload()
     if ctx.loaded is None:
-        return _fail(name, f"transformers cannot load it: {ctx.load_error}", reload_ok=False)
+        return fail(name, f"transformers cannot load it: {ctx.load_error}", reload_ok=False)
     info = ctx.loaded[1]
     nonempty = {k: v for k, v in info.items() if v}
     if nonempty:
-        detail = "; ".join(f"{k}: {_listing(v, 3)}" for k, v in nonempty.items())
-        return _fail(name, f"loads, but loading info is not empty (weights are garbage): {detail}",
+        detail = "; ".join(f"{k}: {listing(v, 3)}" for k, v in nonempty.items())
+        return fail(name, f"loads, but loading info is not empty (weights are garbage): {detail}",
                      reload_ok=False, loading_info=info)
-    return _ok(name, f"{type(ctx.loaded[0]).__name__} loads with empty loading info", reload_ok=True)
+    return ok(name, f"{type(ctx.loaded[0]).__name__} loads with empty loading info", reload_ok=True)
 
 
 def check_reload_matches_dequant(ctx: Context) -> CheckResult:
@@ -34,20 +34,20 @@ def check_reload_matches_dequant(ctx: Context) -> CheckResult:
     name = "reload_matches_dequant"
     ctx.reload()
     if ctx.loaded is None or ctx.ckpt is None:
-        return _skip(name, "needs a reloaded model and readable shards")
+        return skip(name, "needs a reloaded model and readable shards")
     # Equality needs no statistics: one window of the text is enough (and a fraction of the compute).
     loaded = ctx.outputs(ctx.loaded[0], windows=1)
     ctx.unload()  # our dequantized model is built only after transformers' load is freed: one model at a time
     model = ctx.dequantized_model()
     ours = ctx.outputs(model, windows=1)
     del model
-    _release()
+    release_memory()
     diff, bit_exact = _max_abs_diff(loaded, ours)
     limit = ctx.thresholds.reload_max_abs_diff
     metrics = {"reload_vs_dequant_max_abs": diff, "bit_exact": bit_exact}
     if not diff <= limit:
-        return _fail(name, f"reloaded outputs differ from our dequantization by {diff:.3g} (> {limit:g})", **metrics)
-    return _ok(name, "reloaded outputs " + ("equal our dequantization bit for bit" if metrics["bit_exact"]
+        return fail(name, f"reloaded outputs differ from our dequantization by {diff:.3g} (> {limit:g})", **metrics)
+    return ok(name, "reloaded outputs " + ("equal our dequantization bit for bit" if metrics["bit_exact"]
                                             else f"within {diff:.3g} of our dequantization"), **metrics)
 
 
@@ -79,7 +79,7 @@ def _candidate(ctx: Context):
             return None
         ctx.candidate = (ctx.outputs(model), source, _param_dtype(model))
         del model
-        _release()
+        release_memory()
     return ctx.candidate
 
 
@@ -135,10 +135,10 @@ def check_finite_outputs(ctx: Context) -> CheckResult:
             metrics[f"nonfinite_first_{dtype_name(dtype)}"] = nonfinite.module
             metrics[f"nonfinite_layer_{dtype_name(dtype)}"] = nonfinite.layer
     if problems:
-        return _fail(name, "; ".join(problems), **metrics)
+        return fail(name, "; ".join(problems), **metrics)
     if not ran:
-        return _skip(name, "transformers cannot load the export")
-    return _ok(name, f"outputs finite when loaded in {' and '.join(ran)} (config.json: "
+        return skip(name, "transformers cannot load the export")
+    return ok(name, f"outputs finite when loaded in {' and '.join(ran)} (config.json: "
                      f"{metrics['config_dtype']})", **metrics)
 
 
@@ -150,7 +150,7 @@ def check_functional(ctx: Context) -> CheckResult:
     name = "functional"
     candidate = _candidate(ctx)
     if candidate is None:
-        return _skip(name, "no model: reload failed and shards unreadable")
+        return skip(name, "no model: reload failed and shards unreadable")
     outputs, source, _ = candidate
     reference = ctx.reference_outputs()
     metrics = {k: v for k, v in compare(reference, outputs).as_dict().items() if v is not None}
@@ -161,7 +161,7 @@ def check_functional(ctx: Context) -> CheckResult:
     bad = _nonfinite(metrics)
     metrics.update(_input_metrics(ctx))
     if bad:
-        return _fail(name, f"{source}: non-finite metrics: " + ", ".join(f"{k} {metrics[k]}" for k in bad),
+        return fail(name, f"{source}: non-finite metrics: " + ", ".join(f"{k} {metrics[k]}" for k in bad),
                      **metrics)
     thr = ctx.thresholds
     bounds = [("kld_mean", thr.max_kld_mean, False), ("kld_p99", thr.max_kld_p99, False),
@@ -178,8 +178,8 @@ def check_functional(ctx: Context) -> CheckResult:
         shown.append(f"ppl {metrics['ppl_export']:.4g} (reference {metrics['ppl_reference']:.4g})")
     where = f"{source} on {metrics['tokens']} tokens of {ctx.input_kind}"
     if problems:
-        return _fail(name, f"{where}: " + "; ".join(problems), **metrics)
-    return _ok(name, f"{where}: " + ", ".join(shown), **metrics)
+        return fail(name, f"{where}: " + "; ".join(problems), **metrics)
+    return ok(name, f"{where}: " + ", ".join(shown), **metrics)
 
 
 def check_functional_vs_rtn(ctx: Context) -> CheckResult:
@@ -193,15 +193,15 @@ def check_functional_vs_rtn(ctx: Context) -> CheckResult:
 
     name = "functional_vs_rtn"
     if not isinstance(ctx.qc, dict) or not ctx.qc.get("config_groups"):
-        return _skip(name, "no quantization_config: a dense export has no scheme to reproduce")
+        return skip(name, "no quantization_config: a dense export has no scheme to reproduce")
     candidate = _candidate(ctx)
     if candidate is None:
-        return _skip(name, "no model: reload failed and shards unreadable")
+        return skip(name, "no model: reload failed and shards unreadable")
     outputs, source, dtype = candidate
     try:
         rtn = ctx.rtn_outputs(dtype)
     except UnsupportedScheme as e:
-        return _skip(name, f"no round-to-nearest reference for the declared scheme: {e}")
+        return skip(name, f"no round-to-nearest reference for the declared scheme: {e}")
     reference = ctx.reference_outputs()
     ours, theirs = compare(reference, outputs), compare(reference, rtn)
     thr = ctx.thresholds
@@ -236,11 +236,11 @@ def check_functional_vs_rtn(ctx: Context) -> CheckResult:
             (shown if gap <= limit else problems).append(text)
     metrics.update(_input_metrics(ctx))
     if bad:
-        return _fail(name, f"{source}: non-finite metrics: " + ", ".join(f"{k} {metrics[k]}" for k in bad),
+        return fail(name, f"{source}: non-finite metrics: " + ", ".join(f"{k} {metrics[k]}" for k in bad),
                      **metrics)
     if problems:
-        return _fail(name, f"{source}: worse than round-to-nearest of its own scheme: " + "; ".join(problems),
+        return fail(name, f"{source}: worse than round-to-nearest of its own scheme: " + "; ".join(problems),
                      **metrics)
     if not shown:
-        return _ok(name, f"{source}: no relative bound set", **metrics)
-    return _ok(name, f"{source}: " + "; ".join(shown), **metrics)
+        return ok(name, f"{source}: no relative bound set", **metrics)
+    return ok(name, f"{source}: " + "; ".join(shown), **metrics)

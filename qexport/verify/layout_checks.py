@@ -4,31 +4,30 @@ from __future__ import annotations
 
 import math
 
-from qexport.io.checkpoint import INDEX_FILE
+from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE
 from qexport.report.values import format_ratio, format_value
 from qexport.io.safetensors_file import sha256_file
 from qexport.io.sizes import size_summary
+from qexport.quant.scheme import LINEAR, weights_args
 from qexport.verify.context import (
-    MANIFEST,
     PACKED_FORMATS,
     UNPACKED_FORMATS,
     CheckResult,
     Context,
-    _fail,
-    _listing,
-    _ok,
-    _skip,
-    weights_args,
+    fail,
+    listing,
+    ok,
+    skip,
 )
 
 
 def check_shards(ctx: Context) -> CheckResult:
     name = "shards"
     if ctx.ckpt is None:
-        return _fail(name, ctx.ckpt_error)
+        return fail(name, ctx.ckpt_error)
     files = ctx.ckpt.files
     how = "index and shards agree both ways" if (ctx.export / INDEX_FILE).is_file() else "single file"
-    return _ok(name, f"{len(files)} file(s), {len(ctx.ckpt.entries)} tensors; {how}",
+    return ok(name, f"{len(files)} file(s), {len(ctx.ckpt.entries)} tensors; {how}",
                files=[p.name for p in files])
 
 
@@ -36,9 +35,9 @@ def check_manifest(ctx: Context) -> CheckResult:
     """Every file the manifest lists has its recorded size and sha256 (a byte changed after export fails here)."""
     name = "manifest"
     if ctx.manifest is None and ctx.manifest_error is None:
-        return _skip(name, f"no {MANIFEST} (not written by qexport): file hashes not checked")
+        return skip(name, f"no {MANIFEST_FILE} (not written by qexport): file hashes not checked")
     if ctx.manifest is None:
-        return _fail(name, f"{MANIFEST}: {ctx.manifest_error}")
+        return fail(name, f"{MANIFEST_FILE}: {ctx.manifest_error}")
     problems = []
     listed = set()
     for record in ctx.manifest.get("files", []):
@@ -62,9 +61,9 @@ def check_manifest(ctx: Context) -> CheckResult:
                 problems.append(f"tensor {tname!r} is {entry.dtype} {list(entry.shape)}, manifest says "
                                 f"{info.get('dtype')} {info.get('shape')}")
     if problems:
-        return _fail(name, "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""),
+        return fail(name, "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""),
                      problems=problems)
-    return _ok(name, f"{len(listed)} files match their recorded size and sha256", files_checked=len(listed))
+    return ok(name, f"{len(listed)} files match their recorded size and sha256", files_checked=len(listed))
 
 
 def check_tensor_names(ctx: Context) -> CheckResult:
@@ -73,7 +72,7 @@ def check_tensor_names(ctx: Context) -> CheckResult:
 
     name = "tensor_names"
     if ctx.ckpt is None:
-        return _skip(name, "shards unreadable")
+        return skip(name, "shards unreadable")
     quantized = quantized_modules(ctx.ckpt)
     parts = {stored for p in quantized.values() for stored in p.values()}
     stored = {n for n in ctx.ckpt.entries if n not in parts} | {f"{m}.weight" for m in quantized}
@@ -84,15 +83,15 @@ def check_tensor_names(ctx: Context) -> CheckResult:
     extra = [n for n in extra if n not in tied]
     problems = []
     if twice:
-        problems.append(f"tied tensor(s) {_listing(twice)} stored again (tie_word_embeddings: store once)")
+        problems.append(f"tied tensor(s) {listing(twice)} stored again (tie_word_embeddings: store once)")
     if missing:
-        problems.append(f"missing {_listing(missing)}")
+        problems.append(f"missing {listing(missing)}")
     if extra:
-        problems.append(f"not in the reference: {_listing(extra)}")
+        problems.append(f"not in the reference: {listing(extra)}")
     metrics = {"missing": missing, "extra": extra, "tied_stored_twice": twice}
     if problems:
-        return _fail(name, "; ".join(problems), **metrics)
-    return _ok(name, f"{len(stored)} tensors ({len(quantized)} quantized), as in the reference"
+        return fail(name, "; ".join(problems), **metrics)
+    return ok(name, f"{len(stored)} tensors ({len(quantized)} quantized), as in the reference"
                + (f"; {len(tied)} tied stored once" if tied else ""), **metrics)
 
 
@@ -103,7 +102,7 @@ def _module_layout(ctx: Context, module: str, parts: dict[str, str]) -> list[str
     if ref is None or len(ref.shape) != 2:
         return [f"{module}: quantized but the reference has no 2-D {module}.weight"]
     rows, cols = ref.shape
-    args = weights_args(ctx.qc or {}, module, f"{module}.weight" in ctx.arch.linear_weights)
+    args = weights_args(ctx.qc or {}, module, LINEAR if f"{module}.weight" in ctx.arch.linear_weights else ())
     if args is None:
         return [f"{module}: stored quantized but no config group targets it (or it is ignored)"]
     bits, strategy, group_size = args.get("num_bits"), args.get("strategy"), args.get("group_size")
@@ -167,14 +166,14 @@ def check_layout(ctx: Context) -> CheckResult:
 
     name = "layout"
     if ctx.ckpt is None:
-        return _skip(name, "shards unreadable")
+        return skip(name, "shards unreadable")
     quantized = quantized_modules(ctx.ckpt)
     if not quantized:
         if ctx.qc:
-            return _fail(name, "quantization_config present but no module is stored quantized")
-        return _ok(name, "dense export: no quantized modules")
+            return fail(name, "quantization_config present but no module is stored quantized")
+        return ok(name, "dense export: no quantized modules")
     if not isinstance(ctx.qc, dict):
-        return _fail(name, f"{len(quantized)} modules stored quantized but config.json has no quantization_config")
+        return fail(name, f"{len(quantized)} modules stored quantized but config.json has no quantization_config")
     problems = []
     for module, parts in sorted(quantized.items()):
         problems += _module_layout(ctx, module, parts)
@@ -183,9 +182,9 @@ def check_layout(ctx: Context) -> CheckResult:
         if module not in quantized and weights_args(ctx.qc, module) is not None:
             problems.append(f"{module}: a targeted Linear stored dense and not in ignore")
     if problems:
-        return _fail(name, f"{len(problems)} problem(s): " + "; ".join(problems[:3])
+        return fail(name, f"{len(problems)} problem(s): " + "; ".join(problems[:3])
                      + ("; ..." if len(problems) > 3 else ""), problems=problems)
-    return _ok(name, f"{len(quantized)} quantized modules match the config")
+    return ok(name, f"{len(quantized)} quantized modules match the config")
 
 
 def _predicted_module_bytes(ctx: Context, module: str, parts: dict[str, str]) -> int:
@@ -213,7 +212,7 @@ def check_bytes(ctx: Context) -> CheckResult:
 
     name = "bytes"
     if ctx.ckpt is None:
-        return _skip(name, "shards unreadable")
+        return skip(name, "shards unreadable")
     problems = []
     entries = ctx.ckpt.entries
     # Every file's bytes are its header's and its tensors': read_header refuses bytes that belong to no tensor, and a
@@ -266,12 +265,12 @@ def check_bytes(ctx: Context) -> CheckResult:
                         f"{format_ratio(floor)} ({format_value(metrics['bits_per_quantized_weight'])} bits per "
                         "weight)")
     if problems:
-        return _fail(name, "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""), problems=problems,
+        return fail(name, "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""), problems=problems,
                      **metrics)
     ratio = f"quantized {format_ratio(metrics['quantized_ratio'])}, " if q_bytes else ""
     if q_bytes and body:
         ratio = (f"{len(quantized_body)}/{len(body)} Linears quantized "
                  f"({100 * metrics['quantized_linear_share']:.1f}% of their bytes), {ratio}")
-    return _ok(name, f"stored == predicted; {ratio}whole model {format_ratio(metrics['file_ratio'])} vs fp16",
+    return ok(name, f"stored == predicted; {ratio}whole model {format_ratio(metrics['file_ratio'])} vs fp16",
                **metrics)
 

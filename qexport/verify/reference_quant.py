@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from qexport.verify.context import weights_args
+from qexport.quant.scheme import classes_of, weights_args
 
 
 class UnsupportedScheme(ValueError):
@@ -79,7 +79,7 @@ def apply_rtn(model: torch.nn.Module, quantization_config: dict) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        weights = weights_args(quantization_config, name, linear=True)
+        weights = weights_args(quantization_config, name, classes_of(module))
         if not weights:
             continue
         args = quantization_args(weights)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from qexport.verify.context import CheckResult, Context, _fail, _ok, _skip
+from qexport.verify.context import CheckResult, Context, fail, ok, skip
 
 
 def check_weights(ctx: Context) -> CheckResult:
@@ -16,7 +16,7 @@ def check_weights(ctx: Context) -> CheckResult:
 
     name = "weights_sqnr"
     if ctx.ckpt is None:
-        return _skip(name, "shards unreadable")
+        return skip(name, "shards unreadable")
     quantized_sqnr, dense_sqnr, problems = {}, {}, []
     total = dequantized_count(ctx.ckpt)
     # One tensor at a time: the export's (dequantized, float32) and the reference's, then both are dropped.
@@ -62,10 +62,10 @@ def check_weights(ctx: Context) -> CheckResult:
             problems.append(f"dense tensor {worst} at {dense_sqnr[worst]:.2f} dB SQNR (need >= "
                             f"{thr.dense_min_sqnr_db} dB: it should be the reference rounded to fp16)")
     if problems:
-        return _fail(name, "; ".join(problems[:3]), **metrics)
+        return fail(name, "; ".join(problems[:3]), **metrics)
     if quantized_sqnr:
         floor = "no floor" if thr.min_sqnr_db is None else f">= {thr.min_sqnr_db}"
-        return _ok(name, f"SQNR min {metrics['sqnr_min_db']:.2f} dB ({floor}), median "
+        return ok(name, f"SQNR min {metrics['sqnr_min_db']:.2f} dB ({floor}), median "
                          f"{metrics['sqnr_median_db']:.2f} dB over {len(quantized_sqnr)} quantized tensors", **metrics)
-    return _ok(name, f"{len(dense_sqnr)} dense tensors match the reference (>= {thr.dense_min_sqnr_db} dB)", **metrics)
+    return ok(name, f"{len(dense_sqnr)} dense tensors match the reference (>= {thr.dense_min_sqnr_db} dB)", **metrics)
 
