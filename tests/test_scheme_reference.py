@@ -35,9 +35,9 @@ def failed(result) -> set[str]:
 def test_rtn_reference_is_round_to_nearest_within_half_a_step(weights, group, qmax):
     w = torch.randn(96, 384, generator=torch.Generator().manual_seed(0))
     fq = rtn_fake_quantize(w, quantization_args(weights))
-    step = quant._grouped(w, group).abs().amax(-1, keepdim=True) / (qmax + 0.5)
-    err = quant._grouped(w - fq, group).abs() / step
-    codes = quant._grouped(fq, group) / step
+    step = quant.group_view(w, group).abs().amax(-1, keepdim=True) / (qmax + 0.5)
+    err = quant.group_view(w - fq, group).abs() / step
+    codes = quant.group_view(fq, group) / step
     assert err.max().item() <= 0.5 + 1e-5
     assert torch.allclose(codes, codes.round(), atol=1e-4)
     assert -qmax - 1 - 1e-4 <= codes.min().item() and codes.max().item() <= qmax + 1e-4
@@ -124,11 +124,11 @@ def _better_than_rtn(folder, reference_dir, group_size=128):
             module = name.removesuffix(".weight_packed")
             dtype = tensors[f"{module}.weight_scale"].dtype
             w = reference.read(f"{module}.weight").float()
-            grouped = quant._grouped(w, group_size)
+            grouped = quant.group_view(w, group_size)
             best, best_err = None, None
             for a in torch.linspace(0.80, 1.00, 11):
                 s = (grouped.abs().amax(-1) * a / 7.5).to(dtype)
-                err = (quant._grouped(quant.dequantize(quant.quantize(w, s, 4, group_size), s, group_size).float(),
+                err = (quant.group_view(quant.dequantize(quant.quantize(w, s, 4, group_size), s, group_size).float(),
                                       group_size) - grouped).pow(2).sum(-1)
                 if best is None:
                     best, best_err = s.clone(), err

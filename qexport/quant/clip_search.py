@@ -31,7 +31,7 @@ _CHUNK_ELEMENTS = 1 << 22  # rows searched together: temporaries stay ~100 MB wh
 def group_error(w: torch.Tensor, w_hat: torch.Tensor, group_size: int | None, norm: float) -> torch.Tensor:
     """Per-group sum of |w - ŵ|^norm in float32, [out, groups] (groups = 1 per channel when group_size is None)."""
     diff = (w.float() - w_hat.float()).abs_()
-    return quant._grouped(diff.pow_(norm), group_size).sum(dim=-1)
+    return quant.group_view(diff.pow_(norm), group_size).sum(dim=-1)
 
 
 def _symmetric(wc: torch.Tensor, absmax: torch.Tensor, factor: float, num_bits: int, group_size, dtype):
@@ -77,7 +77,7 @@ def search_qparams(w: torch.Tensor, num_bits: int, group_size: int | None, *, sy
 
 
 def _search_rows(wc, num_bits, group_size, symmetric, dtype, factors, norm):
-    grouped = quant._grouped(wc, group_size)
+    grouped = quant.group_view(wc, group_size)
     if symmetric:
         absmax = grouped.abs().amax(dim=-1).to(torch.float32)
         candidate = lambda f: _symmetric(wc, absmax, f, num_bits, group_size, dtype)  # noqa: E731

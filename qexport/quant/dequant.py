@@ -62,7 +62,7 @@ def dequantize_module(tensors: dict[str, torch.Tensor], num_bits: int, dtype=Non
             codes = codes - zp[:, g_idx]
         return codes * scale[:, g_idx]
     if zp is not None:
-        codes = (quant._grouped(codes, group_size) - zp.unsqueeze(-1)).reshape(rows, cols)
+        codes = (quant.group_view(codes, group_size) - zp.unsqueeze(-1)).reshape(rows, cols)
     return quant.dequantize(codes, scale, group_size)
 
 

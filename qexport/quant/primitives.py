@@ -26,7 +26,7 @@ def qrange(num_bits: int) -> tuple[int, int]:
     return -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
 
 
-def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """View a [out, in] matrix as [out, groups, group_len]."""
     rows, cols = w.shape
     if group_size is None:
@@ -39,7 +39,7 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 def compute_scales(w: torch.Tensor, num_bits: int, group_size: int | None, dtype=SCALE_DTYPE) -> torch.Tensor:
     """Symmetric scales of a 2-D weight: [out, 1] per channel or [out, in // group_size] per group."""
     qmin, qmax = qrange(num_bits)
-    absmax = _absmax(_grouped(w, group_size)).to(torch.float32)
+    absmax = _absmax(group_view(w, group_size)).to(torch.float32)
     scales = (absmax / ((qmax - qmin) / 2)).to(dtype)
     return torch.where(scales == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype), scales)
 
@@ -63,14 +63,14 @@ def _absmax(grouped: torch.Tensor) -> torch.Tensor:
 def quantize(w: torch.Tensor, scales: torch.Tensor, num_bits: int, group_size: int | None) -> torch.Tensor:
     """Integer codes (int8 storage) of a 2-D weight for the given scales."""
     qmin, qmax = qrange(num_bits)
-    scaled = _grouped(w.to(scales.dtype), group_size) / scales.unsqueeze(-1)
+    scaled = group_view(w.to(scales.dtype), group_size) / scales.unsqueeze(-1)
     # round then clamp equals clamp then round: the bounds are integers. In place: one temporary, not three.
     return scaled.round_().clamp_(qmin, qmax).to(torch.int8).reshape(w.shape)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """Weights in the scale dtype from integer codes and their scales."""
-    grouped = _grouped(q.to(scales.dtype), group_size)
+    grouped = group_view(q.to(scales.dtype), group_size)
     return (grouped * scales.unsqueeze(-1)).reshape(q.shape)
 
 
@@ -83,7 +83,7 @@ def compute_asymmetric_qparams(w: torch.Tensor, num_bits: int, group_size: int |
     (`calculate_qparams`, zp_dtype int8). An all-zero block gets scale eps and zero point 0.
     """
     qmin, qmax = qrange(num_bits)
-    grouped = _grouped(w.to(dtype), group_size)
+    grouped = group_view(w.to(dtype), group_size)
     low = grouped.amin(dim=-1).clamp(max=0)
     high = grouped.amax(dim=-1).clamp(min=0)
     scales = (high - low) / torch.tensor(qmax - qmin, dtype=dtype)
@@ -96,7 +96,7 @@ def quantize_asymmetric(w: torch.Tensor, scales: torch.Tensor, zero_points: torc
                         group_size: int | None) -> torch.Tensor:
     """Integer codes (int8 storage) round(clamp(w / scale + zero point)), the sum in the scale dtype."""
     qmin, qmax = qrange(num_bits)
-    scaled = _grouped(w.to(scales.dtype), group_size) / scales.unsqueeze(-1)
+    scaled = group_view(w.to(scales.dtype), group_size) / scales.unsqueeze(-1)
     scaled += zero_points.to(scales.dtype).unsqueeze(-1)
     return scaled.round_().clamp_(qmin, qmax).to(torch.int8).reshape(w.shape)
 
@@ -104,7 +104,7 @@ def quantize_asymmetric(w: torch.Tensor, scales: torch.Tensor, zero_points: torc
 def dequantize_asymmetric(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                           group_size: int | None) -> torch.Tensor:
     """(q - zero point) * scale in the scale dtype."""
-    codes = _grouped(q.to(scales.dtype), group_size) - zero_points.to(scales.dtype).unsqueeze(-1)
+    codes = group_view(q.to(scales.dtype), group_size) - zero_points.to(scales.dtype).unsqueeze(-1)
     return (codes * scales.unsqueeze(-1)).reshape(q.shape)
 
 
