@@ -87,7 +87,7 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
                 False),
     # export: the planning and folder helpers as plain functions, and the write path on a hand-made checkpoint with
     # a hand-made Architecture in place of discovery (no model build)
-    "export": (["qexport/export/pipeline.py"],
+    "export": (["qexport/export/pipeline.py", "qexport/io/publish.py"],
                ["tests/test_unit_export.py", "tests/test_unit_export_write.py"], False),
     # verify's file-level checks, called directly on hand-written folders (a config dict, a few tensors, a manifest;
     # no model built, exported or loaded: milliseconds a test). The planted-defect tests that verify exported models
@@ -123,12 +123,14 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
     "merge": (["qexport/merge/sources.py"],
               [*FAST_PYTEST, "tests/test_unit_merge.py"],
               False),
-    # the numeric core: scales, codes and int32 packing (quant), reading compressed-tensors layouts back to dense
-    # weights (dequant), byte sizes and ratios (sizes); laws on small tensors and compressed-tensors' own functions,
-    # no model built. Hypothesis on its derandomized "ci" profile: a mutant's verdict must not depend on the draw.
-    "numeric": (["qexport/quant/primitives.py", "qexport/quant/dequant.py", "qexport/io/sizes.py"],
+    # the numeric core: scales, codes and int32 packing (quant), the quantization_config matcher (scheme), reading
+    # compressed-tensors layouts back to dense weights (dequant), byte sizes and ratios (sizes); laws on small
+    # tensors and compressed-tensors' own functions, no model built. Hypothesis on its derandomized "ci" profile: a
+    # mutant's verdict must not depend on the draw.
+    "numeric": (["qexport/quant/primitives.py", "qexport/quant/dequant.py", "qexport/quant/scheme.py",
+                 "qexport/io/sizes.py"],
                 [*FAST_PYTEST, "--hypothesis-profile=ci",
-                 "tests/test_unit_quant.py", "tests/test_property_quant.py", "tests/test_ct_compat.py",
+                 "tests/test_unit_quant.py", "tests/test_unit_quant_scheme.py", "tests/test_property_quant.py", "tests/test_ct_compat.py",
                  "tests/test_dequant_g_idx.py", "tests/test_unit_formats.py"],
                 False),
     "verify": (["qexport/verify/*"],
