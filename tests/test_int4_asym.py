@@ -97,7 +97,7 @@ def test_compressed_tensors_decompresses_our_tensors_to_our_dequantization(group
 
 
 def test_asymmetric_error_is_within_half_a_step():
-    # Round to nearest with fp16 arithmetic: |w - w_hat| <= ~0.52 scale (design.md's fp16 slack), except where
+    # Round to nearest with fp16 arithmetic: |w - w_hat| <= ~0.52 scale (docs/design.md's fp16 slack), except where
     # the zero point was clamped, which never happens when the range includes 0.
     w = weight((64, 512))
     stored = {k.removeprefix("m."): v for k, v in
@@ -181,7 +181,7 @@ def test_verify_layout_fails_an_unpacked_zero_point(asym_export, qwen3_src, tmp_
 
 
 def test_int4_asym_is_dense_in_memory_under_transformers_while_int4_stays_packed(asym_export, qwen3_out):
-    # What `"dequantize": true` costs transformers users (the reason int4-asym is not the default, README): the
+    # What `"dequantize": true` costs transformers users (the reason int4-asym is not the default, docs/formats.md): the
     # loaded int4-asym model holds dense weights, as many bytes as the fp16 export's; symmetric int4 keeps its
     # packed codes. Measured on this tiny qwen3: 4,197,376 bytes (int4-asym and fp16) vs 1,862,880 (int4). If a
     # transformers / compressed-tensors upgrade loads int4-asym packed, this fails: revisit the default then.

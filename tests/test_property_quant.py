@@ -7,7 +7,7 @@ failures shrink to a small reproducible case. Profiles (conftest.py): `ci` deran
 fp16 slack in the half-step bound: the division w / scale happens in fp16 (as in compressed-tensors), and the
 scale itself is absmax / 7.5 (or / 127.5) rounded to fp16 (relative error <= 2^-11). Near the top of the range
 that rounding can push the largest element past qmax + 0.5 before clamping, and the fp16 quotient is rounded to
-the fp16 grid (spacing 1/16 between 64 and 128). design.md measured up to ~0.52 step for int4 and ~0.63 step for
+the fp16 grid (spacing 1/16 between 64 and 128). docs/design.md measured up to ~0.52 step for int4 and ~0.63 step for
 int8; the bounds below are those. They hold while scales are normal fp16 numbers (>= 2^-14); the "tiny"
 distribution is chosen to stay there (a subnormal scale has fewer significant bits and a looser bound).
 """
@@ -27,7 +27,7 @@ from qexport.quant.dequant import dequantize_module
 from qexport.errors import InputError
 from qexport.formats import get_format
 
-STEP_BOUND = {4: 0.52, 8: 0.63}  # design.md, measured with fp16 scales; see the module docstring
+STEP_BOUND = {4: 0.52, 8: 0.63}  # docs/design.md, measured with fp16 scales; see the module docstring
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DISTRIBUTIONS = ["normal", "heavy_tailed", "outlier_rows", "zero_rows", "tiny", "huge"]
 

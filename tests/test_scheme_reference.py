@@ -2,7 +2,7 @@
 
 A random-init model makes int4 lossy enough that absolute KLD / top-1 floors fail clean exports; RTN of the same
 scheme on the same reference is as lossy, so `functional_vs_rtn` passes clean exports of any model and fails
-exports far worse than the scheme allows (the ratio in the detail). Margins: qexport/verify/thresholds.py.
+exports far worse than the scheme allows (the ratio in the detail). Margins: docs/thresholds.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """SQNR (20 log10 ||w|| / ||w - w_hat||) of the formats on seeded Gaussian weights and on an exported model.
 
-Floors from measurement (design.md): seeded Gaussian ~41 dB INT8 per channel, ~18.6-19 dB INT4 g128.
+Floors from measurement (docs/design.md): seeded Gaussian ~41 dB INT8 per channel, ~18.6-19 dB INT4 g128.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """qexport/formats as pure functions (no model; milliseconds): every format stores what it predicts, declares what
-design.md says, keeps dense what it cannot quantize, and refuses values its stored dtype cannot hold."""
+docs/design.md says, keeps dense what it cannot quantize, and refuses values its stored dtype cannot hold."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_int8_is_per_channel_round_to_nearest_of_the_weight_in_the_compute_dtype
     w = weight((8, 64), dtype)
     out = f.encode(W, w, quantize=True)
     wc = w.to(f.dtype)
-    # design.md: scale = absmax / 127.5 computed in fp32 from the weight cast to the stored dtype, then cast
+    # docs/design.md: scale = absmax / 127.5 computed in fp32 from the weight cast to the stored dtype, then cast
     expected_scale = (wc.abs().amax(dim=1, keepdim=True).float() / 127.5).to(f.dtype)
     assert torch.equal(out[f"{M}.weight_scale"], expected_scale)
     q = quant.unpack_int8(out[f"{M}.weight_packed"], 64)
@@ -112,7 +112,7 @@ def test_int4_asym_dequantizes_within_half_a_step_and_stores_zero_points_packed_
     q = quant.unpack_int4(out[f"{M}.weight_packed"], 128)
     back = quant.dequantize_asymmetric(q, scales, zp, 64)
     step = scales.float().repeat_interleave(64, dim=1)
-    assert ((back.float() - w.to(torch.float16).float()).abs() / step).max() <= 0.52  # fp16 slack (design.md)
+    assert ((back.float() - w.to(torch.float16).float()).abs() / step).max() <= 0.52  # fp16 slack (docs/design.md)
     assert out[f"{M}.weight_zero_point"].shape == (2, 2) and zp.abs().max() <= 8
 
 

@@ -1,5 +1,5 @@
 """verify's config.json checks (qexport/verify/config_checks.py) called directly on hand-written folders: a config
-dict and a few tensors in tmp_path, no model built or exported (milliseconds a test). design.md: model_type and
+dict and a few tensors in tmp_path, no model built or exported (milliseconds a test). docs/design.md: model_type and
 every other source key survive; a quantization_config must be one transformers and vLLM load right (without the
 group-level format int8 loads as packed; without quantization_status the weights load silently as garbage)."""
 

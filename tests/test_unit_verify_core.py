@@ -1,6 +1,6 @@
 """verify's runner and Context (qexport/verify/__init__.py, qexport/verify/context.py) on hand-written folders and
 stand-in checks: no model built, exported or loaded (the transformers load, the tokenizer and the forward passes are
-replaced by recording fakes where a test needs them; milliseconds a test). design.md: a check that raises is a
+replaced by recording fakes where a test needs them; milliseconds a test). docs/design.md: a check that raises is a
 failure naming the exception, never a crash; a NaN or an infinite metric beyond an enabled bound never passes; a
 threshold that is not the format's default says so wherever the verdict is shown; verify never trusts its own
 manifest more than the files, and loads one model at a time."""

@@ -1,5 +1,5 @@
 """verify's side-file and tokenizer checks (qexport/verify/file_checks.py) called directly on hand-written folders:
-a few tensors and side files in tmp_path, no model built or exported. design.md: every tokenizer / generation /
+a few tensors and side files in tmp_path, no model built or exported. docs/design.md: every tokenizer / generation /
 chat-template file of the source is copied into the export; README.md is the one file an export may rewrite (a
 qexport card embeds the source README unchanged; another tool's README may say anything)."""
 

@@ -1,6 +1,6 @@
 """verify's checks of the stored files (qexport/verify/layout_checks.py: shards, manifest, tensor_names, layout,
 bytes) called directly on hand-written folders: a few tensors, a manifest and a config in tmp_path, no model built
-or exported. design.md: a quantized Linear stores weight_packed I32 [out, in*bits/32], weight_scale [out, 1] or
+or exported. docs/design.md: a quantized Linear stores weight_packed I32 [out, in*bits/32], weight_scale [out, 1] or
 [out, in/group] and weight_shape I64 [2]; every reference tensor is stored once (tied ones once); bytes are
 accounted: stored equals predicted per tensor and per file."""
 

@@ -1,6 +1,6 @@
 """verify's per-tensor weight check (qexport/verify/weight_checks.py, `weights_sqnr`) called directly on
 hand-written folders: a reference of three bf16 tensors and its exports written in tmp_path with qexport's
-quantization primitives, no model built or exported. design.md: SQNR = 20 log10(||w|| / ||w - w_hat||) per
+quantization primitives, no model built or exported. docs/design.md: SQNR = 20 log10(||w|| / ||w - w_hat||) per
 tensor, min and median reported over quantized tensors; dense tensors must be the reference rounded to fp16."""
 
 from __future__ import annotations

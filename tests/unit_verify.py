@@ -25,7 +25,7 @@ NORM = "model.norm.weight"
 
 
 def qc(num_bits=4, strategy="group", group_size=16, fmt="pack-quantized", **weights) -> dict:
-    """A compressed-tensors quantization_config as design.md gives it (group_size small enough for the tiny
+    """A compressed-tensors quantization_config as docs/design.md gives it (group_size small enough for the tiny
     Linears)."""
     w = {"num_bits": num_bits, "type": "int", "strategy": strategy, "symmetric": True, "dynamic": False, **weights}
     if strategy == "group":
@@ -95,7 +95,7 @@ def int4_module(module: str, w: torch.Tensor, group_size: int = 16) -> tuple[dic
 
 
 def sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    """20 log10(||w|| / ||w - w_hat||), design.md's definition, in float64."""
+    """20 log10(||w|| / ||w - w_hat||), docs/design.md's definition, in float64."""
     import math
 
     w, w_hat = w.double(), w_hat.double()

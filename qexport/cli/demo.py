@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 # What the demo's columns mean, and what to expect of the random-init model it builds (numbers measured on it:
-# int8 KLD 2e-5, top-1 0.95; int4 KLD 4e-3, top-1 0.57, max |Δlogit| 0.45; see qexport/verify/thresholds.py).
+# int8 KLD 2e-5, top-1 0.95; int4 KLD 4e-3, top-1 0.57, max |Δlogit| 0.45; see docs/thresholds.md).
 EXPLANATION = """\
 verdict: `qexport verify` on that folder (reload with no missing / unexpected / mismatched keys, transformers'
   logits equal qexport's own dequantization bit for bit, bytes, SQNR, tokenizer, next-token agreement), PASS when

@@ -49,7 +49,7 @@ def check_config_keys(ctx: Context) -> CheckResult:
 
 
 def check_quantization_config(ctx: Context) -> CheckResult:
-    """A quantization_config that transformers loads correctly (see design.md for what goes wrong without each key)."""
+    """A quantization_config that transformers loads correctly (docs/design.md: what goes wrong without each key)."""
     name = "quantization_config"
     if ctx.config is None:
         return fail(name, f"config.json: {ctx.config_error}")

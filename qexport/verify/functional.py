@@ -4,7 +4,7 @@ Inputs: for a causal LM with a tokenizer, a fixed English text shipped with qexp
 project) tokenized by the reference's own tokenizer and cut into windows (`text_windows`); random token ids only
 for a model without a tokenizer (they overstate KLD 2-10x on real models); real sentences for encoders.
 
-Metric definitions (shared by tests, `qexport verify` and reports; see design.md):
+Metric definitions (shared by tests, `qexport verify` and reports; see docs/design.md):
 - KLD: KL(P_ref || P_quant) of next-token distributions per position; mean, p99 and max;
 - top-1: share of positions whose argmax agrees with the reference;
 - perplexity: exp of the mean next-token negative log-likelihood of the text (each window's first token is context

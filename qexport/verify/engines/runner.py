@@ -1,7 +1,7 @@
 """Running vLLM on an export from qexport's side: find vLLM's interpreter, run `vllm_child.py` in it, read its result.
 
 vLLM cannot be imported into qexport's environment (it pins its own torch, transformers and compressed-tensors),
-so it lives in its own venv (README: two commands) and runs in a child process with a timeout. The interpreter
+so it lives in its own venv (docs/engines.md: two commands) and runs in a child process with a timeout. The interpreter
 is, in order: `--engine vllm=PYTHON`, the environment variable QEXPORT_VLLM_PYTHON, DEFAULT_PYTHON.
 """
 
