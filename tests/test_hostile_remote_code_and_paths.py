@@ -220,18 +220,21 @@ def test_verify_as_a_process_with_yes_on_stdin_runs_no_code(arcee_src, arcee_exp
     assert "safe_to_load" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # two gate processes (~20 s of CPU): the in-process runs above cover the default tier
 def test_gate_on_folders_with_every_remote_code_hook_runs_no_code(pytester, arcee_src, arcee_export, tmp_path):
-    """--qexport-export (a hostile export) and --qexport-model (a hostile source), stdin answering "y"."""
+    """--qexport-export (a hostile export) and --qexport-model (a hostile source), as processes with "y" on stdin
+    (an in-process pytester run gives transformers no stdin to read an answer from)."""
     export, source = copy(arcee_export, tmp_path / "int8"), copy(arcee_src, tmp_path / "src")
     marker = tmp_path / "MARKER"
     for folder in (export, source):
         for hook in HOOKS:
             plant_hook(folder, hook, marker)
-    with stdin_says_yes():
-        checked = pytester.runpytest(f"--qexport-export={export}", f"--qexport-reference={arcee_src}", "-s",
-                                     "-p", "no:cacheprovider")
-        exported = pytester.runpytest(f"--qexport-model={source}", "--qexport-formats", "int8", "-s",
-                                      "-p", "no:cacheprovider")
+    gate = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p",
+            "no:xdist", "-s"]
+    checked = pytester.run(*gate, f"--qexport-export={export}", f"--qexport-reference={arcee_src}",
+                           stdin=YES.encode(), timeout=SECONDS)
+    exported = pytester.run(*gate, f"--qexport-model={source}", "--qexport-formats", "int8", stdin=YES.encode(),
+                            timeout=SECONDS)
     assert not marker.exists()
     assert checked.ret == exported.ret == 1
     checked.stdout.fnmatch_lines(["*qexport int8 safe_to_load: *auto_map*"])
@@ -295,7 +298,8 @@ PATHS = {  # case -> (plant(folder, secret), the file and key the refusal must n
                                 "tokenizer_config.json: tokenizer_file"),
     "vocab_file_parent": (_tokenizer_key("vocab_file", lambda s: "../secret/id_rsa"),
                           "tokenizer_config.json: vocab_file"),
-    "merges_file_home": (_tokenizer_key("merges_file", lambda s: "~/.ssh/id_rsa"), "tokenizer_config.json: merges_file"),
+    "merges_file_home": (_tokenizer_key("merges_file", lambda s: "~/.ssh/id_rsa"),
+                         "tokenizer_config.json: merges_file"),
     "sentence_bert_tokenizer_args_tokenizer_file": (_st_tokenizer_file,
                                                     "sentence_bert_config.json: tokenizer_args.tokenizer_file"),
     "modules_json_path_parent": (_modules_path_out, "modules.json: [1].path"),
