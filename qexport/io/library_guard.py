@@ -20,24 +20,26 @@ LOAD_KWARGS = {"trust_remote_code": False}
 
 _lock = threading.RLock()
 _depth = 0
+_saved = None  # what the first guard entered replaced; restored when the last one leaves (threads included)
 
 
 @contextlib.contextmanager
 def no_remote_code():
-    """Run library calls with stdin at end of file and transformers' remote-code prompt off (re-entrant)."""
-    global _depth
+    """Run library calls with stdin at end of file and transformers' remote-code prompt off (re-entrant, and
+    shared by threads: stdin comes back when the last guard open in the process is left)."""
+    global _depth, _saved
     with _lock:
+        if _depth == 0:
+            _saved = _redirect_stdin()
         _depth += 1
-        outermost = _depth == 1
-        if outermost:
-            saved = _redirect_stdin()
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
-            if outermost:
-                _restore_stdin(*saved)
+            if _depth == 0:
+                _restore_stdin(*_saved)
+                _saved = None
 
 
 def _redirect_stdin():
