@@ -18,6 +18,7 @@ defect is about it, as another tool's export would have none.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from qexport.verify import CHECK_NAMES, verify
 from tests import defects
 
 # Checks that read files only (no model load): cheap enough to run on every row in the default tier.
-FILE_CHECKS = ["model_type", "config_keys", "quantization_config", "shards", "manifest", "tensor_names", "layout",
+FILE_CHECKS = ["safe_to_load", "model_type", "config_keys", "quantization_config", "shards", "manifest", "tensor_names", "layout",
                "bytes", "weights_sqnr", "tokenizer_files", "side_files", "tokenizer"]
 DOWN = "model.layers.0.mlp.down_proj"
 
@@ -150,6 +151,16 @@ DEFECTS = [
            "functional", frozenset({"weights_sqnr", "functional", "functional_vs_rtn"}),
            "on this fixture int8 round-to-nearest loses KLD 1.8e-5: an export past the absolute int8 bounds "
            "(top-1 0.77 here) is 63x that, and a tensor that far off is far below 30 dB"),
+    Defect("hard_linked_file", "qwen3", "int4",
+           lambda f, r: os.link(f / "generation_config.json", f.parent / f"{f.name}-twin"), "safe_to_load",
+           frozenset({"safe_to_load"})),
+    Defect("tokenizer_auto_map", "qwen3", "int4",
+           lambda f, r: defects.edit_json(f / "tokenizer_config.json", lambda c: c.update(
+               auto_map={"AutoTokenizer": [None, "custom.Tokenizer"]})), "safe_to_load",
+           frozenset({"safe_to_load", "tokenizer_files", "config_keys", "tokenizer", "reload",
+                      "reload_matches_dequant", "finite_outputs", "functional", "functional_vs_rtn"}),
+           "no library is given a folder that names custom code: every check that would load it fails unrun; "
+           "tokenizer_config.json differs from the reference's"),
     Defect("declared_float16_overflows", "overflow", "int4",
            config(lambda c: c.update(dtype="float16")), "finite_outputs",
            frozenset({"finite_outputs", "functional", "functional_vs_rtn"}),

@@ -26,7 +26,7 @@ import torch
 
 from qexport import __version__
 
-from qexport.io import safe_fs
+from qexport.io import json_paths, safe_fs
 from qexport.model.architecture import Architecture, cancel, discover, predict_architecture
 from qexport.report.card import CARD_FILE, write_card
 from qexport.io.identity import base_model_id
@@ -463,6 +463,17 @@ def dense_linears_warning(fmt_name: str, dense_linears: dict[str, str], shown: i
 # Folders: check the destination before writing, write to a temporary sibling, rename into place when complete.
 
 
+def refuse_hard_links(source) -> None:
+    """Refuse a source file with more than one hard link: its bytes would be copied into the export, and a hard
+    link to a file outside the folder cannot be told apart from one inside (json_paths.hard_linked)."""
+    tree = side_tree(source) + [(p.name, p) for p in getattr(source, "files", [])]
+    linked = json_paths.hard_linked(tree)
+    if linked:
+        raise InputError(f"{source.folder / linked[0]}: has other hard links; qexport cannot tell a hard link from "
+                         f"the file outside the folder it may share its bytes with, so it copies none (copy the "
+                         f"folder with `cp -r` and export the copy)")
+
+
 def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dict[str, dict]:
     """Export `source` to OUT/<format>/ for each format; returns the manifests by format name.
 
@@ -539,6 +550,9 @@ def _export(source: TensorSource, out: Path, options: ExportOptions, discovery: 
         else:
             prepared = prepare(source, discovery.result(), options)
         side_tree(source)  # links out of the folder and special files are refused before anything is written
+        for folder in input_folders(source):  # remote code, paths out of the folder, module pickles
+            json_paths.refuse_unsafe(folder)
+        refuse_hard_links(source)
         check_destination(out, [p.fmt.name for p in prepared.plans], options.overwrite)
         check_not_input(out, [out / p.fmt.name for p in prepared.plans], input_folders(source))
     except InputError:

@@ -7,10 +7,13 @@ import io
 import logging
 import warnings
 
+from qexport.io.library_guard import no_remote_code
+
 
 @contextlib.contextmanager
 def quiet():
-    """Silence transformers' and compressed-tensors' progress bars and warnings while loading."""
+    """Silence transformers' and compressed-tensors' progress bars and warnings while loading; no remote code can
+    run inside (io.library_guard.no_remote_code: every library call on a folder goes through here)."""
     import transformers
 
     level = transformers.logging.get_verbosity()
@@ -21,7 +24,7 @@ def quiet():
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        with no_remote_code(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

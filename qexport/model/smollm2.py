@@ -49,8 +49,9 @@ def convert_gguf(gguf_path: Path, out: Path, dtype: str = "bfloat16") -> Path:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     with quiet():
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype),
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     # transformers 5.24 keeps its GGUF quantizer attached although the weights are already dense, and then
     # refuses to save ("quantized with gguf and is not serializable").
     model.hf_quantizer = None

@@ -18,7 +18,7 @@ import os
 import struct
 from pathlib import Path
 
-from qexport.io import safe_fs
+from qexport.io import json_paths, safe_fs
 
 from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE, PICKLE_SUFFIXES, SINGLE_FILE
 from qexport.quant.dequant import QUANT_LEAVES
@@ -358,6 +358,7 @@ def inspect_folder(folder: str | Path) -> dict:
                 "quantized": n in quantized_names} for n, e in entries.items()]
     layer_types = _layer_types(entries, quantized_names, module_rows)
     problems += _manifest_problems(folder, all_files)
+    problems += _json_path_problems(folder)
     weight_file_bytes = sum(p.stat().st_size for p in files)
     sizes = size_summary([(e.dtype, e.shape, e.nbytes) for n, e in entries.items() if n not in quantized_names],
                          sum(r["weights"] for r in module_rows.values()), sum(r["bytes"] for r in module_rows.values()))
@@ -380,6 +381,14 @@ def inspect_folder(folder: str | Path) -> dict:
         },
         "problems": problems,
     }
+
+
+def _json_path_problems(folder: Path) -> list[str]:
+    """Remote code, paths leaving the folder and module pickles that its JSON files name (json_paths)."""
+    try:
+        return [_short(str(f)) for f in json_paths.folder_findings(folder)]
+    except InputError as e:  # a link out or a special file: inspect describes the folder, problems and all
+        return [_short(str(e))]
 
 
 def _layer_types(entries, quantized_names, module_rows) -> list[dict]:

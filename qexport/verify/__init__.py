@@ -23,20 +23,21 @@ from qexport.verify.baseline import check_baseline, load_baseline  # noqa: F401 
 from qexport.verify.config_checks import check_config_keys, check_model_type, check_quantization_config
 from qexport.verify.context import CheckResult, Context, fail, listing, detect_format, has_tokenizer, open_tensors  # noqa: F401
 from qexport.verify.engine_checks import check_engine_sentence_transformers, check_engine_vllm
-from qexport.verify.file_checks import check_side_files, check_tokenizer, check_tokenizer_files
+from qexport.verify.file_checks import (LIBRARY_CHECKS, check_safe_to_load, check_side_files, check_tokenizer,
+                                        check_tokenizer_files, unsafe_summary)
 from qexport.verify.functional_checks import (check_finite_outputs, check_functional, check_functional_vs_rtn, check_reload,
                                 check_reload_matches_dequant)
 from qexport.verify.layout_checks import check_bytes, check_layout, check_manifest, check_shards, check_tensor_names
 from qexport.verify.weight_checks import check_weights
 
 CHECKS: list[Callable[[Context], CheckResult]] = [
-    check_model_type, check_config_keys, check_quantization_config, check_shards, check_manifest,
+    check_safe_to_load, check_model_type, check_config_keys, check_quantization_config, check_shards, check_manifest,
     check_tensor_names, check_layout, check_bytes, check_weights, check_tokenizer_files, check_side_files,
     check_tokenizer, check_reload, check_reload_matches_dequant, check_finite_outputs, check_functional,
     check_functional_vs_rtn, check_engine_sentence_transformers,
 ]
 CHECK_NAMES = [
-    "model_type", "config_keys", "quantization_config", "shards", "manifest", "tensor_names", "layout", "bytes",
+    "safe_to_load", "model_type", "config_keys", "quantization_config", "shards", "manifest", "tensor_names", "layout", "bytes",
     "weights_sqnr", "tokenizer_files", "side_files", "tokenizer", "reload", "reload_matches_dequant",
     "finite_outputs", "functional", "functional_vs_rtn", "engine_sentence_transformers",
 ]
@@ -64,7 +65,8 @@ METRIC_BOUNDS = {
 
 def run_check(check: Callable[[Context], CheckResult], name: str, ctx: Context) -> CheckResult:
     try:
-        result = check(ctx)
+        unsafe = unsafe_summary(ctx) if name in LIBRARY_CHECKS else None
+        result = check(ctx) if unsafe is None else fail(name, f"not run: {unsafe}")
     except Exception as e:  # a malformed export can break a check's assumptions: that is a failure, not a crash
         where = traceback.extract_tb(e.__traceback__)[-1]
         result = fail(name, f"check raised {type(e).__name__}: {' '.join(str(e).split())[:300]} "

@@ -37,12 +37,13 @@ def check_config_keys(ctx: Context) -> CheckResult:
     try:
         from transformers import AutoConfig
 
+        from qexport.io.library_guard import LOAD_KWARGS
         from qexport.model.quiet import quiet
 
         # model_type is compared above as a source key; the class AutoConfig picks for it can carry another name
         # (gpt-sw3 loads as gpt2) in the reference as much as in the export, so that is no defect of the export.
         with quiet():
-            AutoConfig.from_pretrained(str(ctx.export))
+            AutoConfig.from_pretrained(str(ctx.export), **LOAD_KWARGS)
     except Exception as e:
         return fail(name, f"AutoConfig.from_pretrained fails: {type(e).__name__}: {e}", **metrics)
     return ok(name, f"all {len(ref)} source keys kept; AutoConfig round trip ok", **metrics)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qexport.io import safe_fs
+from qexport.io import json_paths, safe_fs
 
 from qexport.io import untrusted_regex
 from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE, PICKLE_SUFFIXES, Checkpoint, weight_files
@@ -95,9 +95,14 @@ class Context:
             raise InputError(f"{self.export / pickles[0]}: pickle weights in the export; verify never lets "
                              f"transformers unpickle a file (convert to safetensors first)")
         # Nothing outside the two folders is read, by us or by transformers: links out and special files refused.
-        safe_fs.walk_files(self.export, self.export)
+        export_tree = safe_fs.walk_files(self.export, self.export)
         self.reference = Checkpoint.open(reference_dir)
         safe_fs.walk_files(self.reference.folder, self.reference.folder)
+        # What the folders' JSON files would make a library run or read (check_safe_to_load reports it; no check
+        # hands such a folder to a library), and hard links in the export (a file it may share with the outside).
+        self.unsafe = {"export": json_paths.folder_findings(self.export),
+                       "reference": json_paths.folder_findings(self.reference.folder)}
+        self.hard_links = json_paths.hard_linked(export_tree)
         if "quantization_config" in self.reference.config:
             raise InputError(f"{self.reference.folder / 'config.json'}: --reference is itself quantized; "
                              "pass the source model the export was made from")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from qexport.io.checkpoint import declared_dtype
+from qexport.io.library_guard import LOAD_KWARGS
 from qexport.verify.context import CheckResult, Context, fail, listing, ok, skip, has_tokenizer
 
 # |logprob(vLLM) - logprob(transformers)| on the same folder, tokens and dtype, per dtype. Measured on the tiny
@@ -65,7 +66,7 @@ def check_engine_sentence_transformers(ctx: Context) -> CheckResult:
 
     def encode(folder, **kwargs):
         with quiet():
-            model = sentence_transformers.SentenceTransformer(str(folder), device="cpu", **kwargs)
+            model = sentence_transformers.SentenceTransformer(str(folder), device="cpu", **LOAD_KWARGS, **kwargs)
             compressed = _still_compressed(model)
             try:
                 return torch.as_tensor(model.encode(list(SENTENCES), convert_to_numpy=True)).float(), compressed
@@ -181,7 +182,7 @@ def prompt_ids(ctx: Context) -> list[list[int]]:
 
         try:
             with quiet():
-                tokenizer = AutoTokenizer.from_pretrained(str(ctx.export))
+                tokenizer = AutoTokenizer.from_pretrained(str(ctx.export), **LOAD_KWARGS)
             prompts = [tokenizer(text, add_special_tokens=False)["input_ids"][:32] for text in PROMPTS]
         except Exception:  # a broken tokenizer is the tokenizer check's finding; the engine still gets prompts
             prompts = []

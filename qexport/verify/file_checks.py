@@ -7,6 +7,7 @@ from typing import Callable
 
 from qexport.errors import InputError
 from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE, WEIGHT_SUFFIXES
+from qexport.io.library_guard import LOAD_KWARGS
 from qexport.io.safe_fs import load_json
 from qexport.io.safetensors_file import sha256_file
 from qexport.verify.context import (TOKENIZER_FILES, CheckResult, Context, fail, listing, ok, skip, has_tokenizer,
@@ -110,8 +111,8 @@ def check_tokenizer(ctx: Context) -> CheckResult:
     texts = list(SENTENCES[:6]) + ["Unicode: naïve café — 東京 🙂", "  leading spaces\tand\ttabs\n"]
     try:
         with quiet():
-            ref = AutoTokenizer.from_pretrained(str(ctx.reference.folder))
-            ours = AutoTokenizer.from_pretrained(str(ctx.export))
+            ref = AutoTokenizer.from_pretrained(str(ctx.reference.folder), **LOAD_KWARGS)
+            ours = AutoTokenizer.from_pretrained(str(ctx.export), **LOAD_KWARGS)
     except Exception as e:
         return fail(name, f"AutoTokenizer.from_pretrained(export) fails: {type(e).__name__}: {e}")
     for text in texts:
@@ -121,3 +122,34 @@ def check_tokenizer(ctx: Context) -> CheckResult:
         return fail(name, "chat template differs from the reference")
     return ok(name, f"{type(ours).__name__} encodes {len(texts)} texts as the reference does")
 
+
+
+# Checks that hand a folder to transformers / tokenizers / sentence-transformers / vLLM: none of them runs on a
+# folder whose JSON files name remote code, a path outside it or a module pickle (check_safe_to_load says which).
+LIBRARY_CHECKS = ("config_keys", "tokenizer", "reload", "reload_matches_dequant", "finite_outputs", "functional",
+                  "functional_vs_rtn", "engine_sentence_transformers", "engine_vllm")
+
+
+def unsafe_summary(ctx: Context) -> str | None:
+    """'export tokenizer_config.json: auto_map: ...' for the first finding of either folder, None if none."""
+    found = [f"{which} {finding}" for which, findings in getattr(ctx, "unsafe", {}).items()
+             for finding in findings]
+    if not found:
+        return None
+    return found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+
+
+def check_safe_to_load(ctx: Context) -> CheckResult:
+    """Neither folder names remote code, a path outside itself or a module pickle in its JSON files
+    (json_paths.folder_findings), and the export holds no hard-linked file (json_paths.hard_linked)."""
+    name = "safe_to_load"
+    problems = [f"{which} {finding}" for which, findings in getattr(ctx, "unsafe", {}).items()
+             for finding in findings]
+    problems += [f"export {rel}: has other hard links (it may share its bytes with a file outside the export; "
+                 f"publish a copy made with `cp -r`)" for rel in getattr(ctx, "hard_links", [])]
+    metrics = {"problems": problems}
+    if problems:
+        blocked = "; no library was given these folders" if unsafe_summary(ctx) else ""
+        return fail(name, "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3
+                                                      else "") + blocked, **metrics)
+    return ok(name, "no remote code, no path outside the folders, no module pickle, no hard link", **metrics)

@@ -23,6 +23,7 @@ import torch
 
 from qexport.model.architecture import build_config, model_class
 from qexport.io.checkpoint import declared_dtype, load_config
+from qexport.io.library_guard import LOAD_KWARGS
 from qexport.model.quiet import quiet
 
 
@@ -34,7 +35,7 @@ def load_model(folder: str | Path, dtype=torch.float32):
     config = load_config(Path(folder))
     cls = model_class(build_config(config, Path(folder) / "config.json"))
     with quiet():
-        model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+        model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True, **LOAD_KWARGS)
     model.eval()
     return model, {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs"}
 
@@ -270,7 +271,7 @@ def text_windows(tokenizer_dir: str | Path, text: str | None = None, window: int
 
     text = EVAL_TEXT.read_text(encoding="utf-8") if text is None else text
     with quiet():
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), **LOAD_KWARGS)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         probe = tokenizer("a")["input_ids"]
     bos = tokenizer.bos_token_id
@@ -355,7 +356,7 @@ def encode_sentences(tokenizer_dir: str | Path, sentences=SENTENCES) -> dict[str
     from transformers import AutoTokenizer
 
     with quiet():
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), **LOAD_KWARGS)
         batch = tokenizer(list(sentences), padding=True, truncation=True, max_length=128, return_tensors="pt")
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 

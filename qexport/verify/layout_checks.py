@@ -8,6 +8,7 @@ from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE
 from qexport.report.values import format_ratio, format_value
 from qexport.io.safetensors_file import sha256_file
 from qexport.io.sizes import size_summary
+from qexport.io.json_paths import path_problem
 from qexport.quant.scheme import LINEAR, weights_args
 from qexport.verify.context import (
     PACKED_FORMATS,
@@ -41,6 +42,12 @@ def check_manifest(ctx: Context) -> CheckResult:
     problems = []
     listed = set()
     for record in ctx.manifest.get("files", []):
+        where = record.get("name") if isinstance(record, dict) else None
+        problem = "not a file name" if not isinstance(where, str) or not where else path_problem(where, ctx.export,
+                                                                                                 ctx.export)
+        if problem is not None:  # never stat or hash a file outside the export
+            problems.append(f"{MANIFEST_FILE} entry {str(where)[:120]!r}: {problem}")
+            continue
         listed.add(record["name"])
         path = ctx.export / record["name"]
         if not path.is_file():

@@ -115,7 +115,8 @@ def _generate(request, result):
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=request["model"], dtype=request["dtype"], enforce_eager=True, seed=0,
-              max_model_len=request["max_model_len"], skip_tokenizer_init=True, max_num_seqs=4)
+              max_model_len=request["max_model_len"], skip_tokenizer_init=True, max_num_seqs=4,
+              trust_remote_code=False)
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], logprobs=0, prompt_logprobs=0,
                             detokenize=False, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]], params,
