@@ -30,7 +30,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 def pytest_configure(config):
     """Import every qexport module before any test runs. pytester's in-process runs (the gate's tests) drop from
     sys.modules what was first imported inside them; the next run imports a second copy, whose classes
-    (LogitWindows) fail isinstance against the first copy's objects. So `pytest tests/test_plugin.py` alone
+    (LogitWindows) fail isinstance against the first copy's objects. So `pytest tests/acceptance/gate/test_plugin.py` alone
     failed while the whole suite, which had imported everything earlier, passed."""
     import importlib
     import pkgutil

@@ -1,4 +1,4 @@
-"""How far the just-past rows' metrics move between CPUs: each row of tests/test_planted_defects.py's JUST_PAST
+"""How far the just-past rows' metrics move between CPUs: each row of tests/unit/verify/test_planted_defects.py's JUST_PAST
 measured with torch at 1 and 2 threads, with the CPU's own kernels and with the AVX512-BF16 / AMX paths off
 (ATen at AVX2, oneDNN capped at AVX2). A row's margin to its default and to its loosened value must stay outside
 this spread, or the row passes on one CPU and fails on another.
@@ -34,7 +34,7 @@ import json, os
 import pytest
 from qexport.verify.thresholds import DEFAULTS
 from qexport.verify import verify
-from tests.test_planted_defects import JUST_PAST, just_past_folder, sources  # noqa: F401 (fixtures)
+from tests.unit.verify.test_planted_defects import JUST_PAST, just_past_folder, sources  # noqa: F401 (fixtures)
 
 
 @pytest.mark.parametrize("row", JUST_PAST, ids=lambda r: r.id)
@@ -61,7 +61,7 @@ def measure(env: dict[str, str]) -> dict[str, dict]:
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     from qexport.verify.thresholds import DEFAULTS
-    from tests.test_planted_defects import JUST_PAST
+    from tests.unit.verify.test_planted_defects import JUST_PAST
 
     runs = {name: measure(env) for name, env in SETTINGS.items()}
     lines = ["# Just-past rows across CPU settings", "",

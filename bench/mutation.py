@@ -67,61 +67,61 @@ FAST_PYTEST = ["-p", "no:anyio", "-p", "no:unraisableexception", "--assert=plain
 # executed the mutated function.
 SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
     "thresholds": (["qexport/verify/thresholds.py"],
-                   ["tests/test_unit_thresholds.py",
-                    "tests/test_planted_defects.py::test_threshold_errors_name_the_option_they_came_from",
-                    "tests/test_planted_defects.py::test_unknown_format_gets_the_fp16_thresholds",
-                    "tests/test_planted_defects.py::test_regression_allowance_is_absolute_plus_relative_to_the_baseline"],
+                   ["tests/unit/verify/test_thresholds.py",
+                    "tests/unit/verify/test_planted_defects.py::test_threshold_errors_name_the_option_they_came_from",
+                    "tests/unit/verify/test_planted_defects.py::test_unknown_format_gets_the_fp16_thresholds",
+                    "tests/unit/verify/test_planted_defects.py::test_regression_allowance_is_absolute_plus_relative_to_the_baseline"],
                    True),
     "io": (["qexport/io/safetensors_file.py", "qexport/io/checkpoint.py"],
-           ["tests/test_unit_safetensors_io.py", "tests/test_unit_checkpoint.py"], False),
+           ["tests/unit/io/test_safetensors_file.py", "tests/unit/io/test_checkpoint.py"], False),
     "formats": (["qexport/formats/*"],
-                ["tests/test_unit_formats.py", "tests/test_ct_compat.py",
-                 "tests/test_int4_asym.py::test_int4_asym_equals_compressed_tensors_compress",
-                 "tests/test_int4_asym.py::test_int4_asym_predicted_layout_is_what_encode_returns",
-                 "tests/test_int4_asym.py::test_zero_point_column_packing_equals_compressed_tensors",
-                 "tests/test_int4_asym.py::test_compressed_tensors_decompresses_our_tensors_to_our_dequantization",
+                ["tests/unit/formats/test_formats.py", "tests/unit/quant/test_compressed_tensors_bit_equality.py",
+                 "tests/unit/formats/test_int4_asym.py::test_int4_asym_equals_compressed_tensors_compress",
+                 "tests/unit/formats/test_int4_asym.py::test_int4_asym_predicted_layout_is_what_encode_returns",
+                 "tests/unit/formats/test_int4_asym.py::test_zero_point_column_packing_equals_compressed_tensors",
+                 "tests/unit/formats/test_int4_asym.py::test_compressed_tensors_decompresses_our_tensors_to_our_dequantization",
                  # --int4-method mse: the format's encode through the clipping search (no export)
-                 "tests/test_clip_search.py::test_mse_method_stores_the_round_to_nearest_layout",
-                 "tests/test_clip_search.py::test_mse_method_dequantizes_to_what_it_scored",
-                 "tests/test_clip_search.py::test_unknown_method_is_an_input_error"],
+                 "tests/unit/quant/test_clip_search.py::test_mse_method_stores_the_round_to_nearest_layout",
+                 "tests/unit/quant/test_clip_search.py::test_mse_method_dequantizes_to_what_it_scored",
+                 "tests/unit/quant/test_clip_search.py::test_unknown_method_is_an_input_error"],
                 False),
     # export: the planning and folder helpers as plain functions, and the write path on a hand-made checkpoint with
     # a hand-made Architecture in place of discovery (no model build)
     "export": (["qexport/export/pipeline.py", "qexport/io/publish.py"],
-               ["tests/test_unit_export.py", "tests/test_unit_export_write.py"], False),
+               ["tests/unit/export/test_pipeline.py", "tests/unit/export/test_write.py"], False),
     # verify's file-level checks, called directly on hand-written folders (a config dict, a few tensors, a manifest;
     # no model built, exported or loaded: milliseconds a test). The planted-defect tests that verify exported models
     # (13-47 s a mutant) stay in the default tier and in the "verify" group.
     "verify-files": (["qexport/verify/config_checks.py", "qexport/verify/file_checks.py",
                       "qexport/verify/weight_checks.py", "qexport/verify/layout_checks.py"],
                      [*FAST_PYTEST,
-                      "tests/test_unit_verify_config.py", "tests/test_unit_verify_files.py",
-                      "tests/test_unit_verify_weights.py", "tests/test_unit_verify_layout.py"],
+                      "tests/unit/verify/test_config_checks.py", "tests/unit/verify/test_file_checks.py",
+                      "tests/unit/verify/test_weight_checks.py", "tests/unit/verify/test_layout_checks.py"],
                      False),
     # verify's engine checks without an engine: the request sent to vLLM's child and the verdict on its result dict,
     # judged on vLLM's real answers recorded once (fixtures/vllm_results/) for a hand-written one-layer qwen3 (model
     # loads of a few ms), check_engine_vllm with a stand-in interpreter, sentence-transformers with a stand-in library
     "verify-engine": (["qexport/verify/engine_checks.py"],
                       [*FAST_PYTEST,
-                       "tests/test_unit_verify_engine.py"], False),
+                       "tests/unit/verify/test_engine_checks_unit.py"], False),
     # verify's runner and Context (the result type, the JSON / shard / target helpers, lazy loading, the runner's
     # failure, NaN and threshold rules, verify() itself) on hand-written folders and stand-in checks; the model
     # loads, tokenizer and forward passes are recording fakes (milliseconds a test)
     "verify-core": (["qexport/verify/context.py", "qexport/verify/__init__.py"],
                     [*FAST_PYTEST,
-                     "tests/test_unit_verify_core.py"],
+                     "tests/unit/verify/test_runner.py"],
                     False),
     # verify's checks that load models (reload, reload_matches_dequant, finite_outputs, functional,
     # functional_vs_rtn) and the round-to-nearest reference: bounds and messages on hand-made outputs (no model),
     # loads on a 1-layer hidden-32 qwen3 exported to int8 per test module (about a second)
     "verify-functional": (["qexport/verify/functional_checks.py", "qexport/verify/reference_quant.py"],
                           [*FAST_PYTEST,
-                           "tests/test_unit_verify_functional.py", "tests/test_unit_verify_reload.py"],
+                           "tests/unit/verify/test_functional_checks.py", "tests/unit/verify/test_reload.py"],
                           False),
     # merge: LoRA folding and averaging on hand-made safetensors checkpoints and adapters (a one-layer hidden-8
     # llama / gpt2 config built on the meta device for the module kinds; no model built, no peft)
     "merge": (["qexport/merge/sources.py"],
-              [*FAST_PYTEST, "tests/test_unit_merge.py"],
+              [*FAST_PYTEST, "tests/unit/merge/test_sources.py"],
               False),
     # the numeric core: scales, codes and int32 packing (quant), the quantization_config matcher (scheme), reading
     # compressed-tensors layouts back to dense weights (dequant), byte sizes and ratios (sizes); laws on small
@@ -130,11 +130,11 @@ SELECTIONS: dict[str, tuple[list[str], list[str], bool]] = {
     "numeric": (["qexport/quant/primitives.py", "qexport/quant/dequant.py", "qexport/quant/scheme.py",
                  "qexport/io/sizes.py"],
                 [*FAST_PYTEST, "--hypothesis-profile=ci",
-                 "tests/test_unit_quant.py", "tests/test_unit_quant_scheme.py", "tests/test_property_quant.py", "tests/test_ct_compat.py",
-                 "tests/test_dequant_g_idx.py", "tests/test_unit_formats.py"],
+                 "tests/unit/quant/test_primitives.py", "tests/unit/quant/test_scheme.py", "tests/unit/quant/test_round_trip_laws.py", "tests/unit/quant/test_compressed_tensors_bit_equality.py",
+                 "tests/unit/quant/test_dequant_g_idx.py", "tests/unit/formats/test_formats.py"],
                 False),
     "verify": (["qexport/verify/*"],
-               ["tests/test_planted_defects.py", "tests/test_no_silent_pass.py", "tests/test_reload_checks.py"], True),
+               ["tests/unit/verify/test_planted_defects.py", "tests/unit/verify/test_no_silent_pass.py", "tests/unit/verify/test_reload_on_models.py"], True),
 }
 
 

@@ -7,7 +7,7 @@ first) and keeps, per group, the factor whose stored reconstruction -- the codes
 stores them, dequantized as loaders dequantize them -- has the lowest sum |w - ŵ|^norm. It needs no data and
 changes only the scales (and zero points): the stored layout is the round-to-nearest one.
 
-Laws (tests/test_clip_search.py): per group, the objective never exceeds round-to-nearest's (factor 1.0 is tried
+Laws (tests/unit/quant/test_clip_search.py): per group, the objective never exceeds round-to-nearest's (factor 1.0 is tried
 first and replaced only by a strictly lower error); the codes are `quant.quantize*` of the weight for the
 returned scales, so a reload dequantizes exactly what was scored.
 
