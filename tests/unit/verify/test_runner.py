@@ -798,7 +798,7 @@ def test_a_check_that_raises_fails_naming_the_exception_and_where():
     line = raises.__code__.co_firstlineno + 1
     message = ("weight_scale of down_proj " + "y" * 400)[:300]
     assert (result.name, result.passed, result.metrics) == ("layout", False, {})
-    assert result.detail == f"check raised ValueError: {message} (test_unit_verify_core.py:{line})"
+    assert result.detail == f"check raised ValueError: {message} (test_runner.py:{line})"
 
 
 def test_a_check_that_raises_deeper_down_is_placed_where_it_raised():
@@ -806,7 +806,7 @@ def test_a_check_that_raises_deeper_down_is_placed_where_it_raised():
         return raises(ctx)
 
     line = raises.__code__.co_firstlineno + 1
-    assert run_check(check, "layout", ctx_stub()).detail.endswith(f"(test_unit_verify_core.py:{line})")
+    assert run_check(check, "layout", ctx_stub()).detail.endswith(f"(test_runner.py:{line})")
 
 
 def test_a_check_that_raises_a_non_exception_error_still_propagates():
