@@ -132,9 +132,13 @@ class Adapter:
     def read(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        if self._handle is None:
-            self._handle = safe_open(str(safe_fs.check_regular(self.file)), framework="pt")
-        return self._handle.get_tensor(key)
+        try:
+            if self._handle is None:
+                self._handle = safe_open(str(safe_fs.check_regular(self.file)), framework="pt")
+            return self._handle.get_tensor(key)
+        except Exception as e:  # SafetensorError: read_header checked the header, so the file changed since
+            raise InputError(f"{self.file}: the safetensors library cannot read tensor {key!r} "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]})")
 
     def check_config(self) -> None:
         """Refuse adapter kinds whose merge is not W + scale * B @ A."""

@@ -24,7 +24,7 @@ from qexport.io import untrusted_regex
 from qexport.report.card import MANIFEST_FILE, layer_type
 from qexport.errors import InputError, not_a_model_folder
 from qexport.io.safetensors_file import (ITEMSIZES, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE, TensorEntry,
-                             nbytes, read_header)
+                             nbytes, parse_header_json, read_header)
 from qexport.io.sizes import size_summary
 
 MAX_LISTED_FILES = 10_000  # files counted in the totals: `inspect /` must answer, not walk the whole disk
@@ -74,7 +74,7 @@ def _header(path: Path, problems: list[str]) -> tuple[dict[str, TensorEntry], in
                 problems.append(f"{path.name}: header lists {count:,} tensors, above qexport's limit of "
                                 f"{MAX_TENSORS_PER_FILE:,} per file; not inspected")
                 return {}, 0
-            raw = json.loads(text.decode("utf-8"))
+            raw = parse_header_json(text, path)
     except InputError as e:
         problems.append(_short(str(e).replace(str(path), path.name)))
         return {}, 0
