@@ -161,6 +161,8 @@ class Adapter:
             patterns = self.config.get(key) or {}
             if not isinstance(patterns, dict):
                 raise InputError(f"{path}: {key} is not a JSON object")
+            # peft matches each key as re.match(rf"(.*\.)?({key})$", module) over every module, as module_scale does
+            untrusted_regex.check_pattern_list([f"re:(.*\\.)?({p})$" for p in patterns], f"{path}: {key}")
             for pattern, value in patterns.items():
                 if key == "rank_pattern" and not (isinstance(value, int) and not isinstance(value, bool)
                                                   and value > 0):

@@ -198,6 +198,7 @@ def _quantization_summary(config: dict, problems: list[str]) -> dict | None:
     if not isinstance(qc, dict):
         problems.append("config.json: quantization_config is not an object")
         return None
+    untrusted_regex.check_quantization_config(qc, "config.json: quantization_config")  # bounds the matching below
     groups = []
     if "config_groups" in qc and not isinstance(qc["config_groups"], dict):
         problems.append("config.json: quantization_config.config_groups is not an object")
