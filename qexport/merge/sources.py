@@ -162,6 +162,8 @@ class Adapter:
             if not isinstance(patterns, dict):
                 raise InputError(f"{path}: {key} is not a JSON object")
             # peft matches each key as re.match(rf"(.*\.)?({key})$", module) over every module, as module_scale does
+            for pattern in patterns:
+                untrusted_regex.check(rf"(.*\.)?({pattern})$", f"{path}: {key}: key {str(pattern)[:80]!r}")
             untrusted_regex.check_pattern_list([f"re:(.*\\.)?({p})$" for p in patterns], f"{path}: {key}")
             for pattern, value in patterns.items():
                 if key == "rank_pattern" and not (isinstance(value, int) and not isinstance(value, bool)
