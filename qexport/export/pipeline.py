@@ -26,7 +26,7 @@ import torch
 
 from qexport import __version__
 
-from qexport.io import json_paths, safe_fs
+from qexport.io import json_paths, safe_fs, tokenizer_probe
 from qexport.model.architecture import Architecture, cancel, discover, predict_architecture
 from qexport.report.card import CARD_FILE, write_card
 from qexport.io.identity import base_model_id
@@ -488,6 +488,8 @@ def export(source: TensorSource, out: str | Path, options: ExportOptions) -> dic
         raise InputError(f"--workers: {options.workers} must be at least 1")
     if "quantization_config" in source.config:
         raise InputError(f"{source.folder / 'config.json'}: source is already quantized (has quantization_config)")
+    if (problem := tokenizer_probe.problem(source.folder)) is not None:  # verify could not run this tokenizer
+        raise InputError(problem)
     # A checkpoint's files are hashed from the tensors as the first format reads them (`hash_read`; the manifest
     # asks for the digests after that): one read of the source, not two. Other sources hash on a second core
     # (hashlib releases the GIL) from the start.

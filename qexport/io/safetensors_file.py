@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
 # `qexport inspect` stays torch-free (importing torch costs seconds); the torch dtypes come with DTYPES below.
 ITEMSIZES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (decimal bytes)
+# serde_json, which the library parses headers with, refuses 128 nested arrays/objects (the top object counts).
+MAX_JSON_DEPTH = 127
 # Tensors in one safetensors header. The largest public checkpoints hold a few thousand per shard (DeepSeek-V3:
 # about 91k over 163 shards); 10^6 one-byte tensors took minutes and 2 GB to plan. Counted before parsing.
 MAX_TENSORS_PER_FILE = 65_536
@@ -94,7 +97,8 @@ def read_header(path: Path, root: Path | None = None) -> tuple[dict[str, TensorE
                 raise InputError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES:
-                raise InputError(f"{path}: safetensors header length {header_len} is above the 100 MiB limit")
+                raise InputError(f"{path}: safetensors header length {header_len} is above the safetensors "
+                                 f"library's limit of {MAX_HEADER_BYTES:,} bytes")
             if 8 + header_len > size:
                 raise InputError(
                     f"{path}: safetensors header length {header_len} is larger than the file ({size} bytes)"
@@ -108,10 +112,7 @@ def read_header(path: Path, root: Path | None = None) -> tuple[dict[str, TensorE
     if count > MAX_TENSORS_PER_FILE:
         raise InputError(f"{path}: header lists {count:,} tensors, above qexport's limit of "
                          f"{MAX_TENSORS_PER_FILE:,} per file")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"{path}: safetensors header is not JSON ({type(e).__name__}: {str(e)[:200]})")
+    header = parse_header_json(raw, path)
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -122,6 +123,79 @@ def read_header(path: Path, root: Path | None = None) -> tuple[dict[str, TensorE
     entries = {name: replace(_entry(path, name, info), data_start=8 + header_len) for name, info in header.items()}
     _check_layout(path, entries, data_len)
     return entries, metadata
+
+
+class _NotLibraryJson(ValueError):
+    """JSON that Python's json module reads but serde_json (the safetensors library's parser) refuses."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = {}
+    for key, value in pairs:
+        if key in keys:
+            # the library refuses a repeated __metadata__ or entry field, and keeps the last of repeated tensor
+            # names or metadata keys; other readers keep the first: a file two readers read differently is refused
+            raise _NotLibraryJson(f"the key {key[:80]!r} twice")
+        keys[key] = value
+    return keys
+
+
+def _no_constant(name: str):
+    raise _NotLibraryJson(f"{name} is not JSON")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NotLibraryJson(f"number {text[:40]} is out of range")
+    return value
+
+
+def _int(text: str) -> int | float:
+    if text == "-0":
+        return -0.0  # serde_json reads -0 as a float: no size or offset
+    if len(text) > 20:
+        _float(text)  # past 64 bits serde_json reads a float; past the double range, nothing (Python: any size)
+    return int(text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _library_json_problem(value) -> str | None:
+    """What serde_json refuses in a value Python parsed: nesting past MAX_JSON_DEPTH, or a lone surrogate
+    (an escape like \\ud800 that Python turns into a character and serde_json refuses)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return f"a lone surrogate escape in {item[:40]!r}"
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return f"nesting deeper than {MAX_JSON_DEPTH} levels"
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+    return None
+
+
+def parse_header_json(raw: bytes, path: Path):
+    """The header's JSON value, refused (InputError naming `path`) wherever the safetensors library's parser
+    would refuse it, and where a key repeats; see qexport's tests for the measured differences."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant,
+                            parse_float=_float, parse_int=_int)
+    except _NotLibraryJson as e:
+        raise InputError(f"{path}: safetensors header has {e}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise InputError(f"{path}: safetensors header is not JSON ({type(e).__name__}: {str(e)[:200]})")
+    problem = _library_json_problem(header)
+    if problem is not None:
+        raise InputError(f"{path}: safetensors header has {problem}, which the safetensors library refuses")
+    return header
 
 
 def _check_layout(path: Path, entries: dict[str, TensorEntry], data_len: int) -> None:

@@ -134,9 +134,13 @@ class Adapter:
     def read(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        if self._handle is None:
-            self._handle = safe_open(str(safe_fs.check_regular(self.file)), framework="pt")
-        return self._handle.get_tensor(key)
+        try:
+            if self._handle is None:
+                self._handle = safe_open(str(safe_fs.check_regular(self.file)), framework="pt")
+            return self._handle.get_tensor(key)
+        except Exception as e:  # SafetensorError: read_header checked the header, so the file changed since
+            raise InputError(f"{self.file}: the safetensors library cannot read tensor {key!r} "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]})")
 
     def check_config(self) -> None:
         """Refuse adapter kinds whose merge is not W + scale * B @ A."""
@@ -159,6 +163,10 @@ class Adapter:
             patterns = self.config.get(key) or {}
             if not isinstance(patterns, dict):
                 raise InputError(f"{path}: {key} is not a JSON object")
+            # peft matches each key as re.match(rf"(.*\.)?({key})$", module) over every module, as module_scale does
+            for pattern in patterns:
+                untrusted_regex.check(rf"(.*\.)?({pattern})$", f"{path}: {key}: key {str(pattern)[:80]!r}")
+            untrusted_regex.check_pattern_list([f"re:(.*\\.)?({p})$" for p in patterns], f"{path}: {key}")
             for pattern, value in patterns.items():
                 if key == "rank_pattern" and not (isinstance(value, int) and not isinstance(value, bool)
                                                   and value > 0):

@@ -453,25 +453,25 @@ def update_card_verification(folder: str | Path, results: dict) -> dict:
     import hashlib
 
     from qexport.errors import InputError
+    from qexport.io import folder_transaction
     from qexport.io.safe_fs import load_json
 
     folder = Path(folder)
     manifest_path = folder / MANIFEST_FILE
-    manifest = load_json(manifest_path, MANIFEST_FILE)
-    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), list)
-            and isinstance(manifest.get("summary"), dict)
-            and all(isinstance(f, dict) and isinstance(f.get("bytes"), int) for f in manifest["files"])):
-        raise InputError(f"{manifest_path}: not a qexport manifest (needs files and summary); card not written")
-    manifest["verification"] = _normalize(results)
-    # Everything is computed before anything is written; each file then goes through a temporary file and a
-    # rename, card first: an error (a full disk) leaves the old card and manifest, or the new card and the old
-    # manifest (which `verify` reports), never a truncated file.
-    data = card_text(folder, manifest).encode("utf-8", errors="backslashreplace")
-    record = {"name": CARD_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    files = [f for f in manifest["files"] if f.get("name") != CARD_FILE] + [record]
-    manifest["files"] = files
-    manifest["summary"]["total_bytes"] = sum(f["bytes"] for f in files)
-    manifest_text = json.dumps(manifest, indent=2) + "\n"
-    write_text_atomic(folder / CARD_FILE, data.decode("utf-8"))
-    write_text_atomic(manifest_path, manifest_text)
+    # One transaction under the folder's lock: the manifest read, the card rendered from it, both written together
+    # (a run killed between the two renames is finished by the next one; a second run waits).
+    with folder_transaction.settled(folder):
+        manifest = load_json(manifest_path, MANIFEST_FILE)
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), list)
+                and isinstance(manifest.get("summary"), dict)
+                and all(isinstance(f, dict) and isinstance(f.get("bytes"), int) for f in manifest["files"])):
+            raise InputError(f"{manifest_path}: not a qexport manifest (needs files and summary); card not written")
+        manifest["verification"] = _normalize(results)
+        data = card_text(folder, manifest).encode("utf-8", errors="backslashreplace")
+        record = {"name": CARD_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        files = [f for f in manifest["files"] if f.get("name") != CARD_FILE] + [record]
+        manifest["files"] = files
+        manifest["summary"]["total_bytes"] = sum(f["bytes"] for f in files)
+        manifest_text = json.dumps(manifest, indent=2) + "\n"
+        folder_transaction.replace(folder, {CARD_FILE: data, MANIFEST_FILE: manifest_text.encode("utf-8")})
     return manifest

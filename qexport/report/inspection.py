@@ -26,7 +26,7 @@ from qexport.quant.scheme import config_groups, group_for, is_ignored, strings
 from qexport.report.card import layer_type
 from qexport.errors import InputError, not_a_model_folder
 from qexport.io.safetensors_file import (ITEMSIZES, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE, TensorEntry,
-                             nbytes, read_header)
+                             nbytes, parse_header_json, read_header)
 from qexport.io.sizes import size_summary
 
 MAX_LISTED_FILES = 10_000  # files counted in the totals: `inspect /` must answer, not walk the whole disk
@@ -72,7 +72,7 @@ def _header(path: Path, problems: list[str]) -> tuple[dict[str, TensorEntry], in
                 problems.append(f"{path.name}: header lists {count:,} tensors, above qexport's limit of "
                                 f"{MAX_TENSORS_PER_FILE:,} per file; not inspected")
                 return {}, 0
-            raw = json.loads(text.decode("utf-8"))
+            raw = parse_header_json(text, path)
     except InputError as e:
         problems.append(_short(str(e).replace(str(path), path.name)))
         return {}, 0
@@ -161,6 +161,7 @@ def _quantization_summary(config: dict, problems: list[str]) -> dict | None:
     if not isinstance(qc, dict):
         problems.append("config.json: quantization_config is not an object")
         return None
+    untrusted_regex.check_quantization_config(qc, "config.json: quantization_config")  # bounds the matching below
     groups = []
     if "config_groups" in qc and not isinstance(qc["config_groups"], dict):
         problems.append("config.json: quantization_config.config_groups is not an object")

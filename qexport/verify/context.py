@@ -12,6 +12,7 @@ anything wrong inside the export is a failed check (exit 1).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +20,11 @@ import torch
 
 from qexport.io import json_paths, safe_fs
 
-from qexport.io import untrusted_regex
+from qexport.io import folder_transaction, untrusted_regex
 from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE, PICKLE_SUFFIXES, Checkpoint, weight_files
+from qexport.report.card import CARD_FILE
 from qexport.errors import InputError, not_a_model_folder
-from qexport.io.safetensors_file import read_header
+from qexport.io.safetensors_file import read_header, sha256_file
 from qexport.verify.thresholds import Thresholds, thresholds_for
 
 TOKENIZER_FILES = (
@@ -78,6 +80,25 @@ def listing(items, limit: int = 4) -> str:
 # Context: what every check may look at, opened once.
 
 
+def _size_and_sha256(path: Path, root: Path) -> tuple[int, str] | None:
+    """(bytes, sha256) of a regular file inside `root`; None if there is none or it cannot be read."""
+    try:
+        with safe_fs.open_regular(path, root) as f:
+            size = os.fstat(f.fileno()).st_size
+        return size, sha256_file(path, root=root)
+    except (OSError, InputError):
+        return None
+
+
+def _tokenizer_problem(*folders: Path) -> str | None:
+    """The first folder's tokenizer.json that the tokenizers library cannot load and run on verify's texts."""
+    from qexport.io import tokenizer_probe
+    from qexport.verify.functional import SENTENCES
+
+    texts = [*SENTENCES, "Unicode: naïve café — 東京 🙂", "  leading spaces\tand\ttabs\n"]
+    return next((p for p in (tokenizer_probe.problem(folder, texts) for folder in folders) if p), None)
+
+
 class Context:
     """The export and reference folders, opened leniently (a broken export is data for the checks, not an error)."""
 
@@ -103,14 +124,21 @@ class Context:
         self.unsafe = {"export": json_paths.folder_findings(self.export),
                        "reference": json_paths.folder_findings(self.reference.folder)}
         self.hard_links = json_paths.hard_linked(export_tree)
+        # Before transformers loads a tokenizer here: a tokenizer.json whose regular expression panics the Rust
+        # library or runs for minutes is found in a child process and fails the checks that need the tokenizer.
+        self.tokenizer_problem = _tokenizer_problem(self.reference.folder, self.export)
         if "quantization_config" in self.reference.config:
             raise InputError(f"{self.reference.folder / 'config.json'}: --reference is itself quantized; "
                              "pass the source model the export was made from")
         self.arch = inspect_architecture(self.reference.config, self.reference.folder / "config.json")
         self.config, self.config_error = read_json_object(self.export / "config.json")
-        self.manifest, self.manifest_error = (
-            read_json_object(self.export / MANIFEST_FILE) if (self.export / MANIFEST_FILE).exists() else (None, None)
-        )
+        # Read with the card under the folder's lock, after finishing a `--write-card` a killed run left: another
+        # run's card and manifest are seen both old or both new (check_manifest compares this card, not a later one)
+        with folder_transaction.settled(self.export):
+            self.manifest, self.manifest_error = (
+                read_json_object(self.export / MANIFEST_FILE) if (self.export / MANIFEST_FILE).exists() else (None, None)
+            )
+            self.card_record = _size_and_sha256(self.export / CARD_FILE, self.export)
         self.ckpt, self.ckpt_error = None, None
         try:
             self.ckpt = open_tensors(self.export, self.config or {})
@@ -148,6 +176,8 @@ class Context:
         from qexport.verify.functional import encode_sentences, fixed_token_ids, text_windows
 
         if self._inputs is None:
+            if self.tokenizer_problem is not None:
+                raise RuntimeError(self.tokenizer_problem)
             folder = self.reference.folder
             if has_tokenizer(folder) and self.is_causal:
                 ids, self.input_kind = text_windows(folder), "text"

@@ -57,6 +57,8 @@ def check_engine_sentence_transformers(ctx: Context) -> CheckResult:
             return fail(name, "the reference is a sentence-transformers model (modules.json) but the export "
                                "has no modules.json: SentenceTransformer(export) would not rebuild its pooling")
         return skip(name, "not a sentence-transformers folder (no modules.json)")
+    if ctx.tokenizer_problem is not None:  # SentenceTransformer would load that tokenizer in this process
+        return fail(name, ctx.tokenizer_problem)
     try:
         import sentence_transformers
     except ImportError:
@@ -175,7 +177,7 @@ def vllm_request(ctx: Context) -> dict:
 def prompt_ids(ctx: Context) -> list[list[int]]:
     """Fixed prompts through the export's tokenizer, else fixed token ids (models without a tokenizer)."""
     vocab = int(ctx.reference.config.get("vocab_size") or 1000)
-    if has_tokenizer(ctx.export):
+    if has_tokenizer(ctx.export) and ctx.tokenizer_problem is None:
         from transformers import AutoTokenizer
 
         from qexport.model.quiet import quiet

@@ -106,6 +106,8 @@ def check_tokenizer(ctx: Context) -> CheckResult:
     name = "tokenizer"
     if not has_tokenizer(ctx.reference.folder):
         return skip(name, "the reference has no tokenizer")
+    if ctx.tokenizer_problem is not None:
+        return fail(name, ctx.tokenizer_problem)
     from transformers import AutoTokenizer
 
     texts = list(SENTENCES[:6]) + ["Unicode: naïve café — 東京 🙂", "  leading spaces\tand\ttabs\n"]

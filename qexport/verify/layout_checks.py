@@ -11,6 +11,7 @@ from qexport.io.sizes import size_summary
 from qexport.io.json_paths import path_problem
 from qexport.quant.scheme import LINEAR, weights_args
 from qexport.verify.context import (
+    CARD_FILE,
     PACKED_FORMATS,
     UNPACKED_FORMATS,
     CheckResult,
@@ -50,11 +51,15 @@ def check_manifest(ctx: Context) -> CheckResult:
             continue
         listed.add(record["name"])
         path = ctx.export / record["name"]
-        if not path.is_file():
+        if record["name"] == CARD_FILE:  # as read with the manifest, not as another run may have rewritten it since
+            size, sha = ctx.card_record or (None, None)
+        else:
+            size, sha = (path.stat().st_size, None) if path.is_file() else (None, None)
+        if size is None:
             problems.append(f"{record['name']} is listed but missing")
-        elif path.stat().st_size != record.get("bytes"):
-            problems.append(f"{record['name']} is {path.stat().st_size} bytes, manifest says {record.get('bytes')}")
-        elif sha256_file(path, root=ctx.export) != record.get("sha256"):
+        elif size != record.get("bytes"):
+            problems.append(f"{record['name']} is {size} bytes, manifest says {record.get('bytes')}")
+        elif (sha or sha256_file(path, root=ctx.export)) != record.get("sha256"):
             problems.append(f"{record['name']} sha256 differs from the manifest (changed after export)")
     for path in sorted(ctx.export.glob("*.safetensors")):
         if path.name not in listed:

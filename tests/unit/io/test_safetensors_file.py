@@ -95,10 +95,10 @@ def test_header_length_may_reach_the_end_of_the_file_but_not_past_it(tmp_path):
     assert f"header length {size - 7} is larger than the file ({size} bytes)" in msg
 
 
-def test_header_length_above_100_mib_is_refused_before_reading(tmp_path, monkeypatch):
+def test_header_length_above_the_librarys_limit_is_refused_before_reading(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "MAX_HEADER_BYTES", 16)
     assert st.read_header(raw_file(tmp_path / "ok", {}, pad=b" " * 14)) == ({}, {})  # 16 bytes: at the limit
-    refused(raw_file(tmp_path / "big", {}, pad=b" " * 15), "header length 17 is above the 100 MiB limit")
+    refused(raw_file(tmp_path / "big", {}, pad=b" " * 15), "header length 17 is above the safetensors library.s limit of 16 bytes")
 
 
 def test_tensor_count_limit_counts_entries_before_parsing(tmp_path, monkeypatch):
@@ -355,7 +355,7 @@ def test_a_byte_count_mismatch_states_the_bytes_the_offsets_hold(tmp_path):
 def test_a_length_prefix_with_the_top_bit_set_is_above_the_limit_not_negative(tmp_path):
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"\xff" * 8 + b"{}")
-    refused(path, f"header length {2**64 - 1} is above the 100 MiB limit")
+    refused(path, f"header length {2**64 - 1} is above the safetensors library.s limit of 100,000,000 bytes")
 
 
 def test_a_path_through_a_file_cannot_be_read_and_says_why(tmp_path):
