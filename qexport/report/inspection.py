@@ -18,7 +18,7 @@ import os
 import struct
 from pathlib import Path
 
-from qexport.io import json_paths, safe_fs
+from qexport.io import json_paths, safe_fs, untrusted_regex
 
 from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE, PICKLE_SUFFIXES, SINGLE_FILE
 from qexport.quant.dequant import QUANT_LEAVES

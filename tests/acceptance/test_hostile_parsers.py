@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from fixtures.bad_inputs import read_raw
 from qexport.errors import InputError
 from qexport.io.safetensors_file import read_header
-from tests.test_hostile_inputs import MINI, SINGLE, assert_refused, make_adapter_files, run_main
+from tests.acceptance.test_hostile_inputs import MINI, SINGLE, assert_refused, make_adapter_files, run_main
 
 ENTRY = '{"dtype":"F32","shape":[2],"data_offsets":[0,8]}'
 

@@ -18,7 +18,7 @@ import pytest
 
 from qexport.errors import InputError
 from qexport.io import tokenizer_probe, untrusted_regex
-from tests.test_hostile_inputs import (MINI, assert_refused, make_adapter_files, run_main, run_process)
+from tests.acceptance.test_hostile_inputs import (MINI, assert_refused, make_adapter_files, run_main, run_process)
 
 POLYNOMIAL = ".*" * 16 + "X"  # no nested repeat, 257**16 backtracking paths: hung compressed-tensors' reload
 PANICS = r"(\w+\s?)+$"  # Oniguruma gives up on the evaluation text: the Rust tokenizer panics

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.bad_inputs import manifest_problems
-from tests.test_hostile_inputs import MINI, ROOT, SECONDS
+from tests.acceptance.test_hostile_inputs import MINI, ROOT, SECONDS
 
 # The runs below verify only the `manifest` check (the card records what ran): the transaction is the same as after
 # a full verify, and each run takes seconds instead of a minute. argv ends with: EXPORT REFERENCE write|read.
