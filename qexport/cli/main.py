@@ -287,12 +287,11 @@ def _add_inspect(sub):
 
 
 def _run_inspect(args) -> int:
-    import json
-
+    from qexport.report.html import to_json
     from qexport.report.inspection import format_report, inspect_folder
 
     report = inspect_folder(args.dir)
-    print(json.dumps(report, indent=2) if args.json else format_report(report, args.tensors))
+    print(to_json(report).rstrip("\n") if args.json else format_report(report, args.tensors))
     return 1 if report["problems"] else 0
 
 
