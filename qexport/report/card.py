@@ -23,7 +23,7 @@ import json
 import re
 from pathlib import Path
 
-from qexport.report.escape import markdown_safe, quote_markdown
+from qexport.report.escape import markdown_safe, quote_markdown, terminal_safe
 from qexport.report.terminal import format_value, human_bytes
 from qexport.io.checkpoint import declared_dtype
 from qexport.io.safe_fs import write_text_atomic
@@ -121,11 +121,12 @@ def source_readme_of(card_text: str) -> str | None:
     """The source README a card embeds; a README.md that is not a qexport card is itself the source README."""
     if CARD_MARK not in card_text:
         return card_text
-    begin, end = card_text.find(README_BEGIN), card_text.rfind(README_END)
+    # The markers are whole lines of the card's own: a name quoting them inside a line (in inline code) is not one.
+    begin, end = card_text.find(f"\n{README_BEGIN}\n"), card_text.rfind(f"\n{README_END}")
     if begin < 0 or end < begin:
         return None
-    region = card_text[begin + len(README_BEGIN): end]
-    return unembed_readme(region.removeprefix("\n").removesuffix("\n"))
+    region = card_text[begin + len(README_BEGIN) + 2: end + 1]
+    return unembed_readme(region.removesuffix("\n"))
 
 
 def _source_front_matter(text: str | None) -> dict:
@@ -155,10 +156,10 @@ def _plain(text) -> str:
 
 
 def _code(name) -> str:
-    """A name as inline code; one that markdown_safe would change (a backtick, a line break, markup) as escaped
-    HTML code instead."""
+    """A name as inline code (literal inside: `model.layers.*.mlp`); one that a code span cannot hold as it is (a
+    backtick, a control character or line break, a table's `|`, outer spaces) as markdown_safe HTML code."""
     name = str(name)
-    if markdown_safe(name) != name or name != name.strip():
+    if "`" in name or "|" in name or terminal_safe(name) != name or name != name.strip() or not name:
         return f"<code>{markdown_safe(name)}</code>"
     return f"`{name}`"
 
