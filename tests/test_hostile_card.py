@@ -11,7 +11,6 @@ the card, escaped (`markdown_safe` / `quote_markdown`).
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 

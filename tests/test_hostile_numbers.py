@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from qexport.cli.main import main
@@ -27,7 +26,6 @@ from qexport.io.checkpoint import Checkpoint, check_layer_counts
 from qexport.report.html import to_json, verification_html
 from qexport.verify import check_baseline, load_baseline
 from qexport.verify.context import CheckResult
-from tests.support import write_folder
 
 MINI = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, vocab_size=256)
