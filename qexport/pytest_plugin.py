@@ -106,14 +106,15 @@ def pytest_runtest_makereport(item, call):
     fragments = [v for k, v in item.user_properties if k == HTML]
     if not metrics and not fragments:
         return
-    from qexport.report.html import STYLE, metrics_table
+    from qexport.report.html import STYLE, metrics_table, standard_json_value
 
     merged = {k: v for m in metrics for k, v in m.items()}
     extras = list(getattr(report, "extras", []))
     extras.append({"name": "qexport metrics", "format_type": "html", "content":
                    f"<style>{STYLE}</style>{metrics_table(merged)}{''.join(fragments)}",
                    "mime_type": None, "extension": None})
-    extras.append({"name": "metrics.json", "format_type": "json", "content": json.dumps(merged, default=str),
+    extras.append({"name": "metrics.json", "format_type": "json", "content":
+                   json.dumps(standard_json_value(merged), default=str, allow_nan=False),
                    "mime_type": "application/json", "extension": "json"})
     report.extras = extras
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qexport.report.escape import terminal_safe  # light: the standard library only
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
     def error(self, message):
-        self.exit(2, f"qexport: error: {message}\n")
+        self.exit(2, f"qexport: error: {terminal_safe(message)}\n")
 
 
 def _add_export(sub):
@@ -152,7 +154,8 @@ def _run_merge(args) -> int:
     manifest = merge_folder(source, args.out, max_shard_size=max_shard_size, overwrite=args.overwrite,
                             progress=args.progress)
     summary = manifest["summary"]
-    print(f"merged ({manifest['source']['merge']['method']}) -> {args.out}: {len(manifest['tensors'])} tensors, "
+    print(f"merged ({manifest['source']['merge']['method']}) -> {terminal_safe(args.out)}: "
+          f"{len(manifest['tensors'])} tensors, "
           f"{summary['weight_bytes'] / 1e6:.1f} MB")
     return 0
 
@@ -217,7 +220,7 @@ class _VerifyProgress:
     def __call__(self, name, index, total, elapsed, result):
         if result is None:
             self.started = self.shown = elapsed
-            self.prefix = f"[{index:>{len(str(total))}}/{total}] {name:<24} ... "
+            self.prefix = f"[{index:>{len(str(total))}}/{total}] {terminal_safe(name):<24} ... "
             self.stream.write(self.prefix)
         else:
             self.stream.write(f"{result.status} in {elapsed - self.started:.1f} s (elapsed {elapsed:.1f} s)\n")
@@ -227,7 +230,7 @@ class _VerifyProgress:
         if elapsed - self.shown < self.STEP_EVERY or done >= total:
             return
         self.shown = elapsed
-        self.stream.write(f"{done}/{total} {unit} ({elapsed - self.started:.1f} s)\n{self.prefix}")
+        self.stream.write(f"{done}/{total} {terminal_safe(unit)} ({elapsed - self.started:.1f} s)\n{self.prefix}")
         self.stream.flush()
 
 
@@ -246,8 +249,8 @@ def _run_verify(args) -> int:
                     progress=None if args.quiet else _VerifyProgress(sys.stderr))
     if baseline is not None:
         result.add(check_baseline(result.metrics, baseline))
-    for check in result.checks:
-        print(f"{check.status:>7}  {check.name:<24} {check.detail}")
+    for check in result.checks:  # names and details quote the folders' file and tensor names
+        print(f"{check.status:>7}  {terminal_safe(check.name):<24} {terminal_safe(check.detail)}")
     data = {"model": model_name(args.reference, args.name), **result.as_dict()}
     if args.json:
         write_text(args.json, to_json(data))
@@ -260,7 +263,7 @@ def _run_verify(args) -> int:
     if args.write_card:
         record_in_card(result)
     for text in result.thresholds_changed:
-        print(f"   note  threshold {text}")
+        print(f"   note  threshold {terminal_safe(text)}")
     failures = result.failures
     if failures:
         raise VerificationFailed(f"{len(failures)} check(s) failed: "
@@ -268,8 +271,9 @@ def _run_verify(args) -> int:
     changed = f"; {len(result.thresholds_changed)} threshold(s) not at their defaults" if result.thresholds_changed \
         else ""
     skipped = [c.name for c in result.checks if c.skipped]
-    print(f"all {len(result.checks) - len(skipped)} checks passed ({result.format}{changed})"
-          + (f"; {len(skipped)} skipped (not passed, not failed): {', '.join(skipped)}" if skipped else ""))
+    print(terminal_safe(f"all {len(result.checks) - len(skipped)} checks passed ({result.format}{changed})"
+                        + (f"; {len(skipped)} skipped (not passed, not failed): {', '.join(skipped)}" if skipped
+                           else "")))
     return 0
 
 
@@ -287,12 +291,11 @@ def _add_inspect(sub):
 
 
 def _run_inspect(args) -> int:
-    import json
-
+    from qexport.report.html import to_json
     from qexport.report.inspection import format_report, inspect_folder
 
     report = inspect_folder(args.dir)
-    print(json.dumps(report, indent=2) if args.json else format_report(report, args.tensors))
+    print(to_json(report).rstrip("\n") if args.json else format_report(report, args.tensors))
     return 1 if report["problems"] else 0
 
 
@@ -314,7 +317,8 @@ MAX_ERROR_CHARS = 500  # one short line, even for a path nested a thousand folde
 
 
 def _one_line(error: Exception | str) -> str:
-    text = " ".join(str(error).split())
+    """The message on one line, every character a terminal would act on escaped (names come from the input)."""
+    text = terminal_safe(" ".join(str(error).split()))
     if len(text) <= MAX_ERROR_CHARS:
         return text
     # the head names the file, the tail says what is wrong: cut the middle (a huge tensor name, a deep path)
@@ -381,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except InputError as e:
-        advice = f"; {' '.join(e.advice.split())}" if getattr(e, "advice", None) else ""  # bounded: never cut
+        advice = f"; {terminal_safe(' '.join(e.advice.split()))}" if getattr(e, "advice", None) else ""  # never cut
         print(f"qexport: error: {_one_line(e.args[0] if e.args else e)}{advice}", file=sys.stderr)
         return e.exit_code
     except VerificationFailed as e:

@@ -26,14 +26,16 @@ def nonfinite_error(name: str, w: torch.Tensor, allow_nonfinite: bool, where: ob
                     dtype: torch.dtype = torch.float16) -> InputError | None:
     """Why a source tensor whose stored form (in `dtype`) is not finite cannot be exported, or None if allowed.
 
-    Finite values above the stored dtype's range are always refused (they would silently become inf); NaN / Inf
-    that the source already holds are refused unless `allow_nonfinite`.
+    Finite values that become inf when cast to the stored dtype are always refused (they would silently become
+    inf); NaN / Inf that the source already holds are refused unless `allow_nonfinite`. The test is the cast
+    itself, exact for every source dtype: a bf16 source is never compared in bf16, where fp16's 65504 rounds to
+    65536 and 65536 would pass.
     """
     prefix = f"{where}: " if where else ""
     wide = w if w.element_size() > 1 else w.float()  # float8 has no isfinite kernel
     finite = torch.isfinite(wide)
     limit = torch.finfo(dtype).max
-    overflow = finite & (wide.abs() > limit)
+    overflow = finite & torch.isinf(wide.to(dtype))
     if overflow.any():
         peak = wide[overflow].abs().max().item()
         short = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))

@@ -2,7 +2,13 @@
 
 `Checkpoint.open(dir)` validates everything that can be checked without reading tensor data: config.json, the
 weight files (single file or index + shards), every safetensors header, index/shard agreement, duplicate names.
-`Checkpoint.read(name)` then memory-maps one tensor through `safetensors.safe_open`.
+`Checkpoint.read(name)` then reads one tensor with a positioned read.
+
+A source file that changes while an export reads it is refused (InputError, exit 2), never hashed as other bytes
+than those read: `open` stamps config.json, the index and every weight file (device, inode, size, mtime, ctime)
+before reading them, and every later read or hash of the file checks the open descriptor against that stamp.
+Caught: a file replaced by rename, and a file rewritten in place (its ctime moves; within one tick of the
+kernel's coarse file clock a rewrite of the same size could go unseen).
 """
 
 from __future__ import annotations
@@ -159,6 +165,8 @@ class Checkpoint:
     # file -> (sha256 of its first `offset` bytes, offset): fed by `hash_read`, finished by `source_files`
     _hashes: dict = field(default_factory=dict, repr=False, compare=False)
     _hashing: object = field(default=None, repr=False, compare=False)  # a ForkedCall of `_hash_files`
+    # file -> its FileStamp when `open` read it: every later read or hash must see the same file
+    _stamps: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, folder: str | Path) -> "Checkpoint":
@@ -167,8 +175,11 @@ class Checkpoint:
             raise InputError(f"{folder}: not a folder")
         if not any(folder.iterdir()):
             raise InputError(f"{folder}: folder is empty (expected config.json and model.safetensors)")
+        stamps = {folder / "config.json": file_stamp(os.stat(folder / "config.json"))} \
+            if os.path.exists(folder / "config.json") else {}
         config = load_config(folder)
         files = weight_files(folder)
+        stamps.update({p: file_stamp(os.stat(p)) for p in [*files, folder / INDEX_FILE] if os.path.exists(p)})
         entries: dict[str, TensorEntry] = {}
         index = load_json(folder / INDEX_FILE, INDEX_FILE)["weight_map"] if os.path.lexists(folder / INDEX_FILE) else None
         for path in files:
@@ -187,7 +198,9 @@ class Checkpoint:
         if not entries:
             raise InputError(f"{files[0]}: holds no tensors")
         check_layer_counts(config, entries, folder / "config.json")
-        return cls(folder, config, files, entries)
+        for path, stamp in stamps.items():  # a file changed while its header or JSON was read
+            check_unchanged(path, file_stamp(os.stat(path)), stamp)
+        return cls(folder, config, files, entries, _stamps=stamps)
 
     def input_folders(self) -> list[Path]:
         return [self.folder]
@@ -218,10 +231,11 @@ class Checkpoint:
         try:
             with safe_fs.open_regular(entry.file, buffering=0) as f:
                 got = os.preadv(f.fileno(), [buffer.numpy()], entry.data_start + entry.start)
+                if got != entry.nbytes:
+                    raise InputError(f"{entry.file}: tensor {name!r} is truncated ({got} of {entry.nbytes} bytes)")
+                self._check_unchanged(entry.file, f)
         except OSError as e:
             raise InputError(f"{entry.file}: cannot read tensor {name!r}: {e.strerror or e}")
-        if got != entry.nbytes:
-            raise InputError(f"{entry.file}: tensor {name!r} is truncated ({got} of {entry.nbytes} bytes)")
         return buffer.view(dtype).reshape(entry.shape)
 
     def source_files(self) -> list[dict]:
@@ -257,6 +271,7 @@ class Checkpoint:
             return
         if sha is None:
             with safe_fs.open_regular(entry.file) as f:
+                self._check_unchanged(entry.file, f)
                 sha = hashlib.sha256(f.read(entry.data_start))  # the length prefix and the header
         sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
         self._hashes[entry.file] = (sha, offset + entry.nbytes)
@@ -264,14 +279,20 @@ class Checkpoint:
     def _sha256(self, path: Path) -> str:
         """A file's sha256: what `hash_read` saw, then the rest of the file (all of it if nothing was fed)."""
         if path not in self._hashes:
-            return sha256_file(path)
+            return sha256_file(path, check=lambda f: self._check_unchanged(path, f))
         sha, offset = self._hashes[path]
         sha = sha.copy()
         with safe_fs.open_regular(path) as f:
+            self._check_unchanged(path, f)
             f.seek(offset)
             while block := f.read(16 * 2**20):
                 sha.update(block)
+            self._check_unchanged(path, f)
         return sha.hexdigest()
+
+    def _check_unchanged(self, path: Path, f) -> None:
+        if path in self._stamps:
+            check_unchanged(path, file_stamp(os.fstat(f.fileno())), self._stamps[path])
 
     def side_files(self) -> list[Path]:
         """Everything but weights and config: tokenizer, generation config, chat template, READMEs, subfolders."""
@@ -295,22 +316,49 @@ class Checkpoint:
         return tree
 
 
-# config keys that count the model's blocks; each block's tensors carry its number in their names
+FileStamp = tuple  # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)
+
+
+def file_stamp(st: os.stat_result) -> FileStamp:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def check_unchanged(path: Path, now: FileStamp, then: FileStamp) -> None:
+    """InputError naming `path` when the file seen now is not the one stamped when the export opened it."""
+    if now != then:
+        what = "was replaced" if now[:2] != then[:2] else "was modified"
+        raise InputError(f"{path}: {what} while qexport read it; export again once the source no longer changes")
+
+
+# config keys that count the model's blocks (or experts); each one's tensors carry its number in their names
 LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
-                    "num_encoder_layers", "num_decoder_layers")
+                    "num_encoder_layers", "num_decoder_layers",
+                    "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+# config keys that size something transformers allocates for real even on the meta device: `num_labels` builds an
+# id2label dict of that many strings (10**6 measured 0.6 s and 340 MB; 10**8 would need 30 GB). A classification
+# head stores num_labels rows, so no real checkpoint asks for more labels than its widest tensor has.
+ALLOCATING_WIDTH_KEYS = ("num_labels",)
 
 
 def check_layer_counts(config: dict, entries: dict, config_path: Path) -> None:
-    """A config may not ask for more blocks than the checkpoint holds. Checked before the architecture is built:
-    num_hidden_layers 10**9 would otherwise build a billion meta modules (a hang, not an error)."""
+    """A config may not ask for more blocks or experts than the checkpoint holds, nor for more labels than its
+    widest tensor. Checked before the architecture is built: num_hidden_layers 10**9 would otherwise build a
+    billion meta modules (a hang, not an error) and num_labels 10**8 allocate 30 GB."""
     present = 1 + max((int(part) for name in entries for part in name.split(".") if part.isdigit()), default=-1)
     configs = [config] + [v for v in config.values() if isinstance(v, dict)]  # text_config, vision_config, ...
     for cfg in configs:
-        for key in LAYER_COUNT_KEYS:
+        for key in LAYER_COUNT_KEYS + ALLOCATING_WIDTH_KEYS:
             value = cfg.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > present:
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if key in LAYER_COUNT_KEYS and value > present:
                 raise InputError(f"{config_path}: {key}={value} but the checkpoint's tensor names number at most "
                                  f"{present} blocks")
+            widest = key in ALLOCATING_WIDTH_KEYS and max((max(e.shape, default=1) for e in entries.values()),
+                                                          default=1)
+            if widest and value > widest:
+                raise InputError(f"{config_path}: {key}={value} but the checkpoint's widest tensor dimension is "
+                                 f"{widest}")
 
 
 def tensor_bytes(entries: dict[str, TensorEntry]) -> int:

@@ -11,14 +11,17 @@ import re
 from pathlib import Path
 
 FRONT_MATTER = re.compile(r"---\r?\n.*?\r?\n---\r?\n", re.DOTALL)
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")  # what a Hub repo id may hold
 
 
 def base_model_id(folder: Path) -> str | None:
-    """The Hub repo id of a folder in the Hugging Face cache (…/models--Org--Name/snapshots/<rev>), else None."""
+    """The Hub repo id of a folder in the Hugging Face cache (…/models--Org--Name/snapshots/<rev>), else None.
+    A folder name that is not a valid repo id (a newline, a space, markup) names none."""
     parts = Path(folder).resolve().parts
     for i, part in enumerate(parts[:-2]):
         if part.startswith("models--") and parts[i + 1] == "snapshots":
-            return part.removeprefix("models--").replace("--", "/")
+            hub_id = part.removeprefix("models--").replace("--", "/")
+            return hub_id if HUB_ID.fullmatch(hub_id) else None
     return None
 
 

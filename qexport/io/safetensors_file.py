@@ -430,8 +430,9 @@ def _naming(path: Path):
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
-def sha256_file(path: Path, chunk: int = 2**20, root: Path | None = None) -> str:
-    """sha256 of a regular file inside `root` (default: its own folder).
+def sha256_file(path: Path, chunk: int = 2**20, root: Path | None = None, check=None) -> str:
+    """sha256 of a regular file inside `root` (default: its own folder). `check(f)`, if given, is called on the
+    open file before and after it is read (it raises when the file is not the one expected).
 
     Read into one reused buffer that stays in the CPU cache: 1.96 GB hash in 1.37 s CPU here, against 1.56 s in a
     fresh 16 MB block per read."""
@@ -439,6 +440,10 @@ def sha256_file(path: Path, chunk: int = 2**20, root: Path | None = None) -> str
     buffer = bytearray(chunk)
     view = memoryview(buffer)
     with safe_fs.open_regular(path, root, buffering=0) as f:
+        if check is not None:
+            check(f)
         while got := f.readinto(buffer):
             sha.update(view[:got])
+        if check is not None:
+            check(f)
     return sha.hexdigest()

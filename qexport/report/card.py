@@ -23,7 +23,8 @@ import json
 import re
 from pathlib import Path
 
-from qexport.io.identity import FRONT_MATTER, readme_front_matter
+from qexport.io.identity import FRONT_MATTER, HUB_ID, readme_front_matter
+from qexport.report.escape import markdown_safe, quote_markdown, terminal_safe
 from qexport.report.values import format_value, human_bytes
 from qexport.io.checkpoint import MANIFEST_FILE, declared_dtype
 from qexport.io.safe_fs import write_text_atomic
@@ -74,12 +75,19 @@ def _normalize(results: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The source README: embedded as a Markdown block quote between markers. Quoted, nothing in it (a heading, a line
-# reading "PASSED", YAML front matter) can pass for part of the card; every line is kept, so it reads back unchanged.
+# The source README: embedded as a Markdown block quote between markers (`quote_markdown`). Quoted, nothing in it
+# (a heading, a line reading "PASSED", YAML front matter, a lone "\r", a `</blockquote>`) can pass for part of the
+# card; every line is kept. What reads back is the README as embedded (`readme_as_embedded`): line breaks other
+# than "\n" as character references, HTML shown as text.
 
 
 def embed_readme(text: str) -> str:
-    return "\n".join(f"> {line}" if line else ">" for line in text.rstrip("\n").split("\n"))
+    return quote_markdown(text)
+
+
+def readme_as_embedded(text: str) -> str:
+    """What `source_readme_of` reads back from a card that embeds `text`."""
+    return unembed_readme(embed_readme(text))
 
 
 def unembed_readme(region: str) -> str:
@@ -100,37 +108,42 @@ def source_readme_of(card_text: str) -> str | None:
     """The source README a card embeds; a README.md that is not a qexport card is itself the source README."""
     if CARD_MARK not in card_text:
         return card_text
-    begin, end = card_text.find(README_BEGIN), card_text.rfind(README_END)
+    # The markers are whole lines of the card's own: a name quoting them inside a line (in inline code) is not one.
+    begin, end = card_text.find(f"\n{README_BEGIN}\n"), card_text.rfind(f"\n{README_END}")
     if begin < 0 or end < begin:
         return None
-    region = card_text[begin + len(README_BEGIN): end]
-    return unembed_readme(region.removeprefix("\n").removesuffix("\n"))
+    region = card_text[begin + len(README_BEGIN) + 2: end + 1]
+    return unembed_readme(region.removesuffix("\n"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rendering. Names (tensors, modules, files) and check details come from untrusted input: escaped so that they
-# cannot add lines (a forged **PASSED**), HTML, table cells or NUL bytes to the card.
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Rendering. Every string that comes from the folders (names of tensors, modules and files, config and manifest
+# values, check details) goes through `markdown_safe` (qexport.report.escape): it cannot add a line (a forged
+# **PASSED**), HTML, a link, emphasis or a table cell to the card.
 
 
 def _plain(text) -> str:
-    """One line of text for a table cell or sentence: control characters (newlines, NUL) shown as escapes, HTML
-    and cell separators neutralised. Without a line break nothing can start a line of its own (a forged
-    "**PASSED**" headline, a heading, front matter)."""
-    text = _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(text))
-    # "<" before a letter, "/", "!" or "?" could open HTML or a comment; "<= 0.1" in a cell is plain text
-    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text).replace("|", "\\|")
+    """One line of text for a table cell or sentence (markdown_safe)."""
+    return markdown_safe(text)
 
 
 def _code(name) -> str:
-    """A name as inline code; one holding a backtick or control character as escaped HTML code instead."""
+    """A name as inline code (literal inside: `model.layers.*.mlp`); one that a code span cannot hold as it is (a
+    backtick, a control character or line break, a table's `|`, outer spaces) as markdown_safe HTML code."""
     name = str(name)
-    if "`" in name or _CONTROL.search(name) or name != name.strip():
-        escaped = _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), name)
-        return "<code>" + escaped.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
-            "|", "&#124;") + "</code>"
-    return f"`{name}`".replace("|", "\\|")
+    if "`" in name or "|" in name or terminal_safe(name) != name or name != name.strip() or not name:
+        return f"<code>{markdown_safe(name)}</code>"
+    return f"`{name}`"
+
+
+def _inert(value) -> bool:
+    """A value from the folders (front matter, manifest words) with nothing markdown_safe would change: it can be
+    written as it is."""
+    if isinstance(value, str):
+        return markdown_safe(value) == value
+    if isinstance(value, (list, tuple)):
+        return all(_inert(v) for v in value)
+    return isinstance(value, (int, float, bool)) or value is None
 
 
 def _num(value) -> str:
@@ -156,7 +169,13 @@ def _float_dtypes(manifest: dict) -> list[str]:
 
 
 def _title(manifest: dict, config: dict) -> str:
-    arch = ", ".join(config.get("architectures") or []) or "model"
+    """The heading's text, markdown_safe: `architectures`, base_model and the manifest's words come from files."""
+    return markdown_safe(_title_text(manifest, config))
+
+
+def _title_text(manifest: dict, config: dict) -> str:
+    architectures = config.get("architectures")
+    arch = ", ".join(map(str, architectures)) if isinstance(architectures, list) and architectures else "model"
     name = manifest["source"].get("base_model") or f"{manifest.get('model_type')} ({arch})"
     params = manifest.get("parameters", {})
     weights = params.get("weights")
@@ -171,7 +190,7 @@ def front_matter(manifest: dict, config: dict, source_readme: str | None) -> str
     data: dict = {}
     base = manifest["source"].get("base_model")
     quantized = _is_quantized(manifest)
-    if base:
+    if isinstance(base, str) and HUB_ID.fullmatch(base):
         data["base_model"] = base
         if quantized:
             data["base_model_relation"] = "quantized"
@@ -180,21 +199,24 @@ def front_matter(manifest: dict, config: dict, source_readme: str | None) -> str
         tags = ["qexport", manifest["format"], "compressed-tensors", manifest["parameters"]["scheme"].lower()]
     else:
         tags = ["qexport", *_float_dtypes(manifest)]
-    data["tags"] = tags
+    data["tags"] = [t for t in tags if _inert(t)]
     for key in CARRIED_KEYS:
-        if key in source:
+        if key in source and _inert(source[key]):  # a value with a line break or markup is left behind
             data[key] = source[key]
     if "pipeline_tag" not in data and _is_causal_lm(config):
         data["pipeline_tag"] = "text-generation"
     import yaml
 
-    return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
+    # width: no value is folded onto a line of its own
+    return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=float("inf")) + "---\n"
 
 
 def _quantized_description(manifest: dict, config: dict) -> str:
     weights = manifest["parameters"]["weights"]
     qc = config.get("quantization_config") or {}
     layout = qc.get("format", "")
+    params = manifest["parameters"]
+    scale_dtype, scheme = markdown_safe(params.get("scale_dtype", "float16")), markdown_safe(params.get("scheme"))
     count = sum(1 for name, t in manifest["tensors"].items() if t["quantized"] and name.endswith(
         (".weight_packed", ".weight")) and t["dtype"] in ("I32", "I8"))
     bits = weights["num_bits"]
@@ -206,12 +228,11 @@ def _quantized_description(manifest: dict, config: dict) -> str:
     if weights.get("strategy") == "group":
         choice = {"auto": " (chosen automatically: the largest of 128, 64, 32 that every quantized Linear's "
                           "input size divides by)", "given": " (given with `--group-size`)"}
-        scales = f"one {manifest['parameters'].get('scale_dtype', 'float16')} scale per group of " \
-                 f"{weights['group_size']} input columns (`weight_scale`)" \
+        scales = f"one {scale_dtype} scale per group of " \
+                 f"{markdown_safe(weights['group_size'])} input columns (`weight_scale`)" \
                  + choice.get(manifest["parameters"].get("group_size_choice"), "")
     else:
-        scales = f"one {manifest['parameters'].get('scale_dtype', 'float16')} scale per output channel " \
-                 f"(`weight_scale`)"
+        scales = f"one {scale_dtype} scale per output channel (`weight_scale`)"
     if weights.get("symmetric", True):
         arithmetic = f"symmetric, no zero point, scale = absmax / {(2 ** bits - 1) / 2}"
     else:
@@ -223,7 +244,7 @@ def _quantized_description(manifest: dict, config: dict) -> str:
                        "reconstruction has the lowest error (sum |w − ŵ|^2.4) (`--int4-method mse`, no data)")
     return (f"- **Quantized**: {count} `nn.Linear` weights, {manifest['summary']['quantized_weights']:,} "
             f"weights in all: {stored} and {scales}; {arithmetic}, round half to even. Activations stay 16-bit "
-            f"({manifest['parameters'].get('scheme')}): transformers dequantizes on load, vLLM runs its own "
+            f"({scheme}): transformers dequantizes on load, vLLM runs its own "
             f"kernels.")
 
 
@@ -306,12 +327,12 @@ def _verification_section(verification: dict | None) -> list[str]:
                  + (f"; reference: {_plain(v['reference'])}" if v["reference"] else "")
                  + (f"; inputs: {_plain(v['inputs'])}" if v["inputs"] else "") + ").")
     if changed:
-        lines += [""] + [f"- {_plain(t)}" for t in changed]
+        lines += [""] + [f"- {_plain(t).strip() or '–'}" for t in changed]  # an empty item would end the list
     lines += ["", "| check | value | threshold | result |", "|---|---:|---|---|"]
     for c in v["checks"]:
         result = {True: "pass", False: "**FAIL**", None: "reported"}[c["passed"]]
-        cells = [c["name"], _num(c["value"]), c["threshold"] or "–", result]
-        lines.append("| " + " | ".join(_plain(x) for x in cells) + " |")
+        cells = [c["name"], _num(c["value"]), c["threshold"] or "–"]
+        lines.append("| " + " | ".join(_plain(x) for x in cells) + f" | {result} |")
     return lines + [""]
 
 
@@ -356,7 +377,7 @@ def _loading_section(manifest: dict, config: dict) -> list[str]:
              "```python", loading_snippet(config, names).rstrip("\n"), "```", ""]
     if _is_quantized(manifest) and _is_causal_lm(config):
         lines.append(f"vLLM loads the same folder: the compressed-tensors layout is its native format for "
-                     f"{manifest['parameters']['scheme']} (`vllm serve {PATH_PLACEHOLDER}`).")
+                     f"{markdown_safe(manifest['parameters']['scheme'])} (`vllm serve {PATH_PLACEHOLDER}`).")
     elif _is_quantized(manifest):
         lines.append("vLLM reads the same compressed-tensors layout for the encoder architectures it supports.")
     else:
@@ -370,13 +391,13 @@ def render_card(manifest: dict, config: dict, source_readme: str | None = None,
     verification = verification if verification is not None else manifest.get("verification")
     title = _title(manifest, config)
     base = manifest["source"].get("base_model")
-    origin = f"`{base}`" if base else f"a `{manifest.get('model_type')}` model"
+    origin = _code(base) if base else f"a {_code(manifest.get('model_type'))} model"
     # `original` is the internal format of `qexport merge` (tensors unchanged): no "export" a user asked for.
     holds = f"{origin}, unquantized" if manifest["format"] == "original" else \
-        f"the `{manifest['format']}` export of {origin}"
+        f"the {_code(manifest['format'])} export of {origin}"
     what = (f"This folder holds {holds}, written by qexport "
-            f"{manifest['qexport_version']}"
-            + (f" in the compressed-tensors `{config['quantization_config'].get('format')}` layout, which "
+            f"{markdown_safe(manifest['qexport_version'])}"
+            + (f" in the compressed-tensors {_code(config['quantization_config'].get('format'))} layout, which "
                "transformers and vLLM load natively." if config.get("quantization_config") else
                ": a plain safetensors checkpoint.")
             + (" The source is a merge made by `qexport merge` (what was merged: `source.merge` in "

@@ -1,5 +1,10 @@
 """HTML pieces for reports: the per model x format summary table (pandas), a per-tensor SQNR histogram as inline
 SVG (no plotting dependency), and the standalone page `qexport verify --report` writes.
+
+JSON that qexport writes (`verify --json`, `--save-baseline`, `inspect --json`, the pytest gate's metrics, the
+JSON embedded in the HTML page) is standard JSON (RFC 8259) that any parser reads (`JSON.parse` too): a float
+that is NaN or +-inf, which standard JSON cannot spell, is written as the string "NaN", "Infinity" or
+"-Infinity" (what Python's `float()` and JavaScript's `Number()` read back); every other number stays a number.
 """
 
 from __future__ import annotations
@@ -153,7 +158,7 @@ def verification_html(result: dict) -> str:
         f"{summary_html([row], 'summary')}<h2>checks</h2>"
         f'<table class="qexport"><tr><th>check</th><th>status</th><th>detail</th><th>threshold</th></tr>{checks}'
         f"</table>{plot}<h2>thresholds</h2>{thresholds_html(entries)}"
-        f"<script type='application/json' id='qexport-json'>{html.escape(json.dumps(result))}</script>"
+        f"<script type='application/json' id='qexport-json'>{html.escape(to_json(result, indent=None))}</script>"
         "</body></html>"
     )
 
@@ -164,13 +169,29 @@ def write_text(path: str | Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def to_json(data) -> str:
-    return json.dumps(data, indent=2, default=_json_default) + "\n"
+NONFINITE_JSON = {math.inf: "Infinity", -math.inf: "-Infinity"}  # NaN: "NaN"
+
+
+def standard_json_value(value):
+    """`value` with every NaN / +-inf float (in dicts, lists and tuples, at any depth) replaced by its string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return NONFINITE_JSON.get(value, "NaN")
+    if isinstance(value, dict):
+        return {k: standard_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [standard_json_value(v) for v in value]
+    return value
+
+
+def to_json(data, indent: int | None = 2) -> str:
+    """Standard JSON (see the module docstring): never a NaN or Infinity token."""
+    return json.dumps(standard_json_value(data), indent=indent, default=_json_default, allow_nan=False) + \
+        ("\n" if indent else "")
 
 
 def _json_default(value):
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # a numpy / torch scalar
+        return standard_json_value(value.item())
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -476,8 +476,13 @@ def _manifest_problems(folder: Path, all_files: list[Path]) -> list[str]:
 
 
 def format_report(report: dict, all_tensors: bool = False) -> str:
+    """The report as lines for a terminal. Every string in it comes from the folder (names, config values) and is
+    made terminal_safe first: one name stays on one line and cannot forge one of these lines."""
+    from qexport.report.escape import terminal_values
     from qexport.report.terminal import table
     from qexport.report.values import format_ratio, format_value, human_bytes
+
+    report = terminal_values(report)
 
     t = report["totals"]
     arch = ", ".join(map(str, report["architectures"] if isinstance(report["architectures"], list) else [])) or "?"

@@ -74,8 +74,10 @@ def _linears_quantized(summary: dict, parameters: dict) -> str | None:
 def print_export_summary(manifests: dict[str, dict], out) -> None:
     from pathlib import Path
 
+    from qexport.report.escape import terminal_safe
+
     print(table(export_rows(manifests)))
     print(f"\n{COLUMN_NOTES}")
     print("\nwritten (each folder a complete model with a qexport.json manifest and a README.md card):")
     for name in manifests:
-        print(f"  {Path(out) / name}")
+        print(f"  {terminal_safe(Path(out) / name)}")

@@ -58,15 +58,16 @@ def same_content(ref: Path, ours: Path, ref_root: Path | None = None, our_root: 
 
 def _card_keeps_source_readme(ref: Path, ours: Path) -> bool:
     """A qexport model card must embed the reference README unchanged; another tool's README may say anything."""
-    from qexport.report.card import CARD_MARK, source_readme_of
+    from qexport.report.card import CARD_MARK, readme_as_embedded, source_readme_of
 
     text = ours.read_text(encoding="utf-8", errors="replace")
     if CARD_MARK not in text:
         return True
     embedded = source_readme_of(text)
-    # The card ends the embedded README at its last line (trailing newlines are not kept).
-    return embedded is not None and embedded.rstrip("\n") == ref.read_text(encoding="utf-8",
-                                                                            errors="replace").rstrip("\n")
+    # The card ends the embedded README at its last line (trailing newlines are not kept); it embeds HTML as text
+    # and line breaks other than "\n" as character references (readme_as_embedded).
+    reference = readme_as_embedded(ref.read_text(encoding="utf-8", errors="replace"))
+    return embedded is not None and embedded.rstrip("\n") == reference.rstrip("\n")
 
 
 def _compare_files(ctx: Context, name: str, wanted: Callable[[str], bool]) -> CheckResult:

@@ -369,6 +369,9 @@ def test_tensors_fed_in_file_order_give_each_weight_files_sha256_without_reading
         def seek(self, offset):
             self.f.seek(offset)
 
+        def fileno(self):
+            return self.f.fileno()
+
         def read(self, n=-1):
             data = self.f.read(n)
             read.append((self.path.name, len(data)))
