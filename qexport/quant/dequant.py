@@ -14,6 +14,7 @@ import torch
 from qexport.quant import primitives as quant
 from qexport.quant import scheme
 from qexport.io.checkpoint import Checkpoint
+from qexport.quant.scheme import QUANT_LEAVES
 
 
 def unpack_int32(packed: torch.Tensor, num_bits: int, cols: int) -> torch.Tensor:
@@ -90,7 +91,6 @@ def num_bits_of(config: dict, module: str) -> int:
     return int(groups[0]["weights"]["num_bits"]) if groups else 8
 
 
-QUANT_LEAVES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
 
 def quantized_modules(ckpt: Checkpoint) -> dict[str, dict[str, str]]:

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from qexport.io import untrusted_regex
 
+# The tensors compressed-tensors stores for one quantized Linear, by leaf name (beside its dense `weight`).
+QUANT_LEAVES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+
 WHERE = "config.json: quantization_config"
 LINEAR = ("Linear", "Module")  # the class names an nn.Linear answers to (its class and its bases)
 

@@ -21,8 +21,7 @@ from pathlib import Path
 from qexport.io import json_paths, safe_fs, untrusted_regex
 
 from qexport.io.checkpoint import INDEX_FILE, MANIFEST_FILE, PICKLE_SUFFIXES, SINGLE_FILE
-from qexport.quant.dequant import QUANT_LEAVES
-from qexport.quant.scheme import config_groups, group_for, is_ignored, strings
+from qexport.quant.scheme import QUANT_LEAVES, config_groups, group_for, is_ignored, strings
 from qexport.report.card import layer_type
 from qexport.errors import InputError, not_a_model_folder
 from qexport.io.safetensors_file import (ITEMSIZES, MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE, TensorEntry,

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
-from qexport.report.card import (README_BEGIN, README_END, base_model_id, readme_as_embedded, render_card,
+from qexport.io.identity import base_model_id
+from qexport.report.card import (README_BEGIN, README_END, readme_as_embedded, render_card,
                                  source_readme_of, verification_result)
 from qexport.report.escape import markdown_safe, quote_markdown
 
