@@ -196,11 +196,26 @@ def _add_verify(sub):
                    help="record the results in EXPORT's README.md model card and qexport.json (qexport exports)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress on stderr (default: each check's name as it starts, its time as it ends)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="windows of the evaluation text run through a model at once, one CPU thread each; the "
+                        "rest of verify runs on one thread. Default: the cores free now (usable cores less the "
+                        "load average, at least 1; 1 when the load is above the core count), or OMP_NUM_THREADS "
+                        "when set. The metrics are the same for any N")
     p.add_argument("--engine", action="append", default=[], metavar="vllm[=PYTHON]",
                    help="also run the export in this engine (check engine_vllm): vLLM in its own interpreter, "
                         "default $QEXPORT_VLLM_PYTHON or ~/.cache/qexport/vllm-venv/bin/python; if it cannot "
                         "run, the check fails")
     p.set_defaults(run=_run_verify)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 class _VerifyProgress:
@@ -211,10 +226,13 @@ class _VerifyProgress:
 
     STEP_EVERY = 10.0
 
-    def __init__(self, stream):
-        self.stream, self.started, self.shown, self.prefix = stream, 0.0, 0.0, ""
+    def __init__(self, stream, header: str = ""):
+        self.stream, self.started, self.shown, self.prefix, self.header = stream, 0.0, 0.0, "", header
 
     def __call__(self, name, index, total, elapsed, result):
+        if self.header:
+            self.stream.write(f"{self.header.format(checks=total)}\n")
+            self.header = ""
         if result is None:
             self.started = self.shown = elapsed
             self.prefix = f"[{index:>{len(str(total))}}/{total}] {name:<24} ... "
@@ -239,11 +257,15 @@ def _run_verify(args) -> int:
     from qexport.verify.engines.runner import parse_engine
     from qexport.verify import check_baseline, load_baseline, record_in_card, verify
 
+    from qexport.verify.threads import ThreadChoice, verify_threads
+
     overrides = parse_overrides(args.threshold)
     engines = [parse_engine(value) for value in args.engine]
     baseline = load_baseline(args.baseline) if args.baseline else None
-    result = verify(args.export, args.reference, overrides, engines=engines,
-                    progress=None if args.quiet else _VerifyProgress(sys.stderr))
+    threads = ThreadChoice(args.threads, "--threads") if args.threads else verify_threads()
+    header = f"verifying {args.export} against {args.reference}: {{checks}} checks, {threads.describe()}"
+    result = verify(args.export, args.reference, overrides, engines=engines, threads=threads.threads,
+                    progress=None if args.quiet else _VerifyProgress(sys.stderr, header))
     if baseline is not None:
         result.add(check_baseline(result.metrics, baseline))
     for check in result.checks:

@@ -63,8 +63,13 @@ METRIC_BOUNDS = {
 
 
 def _run_one(check: Callable[[Context], CheckResult], name: str, ctx: Context) -> CheckResult:
+    """One check, its arithmetic on one torch thread (forward passes in parallel windows, `Context.threads`): its
+    numbers are the same whatever the thread count, from the CLI, the API or the gate."""
+    from qexport.verify.threads import one_thread
+
     try:
-        result = check(ctx)
+        with one_thread():
+            result = check(ctx)
     except Exception as e:  # a malformed export can break a check's assumptions: that is a failure, not a crash
         where = traceback.extract_tb(e.__traceback__)[-1]
         result = _fail(name, f"check raised {type(e).__name__}: {' '.join(str(e).split())[:300]} "
@@ -222,14 +227,17 @@ Progress = Callable[[str, int, int, float, "CheckResult | None"], None]
 
 
 def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresholds | dict | None = None,
-           only: list[str] | None = None, engines=(), progress: Progress | None = None) -> Verification:
+           only: list[str] | None = None, engines=(), progress: Progress | None = None,
+           threads: int | None = None) -> Verification:
     """Run the checks (all, or those named in `only`) and return them with the headline metrics.
 
-    `engines`: EngineSpecs (qexport.verify.engines.runner.parse_engine) whose checks run too, e.g. engine_vllm."""
+    `engines`: EngineSpecs (qexport.verify.engines.runner.parse_engine) whose checks run too, e.g. engine_vllm.
+    `threads`: windows of the fixed text run through a model at once (default: the cores free now,
+    qexport.verify.threads.verify_threads); the metrics are the same for any value."""
     import time
 
     start = time.perf_counter()
-    ctx = Context(export_dir, reference_dir, thresholds)
+    ctx = Context(export_dir, reference_dir, thresholds, threads=threads)
     ctx.engines = {spec.name: spec for spec in engines}
     chosen = [(check, name) for check, name in zip(CHECKS, CHECK_NAMES)
               if (only is None or name in only) and applies(name, ctx.export, ctx.reference.folder)]

@@ -84,8 +84,9 @@ class Context:
     """The export and reference folders, opened leniently (a broken export is data for the checks, not an error)."""
 
     def __init__(self, export_dir: str | Path, reference_dir: str | Path,
-                 thresholds: Thresholds | dict | None = None):
+                 thresholds: Thresholds | dict | None = None, threads: int | None = None):
         from qexport.model.architecture import inspect_architecture
+        from qexport.verify.threads import verify_threads
 
         self.export = Path(export_dir)
         if not self.export.is_dir():
@@ -128,6 +129,8 @@ class Context:
         self.input_kind = None  # "text", "sentences" or "random", set by inputs()
         self.candidate = None  # (outputs, which model, its dtype) of the export, set by check_functional
         self.on_step = None  # on_step(done, total, unit): a long check's progress (verify() sets it per check)
+        # forward passes run this many windows at once, each on one torch thread: metrics independent of it
+        self.threads = threads if threads is not None else verify_threads().threads
 
     def step(self, done: int, total: int, unit: str) -> None:
         """A check that walks tensors (or windows, files) reports `done` of `total` so far."""
@@ -165,7 +168,8 @@ class Context:
 
         inputs = {k: v[:windows] for k, v in self.inputs().items()}
         if self.is_causal:
-            return window_logits(model, inputs["input_ids"], lambda done, total: self.step(done, total, "windows"))
+            return window_logits(model, inputs["input_ids"], lambda done, total: self.step(done, total, "windows"),
+                                 threads=self.threads)
         return pooled_embeddings(model, inputs)
 
     def reference_outputs(self):
