@@ -223,10 +223,14 @@ class Gate:
         if exports and keep is not None:
             raise pytest.UsageError("--qexport-keep keeps what --qexport-model exports; --qexport-export exports "
                                     "nothing")
-        self.reference = Path(model if model is not None else reference)
-        if not self.reference.is_dir():
+        from qexport.errors import InputError
+        from qexport.io.model_path import resolve_model
+
+        try:  # a folder, a Hugging Face cache root or a hub id in the local cache, as on the command line
+            self.reference = resolve_model(model if model is not None else reference)
+        except InputError as e:
             option = "--qexport-model" if model is not None else "--qexport-reference"
-            raise pytest.UsageError(f"{option} {self.reference}: not a folder")
+            raise pytest.UsageError(f"{option} {e}")
         self.overrides = {**parse_overrides(config.getini("qexport_thresholds"), "qexport_thresholds"),
                           **parse_overrides(config.getoption("qexport_threshold"), "--qexport-threshold")}
         if exports:

@@ -23,7 +23,7 @@ def _add_export(sub):
                    help="model folder: config.json + model.safetensors (or index + shards); the base with --lora")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder; each format goes to OUT/<format>")
     _add_merge_inputs(p, base_option=False)
-    p.add_argument("--formats", nargs="+", default=["fp16", "int8", "int4"], metavar="FMT",
+    p.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS, metavar="FMT",
                    help="formats to write, in any case (default: fp16 int8 int4)")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along the input. Default: the largest of 128, 64, 32 that every Linear's "
@@ -390,6 +390,41 @@ def _stdout_closed() -> int:
     return 141
 
 
+DEFAULT_FORMATS = ["fp16", "int8", "int4"]
+
+
+def _check_paths(args) -> None:
+    """Source models resolved (a folder, a Hugging Face cache root or a cached hub id: qexport.io.model_path) and
+    the other input folders checked before any heavy import, so that a typo is reported at once, not after torch
+    loads. A bad option given with a bad path is still reported first, as the commands themselves do."""
+    from pathlib import Path
+
+    from qexport.errors import InputError
+    from qexport.io.model_path import resolve_model
+    from qexport.io.sizes import parse_size
+
+    command = args.command
+    if command in ("export", "merge"):
+        try:
+            if getattr(args, "base", None) is not None:
+                args.base = str(resolve_model(args.base))
+            if getattr(args, "src", None) is not None:
+                args.src = str(resolve_model(args.src))
+            if args.models:
+                args.models = [str(resolve_model(m)) for m in args.models]
+            if args.lora is not None and not Path(args.lora).is_dir():
+                raise InputError(f"--lora {args.lora}: not a folder")
+        except InputError:
+            parse_size(args.max_shard_size)
+            if command == "export" and args.formats != DEFAULT_FORMATS:
+                _export_options(args)  # format names are known only to the formats package (imports torch)
+            raise
+    elif command == "verify":
+        if not Path(args.export).is_dir():
+            raise InputError(f"{args.export}: export is not a folder")
+        args.reference = str(resolve_model(args.reference))
+
+
 def main(argv: list[str] | None = None) -> int:
     from qexport.errors import InputError, VerificationFailed
 
@@ -397,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _handle_termination()
     try:
+        _check_paths(args)
         code = args.run(args)
         sys.stdout.flush()  # a reader that stopped early (`| head`) shows here, while BrokenPipeError is caught
         return code
