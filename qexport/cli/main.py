@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qexport.cli.help_text import EXIT_CODES, FORMATS, verify_epilog
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
@@ -18,13 +20,19 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_export(sub):
     p = sub.add_parser("export", help="export a Hugging Face checkpoint folder as fp16 / int8 / int4",
-                       description="Export SRC to OUT/<format>/ for each format (compressed-tensors layout).")
+                       description="Export SRC to OUT/<format>/ for each format (compressed-tensors layout).",
+                       usage="qexport export SRC --out OUT [options]\n"
+                             "       qexport export --models M1 M2 ... [--weights W ...] --out OUT [options]",
+                       epilog=EXIT_CODES.replace("a verification check failed; ", ""))
     p.add_argument("src", metavar="SRC", nargs="?",
-                   help="model folder: config.json + model.safetensors (or index + shards); the base with --lora")
+                   help="the source model (required unless --models): a model folder (config.json + "
+                        "model.safetensors, or index + shards), a Hugging Face cache folder models--OWNER--NAME, or a "
+                        "hub id OWNER/NAME already in the local Hugging Face cache (never downloaded); the base with "
+                        "--lora")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder; each format goes to OUT/<format>")
     _add_merge_inputs(p, base_option=False)
     p.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS, metavar="FMT",
-                   help="formats to write, in any case (default: fp16 int8 int4)")
+                   help=f"formats to write, in any case: {', '.join(FORMATS)} (default: fp16 int8 int4)")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along the input. Default: the largest of 128, 64, 32 that every Linear's "
                         "input size divides by (one per model). Given: exactly that; Linears whose input does not "
@@ -179,9 +187,12 @@ def _add_verify(sub):
     p = sub.add_parser("verify", help="check an export folder against its source model (exit 1 if a check fails)",
                        description="Run the verification checks on EXPORT (any compressed-tensors or dense folder) "
                                    "against the source model it was made from. Exit 0 all pass, 1 a check "
-                                   "failed, 2 bad input.")
+                                   "failed, 2 bad input.",
+                       epilog=verify_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", metavar="EXPORT", help="an export folder (one format), e.g. OUT/int4")
-    p.add_argument("--reference", required=True, metavar="SRC", help="the source model folder")
+    p.add_argument("--reference", required=True, metavar="SRC",
+                   help="the source model: a folder, a Hugging Face cache folder models--OWNER--NAME, or a hub id "
+                        "OWNER/NAME in the local Hugging Face cache")
     p.add_argument("--report", metavar="R.html", help="write a standalone HTML report")
     p.add_argument("--json", metavar="R.json", help="write the checks and metrics as JSON")
     p.add_argument("--baseline", metavar="B.json", help="fail on a metric regression vs this earlier JSON")
@@ -321,7 +332,8 @@ def _run_inspect(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from qexport import __version__
     parser = _Parser(prog="qexport", description="Streaming FP16 / INT8 / INT4 export of Hugging Face checkpoints "
-                                                 "in the compressed-tensors layout, and the checks that prove it.")
+                                                 "in the compressed-tensors layout, and the checks that prove it.",
+                     epilog=EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"qexport {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in COMMANDS:
