@@ -169,8 +169,9 @@ class Context:
 
         inputs = {k: v[:windows] for k, v in self.inputs().items()}
         if self.is_causal:
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            unit = f"windows through {label} ({dtype_name(dtype)})"
+            params = getattr(model, "parameters", None)
+            dtype = next((p.dtype for p in params() if p.is_floating_point()), None) if callable(params) else None
+            unit = f"windows through {label}" + (f" ({dtype_name(dtype)})" if dtype is not None else "")
             return window_logits(model, inputs["input_ids"], lambda done, total: self.step(done, total, unit),
                                  threads=self.threads)
         return pooled_embeddings(model, inputs)
