@@ -224,10 +224,14 @@ class Gate:
         if exports and keep is not None:
             raise pytest.UsageError("--qexport-keep keeps what --qexport-model exports; --qexport-export exports "
                                     "nothing")
-        self.reference = Path(model if model is not None else reference)
-        if not self.reference.is_dir():
+        from qexport.errors import InputError
+        from qexport.io.model_path import resolve_model
+
+        try:  # a folder, a Hugging Face cache root or a hub id in the local cache, as on the command line
+            self.reference = resolve_model(model if model is not None else reference)
+        except InputError as e:
             option = "--qexport-model" if model is not None else "--qexport-reference"
-            raise pytest.UsageError(f"{option} {self.reference}: not a folder")
+            raise pytest.UsageError(f"{option} {e}")
         self.overrides = {**parse_overrides(config.getini("qexport_thresholds"), "qexport_thresholds"),
                           **parse_overrides(config.getoption("qexport_threshold"), "--qexport-threshold")}
         if exports:
@@ -255,7 +259,11 @@ class Gate:
         self._results: dict[tuple[str, str], object] = {}
         # Workers busy at once: one per target at most (a target's items stay on one worker when grouped).
         busy = min(int(workerinput.get("workercount", 1)), len(self.targets)) if self.grouped else 1
-        self.threads = _threads_per_worker(busy)
+        from qexport.verify.threads import verify_threads
+
+        # One function for this and `qexport verify`'s default; the checks' numbers do not depend on it.
+        self.verify_threads = verify_threads(busy).threads
+        self.threads = self.verify_threads if busy > 1 else None
 
     def share_cores(self) -> None:
         """Under xdist, give this worker's torch its share of the cores: each process defaults to one thread per
@@ -307,7 +315,7 @@ class Gate:
             try:
                 if "error" in made:
                     raise CheckFailed(made["error"])
-                ctx = Context(made["folder"], self.reference, self.overrides)
+                ctx = Context(made["folder"], self.reference, self.overrides, threads=self.verify_threads)
                 ctx.engines = {spec.name: spec for spec in self.engines}
                 self._contexts[label] = ctx
             except Exception as e:  # InputError (not a model folder, ...) and anything else
@@ -329,17 +337,6 @@ class Gate:
         self._contexts.clear()
         if self.owns_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _threads_per_worker(busy: int) -> int | None:
-    """Torch threads for one of `busy` workers computing at once: the usable cores shared out (at least one);
-    None when there is nothing to share (one worker) or the user set OMP_NUM_THREADS."""
-    import os
-
-    if busy <= 1 or os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // busy)
 
 
 def _export_targets(folders: list[Path]) -> dict[str, Target]:

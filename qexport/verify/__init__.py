@@ -64,9 +64,15 @@ METRIC_BOUNDS = {
 
 
 def run_check(check: Callable[[Context], CheckResult], name: str, ctx: Context) -> CheckResult:
+    """One check, its arithmetic on one torch thread (forward passes in parallel windows, `Context.threads`): its
+    numbers are the same whatever the thread count, from the CLI, the API or the gate. A check that would hand an
+    unsafe folder to a library is not run (check_safe_to_load says why)."""
+    from qexport.verify.threads import one_thread
+
     try:
         unsafe = unsafe_summary(ctx) if name in LIBRARY_CHECKS else None
-        result = check(ctx) if unsafe is None else fail(name, f"not run: {unsafe}")
+        with one_thread():
+            result = check(ctx) if unsafe is None else fail(name, f"not run: {unsafe}")
     except Exception as e:  # a malformed export can break a check's assumptions: that is a failure, not a crash
         where = traceback.extract_tb(e.__traceback__)[-1]
         result = fail(name, f"check raised {type(e).__name__}: {' '.join(str(e).split())[:300]} "
@@ -224,14 +230,17 @@ Progress = Callable[[str, int, int, float, "CheckResult | None"], None]
 
 
 def verify(export_dir: str | Path, reference_dir: str | Path, thresholds: Thresholds | dict | None = None,
-           only: list[str] | None = None, engines=(), progress: Progress | None = None) -> Verification:
+           only: list[str] | None = None, engines=(), progress: Progress | None = None,
+           threads: int | None = None) -> Verification:
     """Run the checks (all, or those named in `only`) and return them with the headline metrics.
 
-    `engines`: EngineSpecs (qexport.verify.engines.runner.parse_engine) whose checks run too, e.g. engine_vllm."""
+    `engines`: EngineSpecs (qexport.verify.engines.runner.parse_engine) whose checks run too, e.g. engine_vllm.
+    `threads`: windows of the fixed text run through a model at once (default: the cores free now,
+    qexport.verify.threads.verify_threads); the metrics are the same for any value."""
     import time
 
     start = time.perf_counter()
-    ctx = Context(export_dir, reference_dir, thresholds)
+    ctx = Context(export_dir, reference_dir, thresholds, threads=threads)
     ctx.engines = {spec.name: spec for spec in engines}
     chosen = [(check, name) for check, name in zip(CHECKS, CHECK_NAMES)
               if (only is None or name in only) and applies(name, ctx.export, ctx.reference.folder)]

@@ -103,8 +103,9 @@ class Context:
     """The export and reference folders, opened leniently (a broken export is data for the checks, not an error)."""
 
     def __init__(self, export_dir: str | Path, reference_dir: str | Path,
-                 thresholds: Thresholds | dict | None = None):
+                 thresholds: Thresholds | dict | None = None, threads: int | None = None):
         from qexport.model.architecture import inspect_architecture
+        from qexport.verify.threads import verify_threads
 
         self.export = Path(export_dir)
         if not self.export.is_dir():
@@ -159,6 +160,8 @@ class Context:
         self.input_kind = None  # "text", "sentences" or "random", set by inputs()
         self.candidate = None  # (outputs, which model, its dtype) of the export, set by check_functional
         self.on_step = None  # on_step(done, total, unit): a long check's progress (verify() sets it per check)
+        # forward passes run this many windows at once, each on one torch thread: metrics independent of it
+        self.threads = threads if threads is not None else verify_threads().threads
 
     def step(self, done: int, total: int, unit: str) -> None:
         """A check that walks tensors (or windows, files) reports `done` of `total` so far."""
@@ -190,15 +193,20 @@ class Context:
             self._inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         return self._inputs
 
-    def outputs(self, model, windows: int | None = None):
+    def outputs(self, model, windows: int | None = None, label: str = "the export"):
         """Logits of a causal LM as LogitWindows (one forward pass per window, each window's logits in a temporary
         file: never all windows of several models in memory) or mask-pooled embeddings [B, H] of an encoder, on
-        the fixed inputs (the first `windows` rows only, when given)."""
-        from qexport.verify.functional import pooled_embeddings, window_logits
+        the fixed inputs (the first `windows` rows only, when given). Progress counts "windows through LABEL
+        (DTYPE)": a check that runs several models says which one each count is of."""
+        from qexport.verify.functional import dtype_name, pooled_embeddings, window_logits
 
         inputs = {k: v[:windows] for k, v in self.inputs().items()}
         if self.is_causal:
-            return window_logits(model, inputs["input_ids"], lambda done, total: self.step(done, total, "windows"))
+            params = getattr(model, "parameters", None)
+            dtype = next((p.dtype for p in params() if p.is_floating_point()), None) if callable(params) else None
+            unit = f"windows through {label}" + (f" ({dtype_name(dtype)})" if dtype is not None else "")
+            return window_logits(model, inputs["input_ids"], lambda done, total: self.step(done, total, unit),
+                                 threads=self.threads)
         return pooled_embeddings(model, inputs)
 
     def reference_outputs(self):
@@ -213,7 +221,7 @@ class Context:
             _REFERENCE_OUTPUTS.clear()  # one reference at a time: bounded memory (and disk)
             inputs = self.inputs()  # the tokenizer loads before the model, not next to it
             model = load_streamed(self.reference.folder)  # tensor by tensor: the model once, no mapped files
-            _REFERENCE_OUTPUTS[key] = self.outputs(model)
+            _REFERENCE_OUTPUTS[key] = self.outputs(model, label="the reference")
             del model, inputs
             release_memory()
         return _REFERENCE_OUTPUTS[key]
@@ -232,7 +240,7 @@ class Context:
             _RTN_OUTPUTS.clear()  # one at a time: bounded memory
             self.inputs()
             model = rtn_model(self.reference.folder, self.qc, dtype=dtype)
-            _RTN_OUTPUTS[key] = self.outputs(model)
+            _RTN_OUTPUTS[key] = self.outputs(model, label="round-to-nearest")
             del model
             release_memory()
         return _RTN_OUTPUTS[key]
@@ -289,7 +297,7 @@ class Context:
         at a time (functional.model_from_tensors: the model once plus one module's tensors in flight). The
         caller frees it (`del`) when done; nothing here keeps a reference."""
         from qexport.quant.dequant import dequantized_count, iter_dequantized
-        from qexport.verify.functional import model_from_tensors
+        from qexport.verify.functional import dtype_name, model_from_tensors
 
         # transformers' dequantize route (CompressedTensorsConfig dequantize=True) multiplies codes and scales in
         # the scale dtype while loading, then casts: do the same to compare bit for bit.
@@ -298,7 +306,7 @@ class Context:
 
         def tensors():
             for done, (name, t, _) in enumerate(iter_dequantized(self.ckpt, dtype), 1):
-                self.step(done, total, "tensors dequantized")
+                self.step(done, total, f"tensors of the export dequantized ({dtype_name(dtype)})")
                 yield name, (t.float() if t.is_floating_point() else t)
 
         self.unload()
@@ -381,17 +389,19 @@ def open_tensors(folder: Path, config: dict) -> Checkpoint:
 
 
 def detect_format(config: dict | None, manifest: dict | None) -> str:
-    """fp16 (dense), int8 or int4 from the quantization_config; the manifest's word when the config says nothing."""
+    """fp16 (dense), int8, int4 or int4-asym (4 bits with `symmetric: false`: zero points) from the
+    quantization_config; the manifest's word when the config says nothing."""
     qc = (config or {}).get("quantization_config")
     if isinstance(qc, dict) and isinstance(qc.get("config_groups"), dict):
-        bits = {g["weights"].get("num_bits") for g in qc["config_groups"].values()
-                if isinstance(g, dict) and isinstance(g.get("weights"), dict)
-                and isinstance(g["weights"].get("num_bits"), int)}
-        if 4 in bits:
-            return "int4"
-        if 8 in bits:
+        weights = [g["weights"] for g in qc["config_groups"].values()
+                   if isinstance(g, dict) and isinstance(g.get("weights"), dict)
+                   and isinstance(g["weights"].get("num_bits"), int)]
+        four = [w for w in weights if w["num_bits"] == 4]
+        if four:
+            return "int4-asym" if any(w.get("symmetric") is False for w in four) else "int4"
+        if any(w["num_bits"] == 8 for w in weights):
             return "int8"
-    if manifest and manifest.get("format") in ("fp16", "int8", "int4"):
+    if manifest and manifest.get("format") in ("fp16", "int8", "int4", "int4-asym"):
         return manifest["format"]
     return "fp16"
 

@@ -314,19 +314,25 @@ def model_outputs(model, ids: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state.float().mean(dim=1)
 
 
-@torch.no_grad()
-def window_logits(model, ids: torch.Tensor, step: Callable[[int, int], None] | None = None) -> LogitWindows:
-    """A causal LM's logits on `ids` [B, T], one forward pass per window (activations of one window in memory),
-    each window's float32 logits written to a LogitWindows as it is computed; `step(done, total)` after each."""
-    windows = LogitWindows()
-    for done, row in enumerate(ids, 1):
+def window_logits(model, ids: torch.Tensor, step: Callable[[int, int], None] | None = None,
+                  threads: int = 1) -> LogitWindows:
+    """A causal LM's logits on `ids` [B, T], one forward pass per window (activations of `threads` windows in
+    memory), each window's float32 logits written to a LogitWindows in order; `step(done, total)` after each.
+    Windows run `threads` at a time, each on one torch thread (qexport.verify.threads.parallel_map): the logits are
+    the same for any `threads`."""
+    from qexport.verify.threads import parallel_map
+
+    def forward(row: torch.Tensor) -> torch.Tensor:
         row = row[None]
-        with quiet():
-            out = model(input_ids=row, attention_mask=torch.ones_like(row))
-        windows.append(out.logits[0])
-        del out
-        if step is not None:
-            step(done, len(ids))
+        return model(input_ids=row, attention_mask=torch.ones_like(row)).logits[0]
+
+    windows = LogitWindows()
+    with quiet():  # once, around the pool: quiet() swaps process-wide streams and is not for threads
+        for done, logits in enumerate(parallel_map(forward, ids, threads), 1):
+            windows.append(logits)
+            del logits
+            if step is not None:
+                step(done, len(ids))
     return windows
 
 

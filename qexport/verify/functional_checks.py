@@ -39,7 +39,7 @@ def check_reload_matches_dequant(ctx: Context) -> CheckResult:
     loaded = ctx.outputs(ctx.loaded[0], windows=1)
     ctx.unload()  # our dequantized model is built only after transformers' load is freed: one model at a time
     model = ctx.dequantized_model()
-    ours = ctx.outputs(model, windows=1)
+    ours = ctx.outputs(model, windows=1, label="own dequantization")
     del model
     release_memory()
     diff, bit_exact = _max_abs_diff(loaded, ours)
@@ -77,7 +77,7 @@ def _candidate(ctx: Context):
             model, source = ctx.dequantized_model(), "own dequantization (reload failed)"
         else:
             return None
-        ctx.candidate = (ctx.outputs(model), source, _param_dtype(model))
+        ctx.candidate = (ctx.outputs(model, label=source.split(" (")[0]), source, _param_dtype(model))
         del model
         release_memory()
     return ctx.candidate

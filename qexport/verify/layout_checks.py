@@ -29,7 +29,7 @@ def check_shards(ctx: Context) -> CheckResult:
         return fail(name, ctx.ckpt_error)
     files = ctx.ckpt.files
     how = "index and shards agree both ways" if (ctx.export / INDEX_FILE).is_file() else "single file"
-    return ok(name, f"{len(files)} file(s), {len(ctx.ckpt.entries)} tensors; {how}",
+    return ok(name, f"{len(files)} file(s), {len(ctx.ckpt.entries)} stored tensors; {how}",
                files=[p.name for p in files])
 
 
@@ -103,7 +103,8 @@ def check_tensor_names(ctx: Context) -> CheckResult:
     metrics = {"missing": missing, "extra": extra, "tied_stored_twice": twice}
     if problems:
         return fail(name, "; ".join(problems), **metrics)
-    return ok(name, f"{len(stored)} tensors ({len(quantized)} quantized), as in the reference"
+    # Counted by the reference's names: a quantized weight is one name here, several stored tensors in `shards`.
+    return ok(name, f"{len(stored)} tensors by reference name ({len(quantized)} quantized), as in the reference"
                + (f"; {len(tied)} tied stored once" if tied else ""), **metrics)
 
 

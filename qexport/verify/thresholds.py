@@ -52,7 +52,8 @@ DEFAULTS: dict[str, Thresholds] = {
 
 
 def thresholds_for(fmt: str, overrides: dict[str, float | None] | None = None) -> Thresholds:
-    base = DEFAULTS.get(fmt, DEFAULTS["fp16"])
+    """The format's defaults (a variant such as int4-asym takes its family's, int4's), then `overrides`."""
+    base = DEFAULTS.get(fmt) or DEFAULTS.get(fmt.split("-")[0], DEFAULTS["fp16"])
     return base.with_overrides(overrides) if overrides else base
 
 

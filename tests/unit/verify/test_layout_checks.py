@@ -60,7 +60,7 @@ def int4_export(tmp_path, tensors=None, config=None, manifest=True):
 
 def test_a_single_file_export_passes_shards_naming_its_file(tmp_path, ref):
     result = check_shards(context(int4_export(tmp_path), ref))
-    assert result.passed and result.detail == "1 file(s), 7 tensors; single file"
+    assert result.passed and result.detail == "1 file(s), 7 stored tensors; single file"
     assert result.metrics == {"files": ["model.safetensors"]}
 
 
@@ -180,7 +180,7 @@ def test_with_unreadable_shards_the_manifest_still_checks_files(tmp_path, ref):
 
 def test_every_reference_tensor_stored_once_passes(tmp_path, ref):
     result = check_tensor_names(context(int4_export(tmp_path), ref))
-    assert result.passed and result.detail == "3 tensors (2 quantized), as in the reference"
+    assert result.passed and result.detail == "3 tensors by reference name (2 quantized), as in the reference"
     assert result.metrics == {"missing": [], "extra": [], "tied_stored_twice": []}
 
 
@@ -220,7 +220,7 @@ def tied_export(tmp_path, lm_head: bool):
 def test_a_tied_tensor_stored_once_passes_saying_so(tmp_path, tied_ref):
     folder, check = tied_export(tmp_path, lm_head=False)
     result = check(context(folder, tied_ref))
-    assert result.passed and result.detail == "4 tensors (2 quantized), as in the reference; 1 tied stored once"
+    assert result.passed and result.detail == "4 tensors by reference name (2 quantized), as in the reference; 1 tied stored once"
 
 
 def test_a_tied_tensor_stored_again_fails(tmp_path, tied_ref):
@@ -725,7 +725,7 @@ def test_a_sharded_export_passes_shards_naming_its_files(tmp_path, ref):
     weight_map = {n: "model-00002-of-00002.safetensors" for n in tensors} | {NORM: "model-00001-of-00002.safetensors"}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     result = check_shards(context(folder, ref))
-    assert result.passed and result.detail == "2 file(s), 7 tensors; index and shards agree both ways"
+    assert result.passed and result.detail == "2 file(s), 7 stored tensors; index and shards agree both ways"
     assert result.metrics == {"files": ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]}
 
 

@@ -572,7 +572,7 @@ class FakeFunctional:
         monkeypatch.setattr(functional, "window_logits", self.window_logits)
         monkeypatch.setattr(functional, "pooled_embeddings", lambda model, inputs: ("pooled", model, inputs))
 
-    def window_logits(self, model, ids, step):
+    def window_logits(self, model, ids, step, threads=1):
         step(1, 2)
         return ("logits", model, ids)
 
@@ -626,7 +626,7 @@ def test_outputs_of_a_causal_lm_are_window_logits_of_the_first_windows(tmp_path,
     ctx.on_step = lambda *args: heard.append(args)
     kind, model, ids = ctx.outputs("m", windows=2)
     assert (kind, model) == ("logits", "m") and torch.equal(ids, ctx.inputs()["input_ids"][:2])
-    assert heard == [(1, 2, "windows")]
+    assert heard == [(1, 2, "windows through the export")]  # a fake model: no parameters, no dtype
     assert torch.equal(ctx.outputs("m")[2], ctx.inputs()["input_ids"])
 
 
@@ -752,7 +752,8 @@ def test_dequantized_model_is_built_from_our_float32_dequantization(tmp_path, re
     assert all(t.dtype == torch.float32 for t in seen.values())
     w_hat = int4_module(DOWN, reference_weights()[f"{DOWN}.weight"])[1]
     assert torch.equal(seen[f"{DOWN}.weight"], w_hat)
-    assert heard == [(1, 3, "tensors dequantized"), (2, 3, "tensors dequantized"), (3, 3, "tensors dequantized")]
+    unit = "tensors of the export dequantized (float32)"
+    assert heard == [(1, 3, unit), (2, 3, unit), (3, 3, unit)]
 
 
 def test_dequantized_model_follows_transformers_dequantize_route_in_the_config_dtype(tmp_path, ref, monkeypatch):
