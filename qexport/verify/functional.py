@@ -25,8 +25,9 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from qexport.io.checkpoint import Checkpoint, declared_dtype, load_config
 from qexport.model.architecture import build_config, model_class
-from qexport.io.checkpoint import declared_dtype, load_config
+from qexport.model.streamed import WeightSource
 
 
 @contextlib.contextmanager
@@ -218,6 +219,102 @@ def load_streamed(folder: str | Path, dtype=torch.float32):
     return model
 
 
+def reference_source(ckpt: Checkpoint) -> WeightSource:
+    """A dense folder's tensors as stored, each a positioned read of its shard (`Checkpoint.read`)."""
+    return WeightSource(ckpt.names, ckpt.read)
+
+
+def dequantized_source(ckpt: Checkpoint, dtype=torch.float32) -> WeightSource:
+    """The export as qexport reads it (quant.dequant): each quantized module's `weight` dequantized in `dtype`
+    (the other tensors cast to it) and handed over as float32, under the original names."""
+    from qexport.quant.dequant import dequantize_module, num_bits_of, quantized_modules
+
+    modules = quantized_modules(ckpt)
+    parts = {stored for leaves in modules.values() for stored in leaves.values()}
+    names = [n for n in ckpt.names if n not in parts] + [f"{m}.weight" for m in modules]
+
+    def read(name: str) -> torch.Tensor:
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in modules:
+            tensors = {leaf: ckpt.read(stored) for leaf, stored in modules[module].items()}
+            return dequantize_module(tensors, num_bits_of(ckpt.config, module), dtype).float()
+        t = ckpt.read(name)
+        return t.to(dtype).float() if t.is_floating_point() else t
+
+    return WeightSource(names, read)
+
+
+class NotLikeTransformers(Exception):
+    """The export uses a part of compressed-tensors that `transformers_source` does not reproduce."""
+
+
+def transformers_source(ckpt: Checkpoint, dtype=torch.float32) -> WeightSource:
+    """The export's tensors as transformers computes them when it loads the folder in `dtype`: the quantization
+    config applied to the architecture by compressed-tensors (`apply_quantization_config`, `compress_model`: the
+    steps of transformers' CompressedTensorsHfQuantizer, here on a `meta` copy), and each quantized module's
+    stored tensors (floating ones cast to `dtype`, as the load casts them) decompressed by compressed-tensors'
+    `decompress_module`, the function its decompression hook calls on the first forward pass. Dense tensors as
+    stored (the model casts them to `dtype`). Raises NotLikeTransformers for what it does not reproduce: a
+    `dequantize` load, activation quantization (the quantized forward would also quantize inputs/outputs)."""
+    import copy
+
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.compressors.base import decompress_module
+    from compressed_tensors.quantization import apply_quantization_config
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from qexport.model.architecture import meta_model
+
+    qc = ckpt.config.get("quantization_config")
+    if not isinstance(qc, dict):
+        return reference_source(ckpt)
+    if qc.get("dequantize"):
+        raise NotLikeTransformers("quantization_config asks transformers to dequantize while loading")
+    with quiet():
+        hf_qc = CompressedTensorsConfig.from_dict(dict(qc))
+        hf_qc.post_init()
+        compressor = ModelCompressor.from_compression_config(hf_qc)
+        model = meta_model(build_config(ckpt.config))
+        if compressor is not None and compressor.quantization_config is not None:
+            apply_quantization_config(model, copy.deepcopy(compressor.quantization_config), run_compressed=False)
+            if hf_qc.is_quantization_compressed:
+                compressor.compress_model(model=model)
+    modules = {name: module for name, module in model.named_modules()
+               if getattr(module, "quantization_scheme", None) is not None}
+    for name, module in modules.items():
+        scheme = module.quantization_scheme
+        if scheme.input_activations is not None or scheme.output_activations is not None:
+            raise NotLikeTransformers(f"{name}: activation quantization")
+    stored = {name: [f"{name}.{leaf}" for leaf, _ in _direct_tensors(module)] for name, module in modules.items()}
+    parts = {n for names in stored.values() for n in names}
+    names = [n for n in ckpt.names if n not in parts] + [f"{m}.weight" for m in modules]
+    force = getattr(compressor, "force_compression_format", None)
+
+    def read(name: str) -> torch.Tensor:
+        module_name = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and module_name in modules):
+            return ckpt.read(name)
+        module = copy.deepcopy(modules[module_name])
+        for leaf, old in _direct_tensors(module):
+            if f"{module_name}.{leaf}" not in ckpt.entries:
+                raise NotLikeTransformers(f"{module_name}.{leaf} is not in the export")
+            value = ckpt.read(f"{module_name}.{leaf}")
+            value = value.to(dtype) if value.is_floating_point() else value
+            if leaf in module._parameters:
+                module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+            else:
+                module._buffers[leaf] = value
+        with quiet():
+            decompress_module(module, force)
+        return module.weight.data
+
+    return WeightSource(names, read)
+
+
+def _direct_tensors(module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+
+
 class LogitWindows:
     """Logits of a causal LM on the fixed text, [windows, T, V] float32, held in an unlinked temporary file and
     read back one window [T, V] at a time (indexing, iteration).
@@ -339,19 +436,28 @@ def model_outputs(model, ids: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state.float().mean(dim=1)
 
 
+# Logits per forward pass: windows go through the model together (each streamed weight read once per run) in
+# batches whose float32 logits stay under this many bytes (4 x 512 positions x a 32k vocabulary is 256 MB; a 150k
+# vocabulary runs two windows a pass).
+LOGIT_BATCH_BYTES = 512 * 2**20
+
+
 @torch.no_grad()
 def window_logits(model, ids: torch.Tensor, step: Callable[[int, int], None] | None = None) -> LogitWindows:
-    """A causal LM's logits on `ids` [B, T], one forward pass per window (activations of one window in memory),
-    each window's float32 logits written to a LogitWindows as it is computed; `step(done, total)` after each."""
+    """A causal LM's logits on `ids` [B, T]: windows in batches of at most LOGIT_BATCH_BYTES of float32 logits,
+    each window's logits written to a LogitWindows as its batch finishes; `step(done, total)` after each batch."""
     windows = LogitWindows()
-    for done, row in enumerate(ids, 1):
-        row = row[None]
+    vocab = int(getattr(model.config, "vocab_size", 0) or 1)
+    per_pass = max(1, LOGIT_BATCH_BYTES // (4 * ids.shape[1] * vocab))
+    for start in range(0, len(ids), per_pass):
+        rows = ids[start:start + per_pass]
         with quiet():
-            out = model(input_ids=row, attention_mask=torch.ones_like(row))
-        windows.append(out.logits[0])
+            out = model(input_ids=rows, attention_mask=torch.ones_like(rows))
+        for window in out.logits:
+            windows.append(window)
         del out
         if step is not None:
-            step(done, len(ids))
+            step(min(start + per_pass, len(ids)), len(ids))
     return windows
 
 
