@@ -27,7 +27,7 @@ import torch
 
 from qexport.io.checkpoint import Checkpoint, declared_dtype, load_config
 from qexport.model.architecture import build_config, model_class
-from qexport.model.streamed import WeightSource
+from qexport.model.streamed import NotStreamable, WeightSource, streamed_model
 
 
 @contextlib.contextmanager
@@ -53,15 +53,18 @@ def quiet():
             lg.setLevel(lv)
 
 
-def load_model(folder: str | Path, dtype=torch.float32):
+def load_model(folder: str | Path, dtype=torch.float32, meta: bool = False):
     """Load a model folder with plain transformers (compressed-tensors decompresses on load).
 
-    Returns (model, loading_info) where loading_info holds missing / unexpected / mismatched keys.
+    Returns (model, loading_info) where loading_info holds missing / unexpected / mismatched keys. With `meta`,
+    every parameter stays on the `meta` device (`device_map={"": "meta"}`): transformers matches the checkpoint's
+    names and shapes with the model's as in a full load, and reads no weight.
     """
     config = load_config(Path(folder))
     cls = model_class(build_config(config, Path(folder) / "config.json"))
+    placement = {"device_map": {"": "meta"}} if meta else {}
     with quiet():
-        model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+        model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True, **placement)
     model.eval()
     return model, {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs"}
 
@@ -219,6 +222,16 @@ def load_streamed(folder: str | Path, dtype=torch.float32):
     return model
 
 
+# Where the streamed blocks run (`qexport verify --device`).
+DEVICE = "cpu"
+
+
+def streamed(config: dict, source: WeightSource, dtype=torch.float32, transform=None):
+    """The architecture of `config` streamed from `source` (model.streamed.streamed_model) on DEVICE."""
+    with quiet():
+        return streamed_model(config, source, dtype, transform, device=DEVICE)
+
+
 def reference_source(ckpt: Checkpoint) -> WeightSource:
     """A dense folder's tensors as stored, each a positioned read of its shard (`Checkpoint.read`)."""
     return WeightSource(ckpt.names, ckpt.read)
@@ -309,6 +322,12 @@ def transformers_source(ckpt: Checkpoint, dtype=torch.float32) -> WeightSource:
         return module.weight.data
 
     return WeightSource(names, read)
+
+
+# What a streamed build or run raises where the architecture or the export does not allow streaming (a module
+# reading a parameter outside its forward meets a `meta` tensor: RuntimeError / NotImplementedError; a stored shape
+# the model does not have: ValueError); the caller loads the model whole instead.
+STREAMING_ERRORS = (NotStreamable, NotLikeTransformers, RuntimeError, NotImplementedError, ValueError)
 
 
 def _direct_tensors(module) -> list[tuple[str, torch.Tensor]]:
