@@ -245,9 +245,11 @@ class Context:
         whole (and the note says so)."""
         from qexport.verify import functional
 
+        if dtype in self.load_errors:
+            return None
         info = self.load_info()
         if info is None:
-            self.load_errors.setdefault(dtype, self.info_error)
+            self.load_errors[dtype] = self.info_error
             return None
         if any(info.values()):
             note = "whole-model load: transformers' loading info is not empty"
@@ -307,14 +309,20 @@ class Context:
         float32: streamed (functional.dequantized_source), or `dequantized_model` where that cannot run."""
         from qexport.verify import functional
 
-        route = isinstance(self.qc, dict) and self.qc.get("dequantize")
-        dtype = self.config_dtype if route else torch.float32
         self.unload()
         outputs, note = self.run_streamed(
-            lambda: functional.streamed(self.reference.config, functional.dequantized_source(self.ckpt, dtype)),
+            lambda: functional.streamed(self.reference.config, self.dequantized_source()),
             self.dequantized_model, windows=windows)
         self.streaming["own dequantization"] = note
         return outputs, note
+
+    def dequantized_source(self):
+        """Our own dequantization of the export's shards as a streamed source (functional.dequantized_source), in
+        the arithmetic `dequantized_model` uses."""
+        from qexport.verify import functional
+
+        route = isinstance(self.qc, dict) and self.qc.get("dequantize")
+        return functional.dequantized_source(self.ckpt, self.config_dtype if route else torch.float32)
 
     def whole_model_note(self, *roles: str) -> str:
         """"; ROLE: whole-model load: why" for each of `roles` that was not run streamed (empty if all were)."""
