@@ -81,6 +81,7 @@ def streamed_model(config: dict, source: WeightSource, dtype: torch.dtype = torc
     cls = model_class(hf_config)
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = cls._from_config(hf_config, dtype=dtype)
+    model.tie_weights()  # tied parameters share one object: lm_head.weight resolves to the embedding's name
     model.eval()
     _refuse_shared_modules(model)
     stored_name = _parameter_sources(model, source)
