@@ -267,8 +267,9 @@ def transformers_source(ckpt: Checkpoint, dtype=torch.float32) -> WeightSource:
     steps of transformers' CompressedTensorsHfQuantizer, here on a `meta` copy), and each quantized module's
     stored tensors (floating ones cast to `dtype`, as the load casts them) decompressed by compressed-tensors'
     `decompress_module`, the function its decompression hook calls on the first forward pass. Dense tensors as
-    stored (the model casts them to `dtype`). Raises NotLikeTransformers for what it does not reproduce: a
-    `dequantize` load, activation quantization (the quantized forward would also quantize inputs/outputs)."""
+    stored (the model casts them to `dtype`). A `dequantize` load (the config asks transformers to decompress
+    while loading) follows that route instead. Raises NotLikeTransformers for what it does not reproduce:
+    activation quantization (the quantized forward would also quantize inputs/outputs)."""
     import copy
 
     from compressed_tensors.compressors import ModelCompressor
@@ -282,7 +283,7 @@ def transformers_source(ckpt: Checkpoint, dtype=torch.float32) -> WeightSource:
     if not isinstance(qc, dict):
         return reference_source(ckpt)
     if qc.get("dequantize"):
-        raise NotLikeTransformers("quantization_config asks transformers to dequantize while loading")
+        return _dequantize_route_source(ckpt, qc)
     with quiet():
         hf_qc = CompressedTensorsConfig.from_dict(dict(qc))
         hf_qc.post_init()
@@ -320,6 +321,37 @@ def transformers_source(ckpt: Checkpoint, dtype=torch.float32) -> WeightSource:
         with quiet():
             decompress_module(module, force)
         return module.weight.data
+
+    return WeightSource(names, read)
+
+
+def _dequantize_route_source(ckpt: Checkpoint, qc: dict) -> WeightSource:
+    """transformers' `dequantize` load (CompressedTensorsDequantize): each module stored with a `weight_scale`
+    decompressed from its tensors as stored by the compressor of the config's dense scheme (`get_dense_scheme`),
+    while loading; the model casts the result to its dtype."""
+    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+    from transformers.integrations.compressed_tensors import get_dense_scheme
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from qexport.quant.dequant import quantized_modules
+
+    with quiet():
+        hf_qc = CompressedTensorsConfig.from_dict(dict(qc))
+        hf_qc.post_init()
+        ct_config = ModelCompressor.from_compression_config(hf_qc).quantization_config
+        scheme = get_dense_scheme(ct_config)
+    compressor = BaseCompressor.get_value_from_registry(scheme.format or ct_config.format)
+    modules = {m: leaves for m, leaves in quantized_modules(ckpt).items() if "weight_scale" in leaves}
+    parts = {stored for leaves in modules.values() for stored in leaves.values()}
+    names = [n for n in ckpt.names if n not in parts] + [f"{m}.weight" for m in modules]
+
+    def read(name: str) -> torch.Tensor:
+        module = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and module in modules):
+            return ckpt.read(name)
+        state = {leaf: ckpt.read(stored) for leaf, stored in modules[module].items()}
+        with quiet():
+            return compressor.decompress(state, scheme)["weight"]
 
     return WeightSource(names, read)
 
