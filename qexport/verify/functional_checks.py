@@ -90,6 +90,10 @@ def _how(ctx: Context, *roles: str) -> str:
     return ctx.whole_model_note(export, "own dequantization", "reference", *roles)
 
 
+def _param_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _nonfinite(metrics: dict) -> list[str]:
     return [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
 
