@@ -105,6 +105,55 @@ def measured_verify(cmd: list[str], env=None) -> dict:
             "stderr": "".join(err_lines), "stdout": b"".join(stdout_chunks).decode(errors="replace")}
 
 
+# Random-init Llama models of 7B-class width (issue 25): memory must stay flat in depth.
+LLAMA = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000, head_dim=128)
+LLAMA_SIZES = {"llama7b-2l": dict(num_hidden_layers=2, num_key_value_heads=8),
+               "llama7b-6l": dict(num_hidden_layers=6, num_key_value_heads=8),
+               "llama2-7b": dict(num_hidden_layers=32, num_key_value_heads=32)}
+
+
+def make_llama(size: str) -> Path:
+    """A bf16 random-init LlamaForCausalLM checkpoint of 7B width (LLAMA_SIZES[size]) written tensor by tensor,
+    never a float32 copy of the model; cached between runs."""
+    import torch
+    from transformers import AutoConfig
+
+    from qexport.io.safetensors_file import StreamWriter, nbytes
+    from qexport.model.architecture import inspect_architecture
+    from qexport.model.tiny import build_tokenizer
+
+    folder = CACHE / size
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], tie_word_embeddings=False,
+                                  max_position_embeddings=4096, dtype="bfloat16", **LLAMA, **LLAMA_SIZES[size])
+    config.save_pretrained(tmp)
+    arch = inspect_architecture(json.loads((tmp / "config.json").read_text()))
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    names = list(arch.shapes)
+    per_shard = 8
+    for i in range(0, len(names), per_shard):
+        file = f"model-{i // per_shard + 1:05d}-of-{(len(names) + per_shard - 1) // per_shard:05d}.safetensors"
+        layout = [(n, "BF16", arch.shapes[n]) for n in names[i:i + per_shard]]
+        writer = StreamWriter(tmp / file, layout, {"format": "pt"})
+        for name, _, shape in layout:
+            t = torch.ones(shape, dtype=torch.bfloat16) if name.endswith("norm.weight") else (
+                torch.randn(shape, generator=gen, dtype=torch.bfloat16) * 0.02)
+            writer.add(name, t)
+            weight_map[name] = file
+        writer.close()
+    total = sum(nbytes("BF16", s) for s in arch.shapes.values())
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    build_tokenizer().save_pretrained(tmp)
+    os.rename(tmp, folder)
+    return folder
+
+
 def machine() -> str:
     import torch
     import transformers
@@ -116,17 +165,19 @@ def machine() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1b", choices=["0.1b", "1b"])
+    parser.add_argument("--size", default="1b", choices=["0.1b", "1b", *LLAMA_SIZES])
     parser.add_argument("--format", default="int4", choices=["fp16", "int8", "int4"])
     parser.add_argument("--label", default="this checkout", help="heading of this run's section in --out")
     parser.add_argument("--out", default=str(HERE / "VERIFY.md"), help="markdown file the table is appended to")
     parser.add_argument("--export", help="verify this existing export instead of exporting into scratch")
     parser.add_argument("--keep", action="store_true", help="keep the scratch export")
+    parser.add_argument("--qexport", default=str(ROOT),
+                        help="the qexport tree whose verify is measured (a copy of an older commit: 'before')")
     args = parser.parse_args()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [args.qexport, os.environ.get("PYTHONPATH")]))
     from qexport.report.terminal import table
 
-    src = make_checkpoint(args.size)
+    src = make_llama(args.size) if args.size in LLAMA_SIZES else make_checkpoint(args.size)
     scratch = CACHE / f"scratch-verify-{os.getpid()}"
     if args.export:
         export = Path(args.export)

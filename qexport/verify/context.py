@@ -155,6 +155,9 @@ class Context:
         else:
             self.thresholds = thresholds_for(self.format, thresholds)
         self._load = None  # (dtype, (model, loading_info)): one transformers load of the export at a time
+        self._info = None  # ("ok", (meta model, loading_info)) or ("error", why): `load_info`
+        # which model ran how: role ("reference", "export float32", ...) -> None (streamed) or why it was loaded whole
+        self.streaming: dict[str, str | None] = {}
         self.load_errors: dict[torch.dtype, str] = {}
         self._inputs = None
         self.input_kind = None  # "text", "sentences" or "random", set by inputs()
@@ -210,28 +213,33 @@ class Context:
         return pooled_embeddings(model, inputs)
 
     def reference_outputs(self):
-        """The reference model's outputs (see `outputs`), computed once per reference and cached; the reference
-        model is loaded only while they are computed and freed before anything else is loaded."""
+        """The reference model's outputs (see `outputs`), computed once per reference and cached: the model run
+        streamed (model.streamed: one decoder block's parameters in memory at a time, read from the reference's
+        shards), or loaded whole where the architecture does not allow it (`streaming["reference"]` says why)."""
         key = (str(self.reference.folder.resolve()), (self.reference.folder / "config.json").stat().st_mtime_ns,
                self.is_causal)
         if key not in _REFERENCE_OUTPUTS:
-            from qexport.verify.functional import load_streamed
+            from qexport.verify import functional
 
             self.unload()  # the reference model never sits in memory next to a load of the export
             _REFERENCE_OUTPUTS.clear()  # one reference at a time: bounded memory (and disk)
-            inputs = self.inputs()  # the tokenizer loads before the model, not next to it
-            model = load_streamed(self.reference.folder)  # tensor by tensor: the model once, no mapped files
-            _REFERENCE_OUTPUTS[key] = self.outputs(model, label="the reference")
-            del model, inputs
-            release_memory()
-        return _REFERENCE_OUTPUTS[key]
+            self.inputs()  # the tokenizer loads before the model, not next to it
+            ckpt = Checkpoint.open(self.reference.folder)
+            _REFERENCE_OUTPUTS[key] = self.run_streamed(
+                lambda: functional.streamed(ckpt.config, functional.reference_source(ckpt)),
+                lambda: functional.load_streamed(self.reference.folder),  # tensor by tensor: the model once
+                label="the reference")
+        outputs, note = _REFERENCE_OUTPUTS[key]
+        self.streaming["reference"] = note
+        return outputs
 
     def rtn_outputs(self, dtype=torch.float32):
         """Outputs of the reference quantized by round-to-nearest with the export's declared scheme
-        (reference_quant.rtn_model); cached per reference and scheme. Raises UnsupportedScheme."""
+        (reference_quant), streamed like `reference_outputs`; cached per reference and scheme. Raises
+        UnsupportedScheme."""
         import json as _json
 
-        from qexport.verify.reference_quant import rtn_model
+        from qexport.verify import functional, reference_quant
 
         key = (str(self.reference.folder.resolve()), (self.reference.folder / "config.json").stat().st_mtime_ns,
                _json.dumps(self.qc, sort_keys=True, default=str), str(dtype))
@@ -239,11 +247,130 @@ class Context:
             self.unload()  # nor does the round-to-nearest model
             _RTN_OUTPUTS.clear()  # one at a time: bounded memory
             self.inputs()
-            model = rtn_model(self.reference.folder, self.qc, dtype=dtype)
-            _RTN_OUTPUTS[key] = self.outputs(model, label="round-to-nearest")
+            ckpt = Checkpoint.open(self.reference.folder)
+            transform = reference_quant.rtn_transform(self.qc, self.arch, dtype)  # raises UnsupportedScheme before any run
+            _RTN_OUTPUTS[key] = self.run_streamed(
+                lambda: functional.streamed(ckpt.config, functional.reference_source(ckpt), dtype, transform),
+                lambda: reference_quant.rtn_model(self.reference.folder, self.qc, dtype=dtype),
+                label="round-to-nearest")
+        outputs, note = _RTN_OUTPUTS[key]
+        self.streaming["round-to-nearest"] = note
+        return outputs
+
+    def run_streamed(self, streamed, whole, run=None, windows: int | None = None, label: str = "the export"):
+        """(outputs, None) of `run(model)` (default: `outputs`) on the model `streamed()` builds; where it cannot be
+        built or run streamed (NotStreamable, or a module that reads parameters outside its forward), the same
+        on the model `whole()` loads, and the reason as the note: (outputs, "whole-model load: why")."""
+        from qexport.verify import functional
+
+        run = run or (lambda model: self.outputs(model, windows, label=label))
+        try:
+            model = streamed()
+            try:
+                return run(model), None
+            finally:
+                del model
+                release_memory()
+        except functional.STREAMING_ERRORS as e:
+            note = f"whole-model load: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        model = whole()
+        try:
+            return run(model), note
+        finally:
             del model
             release_memory()
-        return _RTN_OUTPUTS[key]
+
+    def export_outputs(self, dtype: torch.dtype, run=None, windows: int | None = None):
+        """(outputs, note) of the export as transformers computes it when it loads the folder in `dtype`, streamed
+        (functional.transformers_source: compressed-tensors' own decompression, one module at a time), or None if
+        transformers cannot load it (reason in `load_errors[dtype]`). Streamed only where transformers' loading
+        info is empty: otherwise what it computes depends on what it left uninitialised, so the export is loaded
+        whole (and the note says so)."""
+        from qexport.verify import functional
+
+        if dtype in self.load_errors:
+            return None
+        info = self.load_info()
+        if info is None:
+            self.load_errors[dtype] = self.info_error
+            return None
+        if any(info.values()):
+            note = "whole-model load: transformers' loading info is not empty"
+        elif self.ckpt is None:
+            note = f"whole-model load: shards unreadable ({self.ckpt_error})"
+        else:
+            config, ckpt = self.config, self.ckpt  # what transformers builds and reads: the export's own
+
+            def streamed():
+                return functional.streamed(config, functional.transformers_source(ckpt, dtype), dtype)
+
+            def whole():
+                loaded = self.load(dtype)
+                if loaded is None:
+                    raise _LoadFailed()
+                return loaded[0]
+
+            try:
+                outputs, note = self.run_streamed(streamed, whole, run, windows)
+            except _LoadFailed:
+                return None
+            self.streaming[f"export {str(dtype).removeprefix('torch.')}"] = note
+            return outputs, note
+        loaded = self.load(dtype)
+        if loaded is None:
+            return None
+        outputs = (run or (lambda model: self.outputs(model, windows)))(loaded[0])
+        del loaded
+        self.streaming[f"export {str(dtype).removeprefix('torch.')}"] = note
+        return outputs, note
+
+    def load_info(self) -> dict | None:
+        """transformers' loading info (missing / unexpected / mismatched keys) of the export, from a
+        `from_pretrained` onto the `meta` device (no weight in memory); None if it cannot load (`info_error`)."""
+        from qexport.verify.functional import load_model
+
+        if self._info is None:
+            try:
+                self._info = ("ok", load_model(self.export, torch.float32, meta=True))
+            except Exception as e:
+                self._info = ("error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        return self._info[1][1] if self._info[0] == "ok" else None
+
+    @property
+    def loaded_class(self) -> str | None:
+        """The class transformers loads the export as (from `load_info`)."""
+        self.load_info()
+        return type(self._info[1][0]).__name__ if self._info[0] == "ok" else None
+
+    @property
+    def info_error(self) -> str | None:
+        self.load_info()
+        return self._info[1] if self._info[0] == "error" else None
+
+    def dequantized_outputs(self, windows: int | None = None):
+        """(outputs, note) of our own dequantization of the export's shards in the reference architecture,
+        float32: streamed (functional.dequantized_source), or `dequantized_model` where that cannot run."""
+        from qexport.verify import functional
+
+        self.unload()
+        outputs, note = self.run_streamed(
+            lambda: functional.streamed(self.reference.config, self.dequantized_source()),
+            self.dequantized_model, windows=windows, label="own dequantization")
+        self.streaming["own dequantization"] = note
+        return outputs, note
+
+    def dequantized_source(self):
+        """Our own dequantization of the export's shards as a streamed source (functional.dequantized_source), in
+        the arithmetic `dequantized_model` uses."""
+        from qexport.verify import functional
+
+        route = isinstance(self.qc, dict) and self.qc.get("dequantize")
+        return functional.dequantized_source(self.ckpt, self.config_dtype if route else torch.float32)
+
+    def whole_model_note(self, *roles: str) -> str:
+        """"; ROLE: whole-model load: why" for each of `roles` that was not run streamed (empty if all were)."""
+        notes = [f"{role}: {self.streaming[role]}" for role in roles if self.streaming.get(role)]
+        return "".join(f"; {note}" for note in notes)
 
     @property
     def config_dtype(self) -> torch.dtype:
@@ -325,6 +452,10 @@ def release_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+class _LoadFailed(Exception):
+    """transformers could not load the export whole (the reason is in `Context.load_errors`)."""
 
 
 _REFERENCE_OUTPUTS: dict = {}

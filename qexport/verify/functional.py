@@ -21,21 +21,25 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from qexport.io.checkpoint import Checkpoint, declared_dtype, load_config
 from qexport.model.architecture import build_config, model_class
-from qexport.io.checkpoint import declared_dtype, load_config
 from qexport.io.library_guard import LOAD_KWARGS
 from qexport.model.quiet import quiet
+from qexport.model.streamed import NotStreamable, WeightSource, streamed_model
 
 
-def load_model(folder: str | Path, dtype=torch.float32):
+def load_model(folder: str | Path, dtype=torch.float32, meta: bool = False):
     """Load a model folder with plain transformers (compressed-tensors decompresses on load).
 
-    Returns (model, loading_info) where loading_info holds missing / unexpected / mismatched keys.
+    Returns (model, loading_info) where loading_info holds missing / unexpected / mismatched keys. With `meta`,
+    every parameter stays on the `meta` device (`device_map={"": "meta"}`): transformers matches the checkpoint's
+    names and shapes with the model's as in a full load, and reads no weight.
     """
     config = load_config(Path(folder))
     cls = model_class(build_config(config, Path(folder) / "config.json"))
+    placement = {"device_map": {"": "meta"}} if meta else {}
     with quiet():
-        model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True, **LOAD_KWARGS)
+        model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True, **placement, **LOAD_KWARGS)
     model.eval()
     return model, {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs"}
 
@@ -193,6 +197,150 @@ def load_streamed(folder: str | Path, dtype=torch.float32):
     return model
 
 
+# Where the streamed blocks run (`qexport verify --device`).
+DEVICE = "cpu"
+
+
+def streamed(config: dict, source: WeightSource, dtype=torch.float32, transform=None):
+    """The architecture of `config` streamed from `source` (model.streamed.streamed_model) on DEVICE."""
+    with quiet():
+        return streamed_model(config, source, dtype, transform, device=DEVICE)
+
+
+def reference_source(ckpt: Checkpoint) -> WeightSource:
+    """A dense folder's tensors as stored, each a positioned read of its shard (`Checkpoint.read`)."""
+    return WeightSource(ckpt.names, ckpt.read)
+
+
+def dequantized_source(ckpt: Checkpoint, dtype=torch.float32) -> WeightSource:
+    """The export as qexport reads it (quant.dequant): each quantized module's `weight` dequantized in `dtype`
+    (the other tensors cast to it) and handed over as float32, under the original names."""
+    from qexport.quant.dequant import dequantize_module, num_bits_of, quantized_modules
+
+    modules = quantized_modules(ckpt)
+    parts = {stored for leaves in modules.values() for stored in leaves.values()}
+    names = [n for n in ckpt.names if n not in parts] + [f"{m}.weight" for m in modules]
+
+    def read(name: str) -> torch.Tensor:
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in modules:
+            tensors = {leaf: ckpt.read(stored) for leaf, stored in modules[module].items()}
+            return dequantize_module(tensors, num_bits_of(ckpt.config, module), dtype).float()
+        t = ckpt.read(name)
+        return t.to(dtype).float() if t.is_floating_point() else t
+
+    return WeightSource(names, read)
+
+
+class NotLikeTransformers(Exception):
+    """The export uses a part of compressed-tensors that `transformers_source` does not reproduce."""
+
+
+def transformers_source(ckpt: Checkpoint, dtype=torch.float32) -> WeightSource:
+    """The export's tensors as transformers computes them when it loads the folder in `dtype`: the quantization
+    config applied to the architecture by compressed-tensors (`apply_quantization_config`, `compress_model`: the
+    steps of transformers' CompressedTensorsHfQuantizer, here on a `meta` copy), and each quantized module's
+    stored tensors (floating ones cast to `dtype`, as the load casts them) decompressed by compressed-tensors'
+    `decompress_module`, the function its decompression hook calls on the first forward pass. Dense tensors as
+    stored (the model casts them to `dtype`). A `dequantize` load (the config asks transformers to decompress
+    while loading) follows that route instead. Raises NotLikeTransformers for what it does not reproduce:
+    activation quantization (the quantized forward would also quantize inputs/outputs)."""
+    import copy
+
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.compressors.base import decompress_module
+    from compressed_tensors.quantization import apply_quantization_config
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from qexport.model.architecture import meta_model
+
+    qc = ckpt.config.get("quantization_config")
+    if not isinstance(qc, dict):
+        return reference_source(ckpt)
+    if qc.get("dequantize"):
+        return _dequantize_route_source(ckpt, qc)
+    with quiet():
+        hf_qc = CompressedTensorsConfig.from_dict(dict(qc))
+        hf_qc.post_init()
+        compressor = ModelCompressor.from_compression_config(hf_qc)
+        model = meta_model(build_config(ckpt.config))
+        if compressor is not None and compressor.quantization_config is not None:
+            apply_quantization_config(model, copy.deepcopy(compressor.quantization_config), run_compressed=False)
+            if hf_qc.is_quantization_compressed:
+                compressor.compress_model(model=model)
+    modules = {name: module for name, module in model.named_modules()
+               if getattr(module, "quantization_scheme", None) is not None}
+    for name, module in modules.items():
+        scheme = module.quantization_scheme
+        if scheme.input_activations is not None or scheme.output_activations is not None:
+            raise NotLikeTransformers(f"{name}: activation quantization")
+    stored = {name: [f"{name}.{leaf}" for leaf, _ in _direct_tensors(module)] for name, module in modules.items()}
+    parts = {n for names in stored.values() for n in names}
+    names = [n for n in ckpt.names if n not in parts] + [f"{m}.weight" for m in modules]
+    force = getattr(compressor, "force_compression_format", None)
+
+    def read(name: str) -> torch.Tensor:
+        module_name = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and module_name in modules):
+            return ckpt.read(name)
+        module = copy.deepcopy(modules[module_name])
+        for leaf, old in _direct_tensors(module):
+            if f"{module_name}.{leaf}" not in ckpt.entries:
+                raise NotLikeTransformers(f"{module_name}.{leaf} is not in the export")
+            value = ckpt.read(f"{module_name}.{leaf}")
+            value = value.to(dtype) if value.is_floating_point() else value
+            if leaf in module._parameters:
+                module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+            else:
+                module._buffers[leaf] = value
+        with quiet():
+            decompress_module(module, force)
+        return module.weight.data
+
+    return WeightSource(names, read)
+
+
+def _dequantize_route_source(ckpt: Checkpoint, qc: dict) -> WeightSource:
+    """transformers' `dequantize` load (CompressedTensorsDequantize): each module stored with a `weight_scale`
+    decompressed from its tensors as stored by the compressor of the config's dense scheme (`get_dense_scheme`),
+    while loading; the model casts the result to its dtype."""
+    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+    from transformers.integrations.compressed_tensors import get_dense_scheme
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from qexport.quant.dequant import quantized_modules
+
+    with quiet():
+        hf_qc = CompressedTensorsConfig.from_dict(dict(qc))
+        hf_qc.post_init()
+        ct_config = ModelCompressor.from_compression_config(hf_qc).quantization_config
+        scheme = get_dense_scheme(ct_config)
+    compressor = BaseCompressor.get_value_from_registry(scheme.format or ct_config.format)
+    modules = {m: leaves for m, leaves in quantized_modules(ckpt).items() if "weight_scale" in leaves}
+    parts = {stored for leaves in modules.values() for stored in leaves.values()}
+    names = [n for n in ckpt.names if n not in parts] + [f"{m}.weight" for m in modules]
+
+    def read(name: str) -> torch.Tensor:
+        module = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and module in modules):
+            return ckpt.read(name)
+        state = {leaf: ckpt.read(stored) for leaf, stored in modules[module].items()}
+        with quiet():
+            return compressor.decompress(state, scheme)["weight"]
+
+    return WeightSource(names, read)
+
+
+# What a streamed build or run raises where the architecture or the export does not allow streaming (a module
+# reading a parameter outside its forward meets a `meta` tensor: RuntimeError / NotImplementedError; a stored shape
+# the model does not have: ValueError); the caller loads the model whole instead.
+STREAMING_ERRORS = (NotStreamable, NotLikeTransformers, RuntimeError, NotImplementedError, ValueError)
+
+
+def _direct_tensors(module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+
+
 class LogitWindows:
     """Logits of a causal LM on the fixed text, [windows, T, V] float32, held in an unlinked temporary file and
     read back one window [T, V] at a time (indexing, iteration).
@@ -314,22 +462,35 @@ def model_outputs(model, ids: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state.float().mean(dim=1)
 
 
+# Logits per forward pass: windows go through the model together (each streamed weight read once per run) in
+# batches whose float32 logits stay under this many bytes (4 x 512 positions x a 32k vocabulary is 256 MB; a 150k
+# vocabulary runs two windows a pass).
+LOGIT_BATCH_BYTES = 512 * 2**20
+
+
 def window_logits(model, ids: torch.Tensor, step: Callable[[int, int], None] | None = None,
                   threads: int = 1) -> LogitWindows:
-    """A causal LM's logits on `ids` [B, T], one forward pass per window (activations of `threads` windows in
-    memory), each window's float32 logits written to a LogitWindows in order; `step(done, total)` after each.
-    Windows run `threads` at a time, each on one torch thread (qexport.verify.threads.parallel_map): the logits are
-    the same for any `threads`."""
+    """A causal LM's logits on `ids` [B, T]: windows in batches of at most LOGIT_BATCH_BYTES of float32 logits,
+    each window's logits written to a LogitWindows in order; `step(done, total)` after each batch. Each batch runs
+    on one torch thread (qexport.verify.threads.parallel_map), `threads` batches at once only for a model held
+    whole: a streamed model (model.streamed) loads and drops weights in its hooks, which two threads must not do at
+    once. The logits are the same for any `threads`."""
     from qexport.verify.threads import parallel_map
 
-    def forward(row: torch.Tensor) -> torch.Tensor:
-        row = row[None]
-        return model(input_ids=row, attention_mask=torch.ones_like(row)).logits[0]
+    vocab = int(getattr(model.config, "vocab_size", 0) or 1)
+    per_pass = max(1, LOGIT_BATCH_BYTES // (4 * ids.shape[1] * vocab))
+    batches = [ids[start:start + per_pass] for start in range(0, len(ids), per_pass)]
 
-    windows = LogitWindows()
+    def forward(rows: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=rows, attention_mask=torch.ones_like(rows)).logits
+
+    windows, done = LogitWindows(), 0
+    at_once = 1 if hasattr(model, "weights_map") else threads
     with quiet():  # once, around the pool: quiet() swaps process-wide streams and is not for threads
-        for done, logits in enumerate(parallel_map(forward, ids, threads), 1):
-            windows.append(logits)
+        for logits in parallel_map(forward, batches, at_once):
+            for window in logits:
+                windows.append(window)
+            done += len(logits)
             del logits
             if step is not None:
                 step(done, len(ids))

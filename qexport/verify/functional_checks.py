@@ -15,40 +15,42 @@ from qexport.verify.context import CheckResult, Context, fail, listing, ok, rele
 
 
 def check_reload(ctx: Context) -> CheckResult:
-    """transformers loads the export with empty missing / unexpected / mismatched key lists."""
+    """transformers loads the export with empty missing / unexpected / mismatched key lists (a `from_pretrained`
+    onto the `meta` device: the same matching of names and shapes as a full load, no weight in memory)."""
     name = "reload"
-    ctx.reload()
-    if ctx.loaded is None:
-        return fail(name, f"transformers cannot load it: {ctx.load_error}", reload_ok=False)
-    info = ctx.loaded[1]
+    info = ctx.load_info()
+    if info is None:
+        return fail(name, f"transformers cannot load it: {ctx.info_error}", reload_ok=False)
     nonempty = {k: v for k, v in info.items() if v}
     if nonempty:
         detail = "; ".join(f"{k}: {listing(v, 3)}" for k, v in nonempty.items())
         return fail(name, f"loads, but loading info is not empty (weights are garbage): {detail}",
                      reload_ok=False, loading_info=info)
-    return ok(name, f"{type(ctx.loaded[0]).__name__} loads with empty loading info", reload_ok=True)
+    return ok(name, f"{ctx.loaded_class} loads with empty loading info", reload_ok=True)
 
 
 def check_reload_matches_dequant(ctx: Context) -> CheckResult:
     """transformers' decompression and qexport's own reading of the files give the same outputs."""
     name = "reload_matches_dequant"
-    ctx.reload()
-    if ctx.loaded is None or ctx.ckpt is None:
+    if ctx.load_info() is None or ctx.ckpt is None:
         return skip(name, "needs a reloaded model and readable shards")
     # Equality needs no statistics: one window of the text is enough (and a fraction of the compute).
-    loaded = ctx.outputs(ctx.loaded[0], windows=1)
-    ctx.unload()  # our dequantized model is built only after transformers' load is freed: one model at a time
-    model = ctx.dequantized_model()
-    ours = ctx.outputs(model, windows=1, label="own dequantization")
-    del model
+    got = ctx.export_outputs(torch.float32, windows=1)
+    if got is None:
+        return skip(name, "needs a reloaded model and readable shards")
+    loaded = got[0]
+    ctx.unload()  # our dequantized model runs only after transformers' load is freed: one model at a time
+    ours, _ = ctx.dequantized_outputs(windows=1)
     release_memory()
     diff, bit_exact = _max_abs_diff(loaded, ours)
     limit = ctx.thresholds.reload_max_abs_diff
     metrics = {"reload_vs_dequant_max_abs": diff, "bit_exact": bit_exact}
+    how = ctx.whole_model_note("export float32", "own dequantization")
     if not diff <= limit:
-        return fail(name, f"reloaded outputs differ from our dequantization by {diff:.3g} (> {limit:g})", **metrics)
+        return fail(name, f"reloaded outputs differ from our dequantization by {diff:.3g} (> {limit:g}){how}",
+                     **metrics)
     return ok(name, "reloaded outputs " + ("equal our dequantization bit for bit" if metrics["bit_exact"]
-                                            else f"within {diff:.3g} of our dequantization"), **metrics)
+                                            else f"within {diff:.3g} of our dequantization") + how, **metrics)
 
 
 def _max_abs_diff(a, b) -> tuple[float, bool]:
@@ -67,20 +69,25 @@ def _max_abs_diff(a, b) -> tuple[float, bool]:
 
 
 def _candidate(ctx: Context):
-    """(outputs, which model, its dtype) of the export: transformers' reload in the dtype config.json names,
-    else our own dequantization."""
+    """(outputs, which model, its dtype) of the export: as transformers computes it in the dtype config.json
+    names, else our own dequantization."""
     if ctx.candidate is None:
-        loaded = ctx.user_load()  # in the dtype config.json names: the numbers users will see
-        if loaded is not None:
-            model, source = loaded[0], f"reloaded model ({str(ctx.config_dtype).removeprefix('torch.')})"
+        got = ctx.export_outputs(ctx.config_dtype)  # in the dtype config.json names: the numbers users will see
+        if got is not None:
+            dtype, source = ctx.config_dtype, f"reloaded model ({str(ctx.config_dtype).removeprefix('torch.')})"
         elif ctx.ckpt is not None:
-            model, source = ctx.dequantized_model(), "own dequantization (reload failed)"
+            got, dtype, source = ctx.dequantized_outputs(), torch.float32, "own dequantization (reload failed)"
         else:
             return None
-        ctx.candidate = (ctx.outputs(model, label=source.split(" (")[0]), source, _param_dtype(model))
-        del model
+        ctx.candidate = (got[0], source, dtype)
         release_memory()
     return ctx.candidate
+
+
+def _how(ctx: Context, *roles: str) -> str:
+    """The whole-model loads (and why) among the models a comparison of the candidate with the reference ran."""
+    export = f"export {str(ctx.config_dtype).removeprefix('torch.')}"
+    return ctx.whole_model_note(export, "own dequantization", "reference", *roles)
 
 
 def _param_dtype(model) -> torch.dtype:
@@ -120,26 +127,27 @@ def check_finite_outputs(ctx: Context) -> CheckResult:
     problems, ran = [], []
     metrics = {"config_dtype": dtype_name(ctx.config_dtype)}
     for dtype in dtypes:
-        loaded = ctx.load(dtype)
-        if loaded is None:
+        got = ctx.export_outputs(dtype, run=lambda model: outputs_with_nonfinite(model, ctx.outputs))
+        if got is None:
             continue  # the reload check reports why transformers cannot load it
-        outputs, nonfinite = outputs_with_nonfinite(loaded[0], ctx.outputs)
-        if dtype == ctx.config_dtype and ctx.candidate is None:  # what `functional` compares: no second load
+        (outputs, nonfinite), _ = got
+        if dtype == ctx.config_dtype and ctx.candidate is None:  # what `functional` compares: no second run
             source = f"reloaded model ({str(dtype).removeprefix('torch.')})"
-            ctx.candidate = (outputs, source, _param_dtype(loaded[0]))
-        del outputs, loaded  # the next dtype's load frees this one: no name here may keep it alive
+            ctx.candidate = (outputs, source, dtype)
+        del outputs, got  # the next dtype's run frees this one: no name here may keep it alive
         ran.append(dtype_name(dtype))
         metrics[f"nonfinite_share_{dtype_name(dtype)}"] = 0.0 if nonfinite is None else nonfinite.share
         if nonfinite is not None:
             problems.append(nonfinite.describe(dtype))
             metrics[f"nonfinite_first_{dtype_name(dtype)}"] = nonfinite.module
             metrics[f"nonfinite_layer_{dtype_name(dtype)}"] = nonfinite.layer
+    how = ctx.whole_model_note(*(f"export {d}" for d in ran))
     if problems:
-        return fail(name, "; ".join(problems), **metrics)
+        return fail(name, "; ".join(problems) + how, **metrics)
     if not ran:
         return skip(name, "transformers cannot load the export")
     return ok(name, f"outputs finite when loaded in {' and '.join(ran)} (config.json: "
-                     f"{metrics['config_dtype']})", **metrics)
+                     f"{metrics['config_dtype']}){how}", **metrics)
 
 
 def check_functional(ctx: Context) -> CheckResult:
@@ -177,9 +185,10 @@ def check_functional(ctx: Context) -> CheckResult:
     if "ppl_export" in metrics:
         shown.append(f"ppl {metrics['ppl_export']:.4g} (reference {metrics['ppl_reference']:.4g})")
     where = f"{source} on {metrics['tokens']} tokens of {ctx.input_kind}"
+    how = _how(ctx)
     if problems:
-        return fail(name, f"{where}: " + "; ".join(problems), **metrics)
-    return ok(name, f"{where}: " + ", ".join(shown), **metrics)
+        return fail(name, f"{where}: " + "; ".join(problems) + how, **metrics)
+    return ok(name, f"{where}: " + ", ".join(shown) + how, **metrics)
 
 
 def check_functional_vs_rtn(ctx: Context) -> CheckResult:
@@ -238,9 +247,10 @@ def check_functional_vs_rtn(ctx: Context) -> CheckResult:
     if bad:
         return fail(name, f"{source}: non-finite metrics: " + ", ".join(f"{k} {metrics[k]}" for k in bad),
                      **metrics)
+    how = _how(ctx, "round-to-nearest")
     if problems:
-        return fail(name, f"{source}: worse than round-to-nearest of its own scheme: " + "; ".join(problems),
+        return fail(name, f"{source}: worse than round-to-nearest of its own scheme: " + "; ".join(problems) + how,
                      **metrics)
     if not shown:
-        return ok(name, f"{source}: no relative bound set", **metrics)
-    return ok(name, f"{source}: " + "; ".join(shown), **metrics)
+        return ok(name, f"{source}: no relative bound set{how}", **metrics)
+    return ok(name, f"{source}: " + "; ".join(shown) + how, **metrics)

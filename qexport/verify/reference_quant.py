@@ -91,6 +91,33 @@ def apply_rtn(model: torch.nn.Module, quantization_config: dict) -> list[str]:
     return names
 
 
+def rtn_transform(quantization_config: dict, arch, dtype=torch.float32):
+    """`transform(name, tensor)` for a streamed reference (model.streamed): the weight of every Linear the config
+    targets, cast to `dtype` and fake-quantized as `apply_rtn` does; other tensors unchanged. `arch` (the
+    reference's Architecture) names the Linears and their shapes; every targeted one is checked here, before any
+    model runs. Raises UnsupportedScheme as `apply_rtn` does."""
+    targeted = {}
+    for weight in sorted(arch.linear_weights):
+        weights = weights_args(quantization_config, weight.removesuffix(".weight"), linear=True)
+        if weights:
+            args = quantization_args(weights)
+            columns = arch.shapes[weight][1] if len(arch.shapes[weight]) == 2 else None
+            strategy = getattr(args.strategy, "value", args.strategy)
+            if strategy == "group" and columns is not None and columns % args.group_size:
+                raise UnsupportedScheme(f"in features {columns} not divisible by group_size {args.group_size}")
+            targeted[weight] = args
+    if not targeted:
+        raise UnsupportedScheme("the quantization_config targets no Linear of the reference architecture")
+
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        args = targeted.get(name)
+        if args is None:
+            return tensor
+        return rtn_fake_quantize(tensor.to(dtype), args).to(dtype)
+
+    return transform
+
+
 def rtn_model(reference_folder, quantization_config: dict, dtype=torch.float32):
     """The reference model with the declared scheme applied by round-to-nearest (see module docstring)."""
     from qexport.verify.functional import load_streamed

@@ -132,15 +132,14 @@ def test_reload_matches_dequant_on_a_good_export_is_bit_exact_on_one_window(tiny
 
 def off_dequantization(ctx, factor):
     """ctx whose own dequantization has model.norm x factor (transformers' reload is untouched)."""
-    real = ctx.dequantized_model
+    from qexport.model.streamed import WeightSource
 
-    def dequantized_model():
-        model = real()
-        with torch.no_grad():
-            model.model.norm.weight.mul_(factor)
-        return model
+    real = ctx.dequantized_source()
 
-    ctx.dequantized_model = dequantized_model
+    def read(name):
+        return real.read(name) * factor if name == "model.norm.weight" else real.read(name)
+
+    ctx.dequantized_source = lambda: WeightSource(real.names, read)
     return ctx
 
 
