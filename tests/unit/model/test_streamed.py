@@ -15,7 +15,7 @@ from qexport.model.streamed import NotStreamable, WeightSource, streamed_model
 from qexport.verify import functional
 from qexport.verify import context as context_module
 from qexport.verify.context import Context
-from tests import defects
+from tests.support import defects
 
 
 @pytest.fixture(scope="module")
