@@ -98,7 +98,7 @@ def rtn_transform(quantization_config: dict, arch, dtype=torch.float32):
     model runs. Raises UnsupportedScheme as `apply_rtn` does."""
     targeted = {}
     for weight in sorted(arch.linear_weights):
-        weights = weights_args(quantization_config, weight.removesuffix(".weight"), linear=True)
+        weights = weights_args(quantization_config, weight.removesuffix(".weight"))  # an nn.Linear: LINEAR
         if weights:
             args = quantization_args(weights)
             columns = arch.shapes[weight][1] if len(arch.shapes[weight]) == 2 else None
