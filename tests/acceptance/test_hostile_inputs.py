@@ -32,17 +32,6 @@ SINGLE = "model.safetensors"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def mini(build_model):
-    return build_model("qwen3", **MINI)
-
-
-@pytest.fixture(scope="module")
-def int4_export(mini, export_model):
-    out, _ = export_model(mini, formats=("int4",))
-    return out / "int4"
-
-
 @pytest.fixture
 def src(mini, tmp_path):
     """A private copy of the mini model, with a secret next to it (outside the folder) that must never leak."""

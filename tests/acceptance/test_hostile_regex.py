@@ -18,28 +18,15 @@ import pytest
 
 from qexport.errors import InputError
 from qexport.io import tokenizer_probe, untrusted_regex
-from tests.acceptance.test_hostile_inputs import (MINI, assert_refused, make_adapter_files, run_main, run_process)
+from tests.acceptance.test_hostile_inputs import (assert_refused, make_adapter_files, run_main, run_process)
 
 POLYNOMIAL = ".*" * 16 + "X"  # no nested repeat, 257**16 backtracking paths: hung compressed-tensors' reload
 PANICS = r"(\w+\s?)+$"  # Oniguruma gives up on the evaluation text: the Rust tokenizer panics
 
 
-@pytest.fixture(scope="module")
-def mini(build_model):
-    return build_model("qwen3", **MINI)
-
-
-@pytest.fixture(scope="module")
-def built(mini, export_model):
-    out, _ = export_model(mini, formats=("int4",))
-    return out / "int4"
-
-
 @pytest.fixture
-def export(built, tmp_path):
-    folder = tmp_path / "int4"
-    shutil.copytree(built, folder)
-    return folder
+def export(int4_copy):
+    return int4_copy
 
 
 @pytest.fixture

@@ -30,17 +30,6 @@ def raw_controls(text: str) -> list[str]:
     return [ch for ch in text if unicodedata.category(ch) in UNSHOWN and ch != "\n"]
 
 
-@pytest.fixture(scope="module")
-def mini(build_model):
-    return build_model("qwen3", **MINI)
-
-
-@pytest.fixture(scope="module")
-def int4_export(mini, export_model):
-    out, _ = export_model(mini, formats=("int4",))
-    return out / "int4"
-
-
 def with_extra_tensor(folder, name):
     tensors = load_file(str(folder / "model.safetensors"))
     tensors[name] = tensors["model.norm.weight"].clone()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.bad_inputs import manifest_problems
-from tests.acceptance.test_hostile_inputs import MINI, ROOT, SECONDS
+from tests.acceptance.test_hostile_inputs import ROOT, SECONDS
 
 # The runs below verify only the `manifest` check (the card records what ran): the transaction is the same as after
 # a full verify, and each run takes seconds instead of a minute. argv ends with: EXPORT REFERENCE write|read.
@@ -66,22 +65,9 @@ fcntl.flock = flock
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(scope="module")
-def mini(build_model):
-    return build_model("qwen3", **MINI)
-
-
-@pytest.fixture(scope="module")
-def built(mini, export_model):
-    out, _ = export_model(mini, formats=("int4",))
-    return out / "int4"
-
-
 @pytest.fixture
-def export(built, tmp_path):
-    folder = tmp_path / "int4"
-    shutil.copytree(built, folder)
-    return folder
+def export(int4_copy):
+    return int4_copy
 
 
 def driver(script: str, *args: str, **popen) -> subprocess.Popen:
