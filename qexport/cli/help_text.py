@@ -1,5 +1,5 @@
 """Names that `qexport --help` lists, kept here so that help never imports torch (the registries they come from
-do). tests/test_newcomer_help.py holds each list equal to its registry: a new format, threshold or check that is
+do). tests/acceptance/test_reporting_labels.py holds each list equal to its registry: a new format, threshold or check that is
 not added here fails there."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ THRESHOLDS = ("min_sqnr_db", "dense_min_sqnr_db", "min_quantized_ratio", "max_kl
               "min_cosine", "reload_max_abs_diff", "max_kld_vs_rtn", "kld_vs_rtn_slack", "max_top1_drop_vs_rtn",
               "max_cosine_gap_vs_rtn", "cosine_vs_rtn_slack")
 # qexport.verify.CHECK_NAMES, then the checks of qexport.verify.ENGINE_CHECKS
-CHECKS = ("model_type", "config_keys", "quantization_config", "shards", "manifest", "tensor_names", "layout", "bytes",
+CHECKS = ("safe_to_load", "model_type", "config_keys", "quantization_config", "shards", "manifest", "tensor_names", "layout", "bytes",
           "weights_sqnr", "tokenizer_files", "side_files", "tokenizer", "reload", "reload_matches_dequant",
           "finite_outputs", "functional", "functional_vs_rtn", "engine_sentence_transformers")
 ENGINE_CHECKS = ("engine_vllm",)

@@ -52,12 +52,18 @@ def src(mini, tmp_path):
 
 
 # --- baselines -------------------------------------------------------------------------------------------------
+def folders(tmp_path):
+    """(export, reference) paths that exist: the command line refuses a missing folder before reading the baseline."""
+    for name in ("export", "src"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    return str(tmp_path / "export"), str(tmp_path / "src")
+
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", '"NaN"', '"Infinity"', "true", '"0.01"', "[1]"])
 def test_a_baseline_metric_that_is_not_a_finite_number_is_exit_2_naming_the_key(tmp_path, capsys, value):
     baseline = tmp_path / "b.json"
     baseline.write_text('{"format": "int4", "metrics": {"top1": 0.9, "kld_mean": %s}}' % value)
-    code = main(["verify", str(tmp_path / "export"), "--reference", str(tmp_path / "src"), "--baseline",
+    code = main(["verify", folders(tmp_path)[0], "--reference", folders(tmp_path)[1], "--baseline",
                  str(baseline)])
     err = capsys.readouterr().err
     assert code == 2 and "kld_mean" in err and "not a finite number" in err and len(err.strip().splitlines()) == 1
@@ -99,7 +105,7 @@ def test_verify_with_a_nan_or_inf_metric_and_a_finite_baseline_exits_1_and_write
     baseline = tmp_path / "b.json"
     baseline.write_text('{"format": "int4", "metrics": {"kld_mean": 0.01, "top1": 0.95}}')
     report = tmp_path / "r.json"
-    code = main(["verify", str(tmp_path / "export"), "--reference", str(tmp_path / "src"), "--baseline",
+    code = main(["verify", folders(tmp_path)[0], "--reference", folders(tmp_path)[1], "--baseline",
                  str(baseline), "--json", str(report), "--report", str(tmp_path / "r.html"), "--quiet"])
     out = capsys.readouterr().out
     assert code == 1 and "within tolerance" not in out
@@ -113,7 +119,7 @@ def test_save_baseline_of_non_finite_metrics_is_standard_json_and_refused_when_r
 
     monkeypatch.setattr(verify_module, "verify", lambda *a, **k: fake_verification(tmp_path, {"kld_mean": -math.inf}))
     saved = tmp_path / "b.json"
-    main(["verify", str(tmp_path / "export"), "--reference", str(tmp_path / "src"), "--save-baseline", str(saved),
+    main(["verify", folders(tmp_path)[0], "--reference", folders(tmp_path)[1], "--save-baseline", str(saved),
           "--quiet"])
     assert standard(saved.read_text())["metrics"]["kld_mean"] == "-Infinity"
     with pytest.raises(InputError, match="kld_mean"):

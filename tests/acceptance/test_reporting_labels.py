@@ -74,7 +74,6 @@ def test_progress_counters_name_the_model_and_dtype_they_count(qwen3_src, qwen3_
     assert {"windows through the reference (float32)", "windows through the export (float32)",
             "windows through the export (bfloat16)", "windows through own dequantization (float32)"} <= windows
     assert any(u.startswith("windows through round-to-nearest (") for u in windows)
-    assert "tensors of the export dequantized (float32)" in units
 
 
 def test_shards_count_stored_tensors_and_tensor_names_count_reference_names(qwen3_src, qwen3_out):
@@ -109,7 +108,7 @@ def test_export_help_lists_every_user_format():
 
 def test_verify_help_lists_checks_thresholds_and_exit_codes():
     text = _help("verify")
-    assert "checks, in order: model_type, " in text and "engine_vllm" in text
+    assert "checks, in order: safe_to_load, model_type, " in text and "engine_vllm" in text
     assert "max_top1_drop_vs_rtn" in text and "exit codes: 0 all good; 1 a verification check failed; 2" in text
 
 
