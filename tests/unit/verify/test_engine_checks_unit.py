@@ -436,31 +436,32 @@ def test_bound_is_the_dtypes_floor_while_transformers_own_noise_is_small(monkeyp
     got = compare_logprobs(ctx_of(folders, "int4"), {"dtype": dtype, "generation": {"sequences": [seq]}})
     assert got == {"engine_max_abs_dlogprob": 0.0, "engine_positions": 3, "engine_tokens": 1,
                    "engine_tokens_agree": 1, "engine_token_disagreements_beyond_tie": 0,
-                   "engine_dtype_noise": pytest.approx(floor / DTYPE_NOISE_FACTOR / 2, rel=1e-5),
+                   "engine_dtype_noise": pytest.approx(floor / DTYPE_NOISE_FACTOR / 2, rel=1e-4),  # float32 rows
                    "engine_dlogprob_floor": floor, "engine_dlogprob_bound": floor}
     assert engine_checks._bound_origin(got) == (f"floor; transformers' own noise vs float32 "
                                                 f"{got['engine_dtype_noise']:.3g}")
 
 
 def test_bound_scales_with_noise_and_a_difference_exactly_at_it_passes(monkeypatch, folders):
-    # values exact in binary: noise 0.25 at one position of the second sequence -> bound 4 x 0.25 = 1.0
+    # values exact in binary: noise 0.125 at one position of the second sequence -> bound DTYPE_NOISE_FACTOR x 0.125
+    bound = DTYPE_NOISE_FACTOR * 0.125
     low = [rows(2, 3, 4), rows(5, 6, 7)]
     exact = [low[0].clone(), low[1].clone()]
-    exact[1][0, 5] = -0.75
+    exact[1][0, 5] = -0.625
     stub_scores(monkeypatch, low, exact)
-    seqs = [sequence([1, 2, 3], [4], [-0.5, -0.5, -0.5]), sequence([4, 5], [6, 7], [-1.5, -0.5, -0.5])]
+    seqs = [sequence([1, 2, 3], [4], [-0.5, -0.5, -0.5]), sequence([4, 5], [6, 7], [-0.5 - bound, -0.5, -0.5])]
     result = {"dtype": "float16", "generation": {"sequences": seqs}, "stages": [], "layers": {},
               "quant_method": None, "vllm_version": "0.32.0", "platform": "cpu"}
     ctx = ctx_of(folders, "int4")
     got = compare_logprobs(ctx, result)
-    assert got == {"engine_max_abs_dlogprob": 1.0, "engine_positions": 6, "engine_tokens": 3,
-                   "engine_tokens_agree": 3, "engine_token_disagreements_beyond_tie": 0, "engine_dtype_noise": 0.25,
-                   "engine_dlogprob_floor": 1e-2, "engine_dlogprob_bound": 1.0}
-    assert engine_checks._bound_origin(got) == f"{DTYPE_NOISE_FACTOR:g}x transformers' own 0.25 vs float32"
+    assert got == {"engine_max_abs_dlogprob": bound, "engine_positions": 6, "engine_tokens": 3,
+                   "engine_tokens_agree": 3, "engine_token_disagreements_beyond_tie": 0, "engine_dtype_noise": 0.125,
+                   "engine_dlogprob_floor": 1e-2, "engine_dlogprob_bound": bound}
+    assert engine_checks._bound_origin(got) == f"{DTYPE_NOISE_FACTOR:g}x transformers' own 0.125 vs float32"
     check = judge_vllm(ctx, result)
-    assert check.passed, check.detail  # |dlogprob| 1.0 <= bound 1.0
-    # a hair beyond it fails: vLLM's numbers are compared in double precision (-1.5 - 1e-9 is -1.5 in float32)
-    seqs[1]["prompt_logprobs"][1] = -1.5 - 1e-9
+    assert check.passed, check.detail  # |dlogprob| exactly the bound
+    # a hair beyond it fails: vLLM's numbers are compared in double precision (1e-9 is lost in float32)
+    seqs[1]["prompt_logprobs"][1] = -0.5 - bound - 1e-9
     assert not judge_vllm(ctx, result).passed
 
 
@@ -468,7 +469,8 @@ def test_another_greedy_token_within_the_bound_is_a_tie_and_beyond_it_a_failure(
     # transformers' top choice at the generated position is token 4 (-0.5); the engine took token 5
     low = [rows(2, 3, 4)]
     exact = [low[0].clone()]
-    exact[0][0, 2] = -0.75  # noise 0.25: bound 1.0
+    exact[0][0, 2] = -0.625  # noise 0.125: bound DTYPE_NOISE_FACTOR x 0.125
+    bound = DTYPE_NOISE_FACTOR * 0.125
     stub_scores(monkeypatch, low, exact)
     ctx = ctx_of(folders, "int4")
 
@@ -477,11 +479,11 @@ def test_another_greedy_token_within_the_bound_is_a_tie_and_beyond_it_a_failure(
         seq = sequence([1, 2, 3], [5], [-0.5, -0.5, runner_up])
         return compare_logprobs(ctx, {"dtype": "float16", "generation": {"sequences": [seq]}})
 
-    tie = judged(-1.5)  # leads by exactly the bound: a tie
+    tie = judged(-0.5 - bound)  # leads by exactly the bound: a tie
     assert tie["engine_tokens_agree"] == 0 and tie["engine_token_disagreements_beyond_tie"] == 0
-    beyond = judged(-1.5625)
+    beyond = judged(-0.5 - bound - 0.0625)
     assert beyond["engine_tokens_agree"] == 0 and beyond["engine_token_disagreements_beyond_tie"] == 1
-    seq = sequence([1, 2, 3], [5], [-0.5, -0.5, -1.5625])
+    seq = sequence([1, 2, 3], [5], [-0.5, -0.5, -0.5 - bound - 0.0625])
     low.append(low[0])
     exact.append(exact[0])
     twice = compare_logprobs(ctx, {"dtype": "float16", "generation": {"sequences": [seq, seq]}})

@@ -127,10 +127,12 @@ def test_verify_engine_vllm_fails_a_config_vllm_cannot_parse(tiny_out, tiny_src,
 def test_vllm_agrees_with_transformers_on_a_real_models_clean_bf16_folders(smollm2_src, export_model, vllm_engine,
                                                                            fmt):
     # SmolLM2-135M in bfloat16: vLLM and transformers differ by 0.26 (int4) / 0.22 (dense) in logprob at worst,
-    # within the model's own bf16 rounding (transformers bf16 vs fp32: 0.29 / 0.11). A fixed 0.05 bound measured on
-    # the tiny model failed both clean folders; the bound now scales with that noise (engine_checks.py).
+    # within the model's own bf16 rounding (transformers bf16 vs fp32: 0.29 / 0.11); on an AMX CPU vLLM's int4
+    # kernel departs by 1.44 and 5 of 24 greedy tokens differ, each where transformers' top two are within the bound.
+    # A fixed 0.05 bound measured on the tiny model failed both clean folders; the bound now scales with that noise
+    # (engine_checks.py), and the check itself fails a greedy token that differs beyond a tie.
     out, _ = export_model(smollm2_src, formats=(fmt,))
     check = vllm_check(out / fmt, smollm2_src, vllm_engine)
     assert check.passed, check.detail
-    assert check.metrics["engine_tokens_agree"] >= check.metrics["engine_tokens"] - 1
+    assert check.metrics["engine_token_disagreements_beyond_tie"] == 0
     assert check.metrics["engine_dlogprob_bound"] > MAX_ABS_DLOGPROB["bfloat16"]  # the model's noise set it
