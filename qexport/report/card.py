@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from qexport.io.identity import FRONT_MATTER, HUB_ID, readme_front_matter
-from qexport.report.escape import markdown_safe, quote_markdown, terminal_safe
+from qexport.report.escape import markdown_block_safe, markdown_safe, quote_markdown, terminal_safe
 from qexport.report.values import format_value, human_bytes
 from qexport.io.checkpoint import MANIFEST_FILE, declared_dtype
 from qexport.io.safe_fs import write_text_atomic
@@ -327,7 +327,8 @@ def _verification_section(verification: dict | None) -> list[str]:
                  + (f"; reference: {_plain(v['reference'])}" if v["reference"] else "")
                  + (f"; inputs: {_plain(v['inputs'])}" if v["inputs"] else "") + ").")
     if changed:
-        lines += [""] + [f"- {_plain(t).strip() or '–'}" for t in changed]  # an empty item would end the list
+        # an empty item would end the list; a leading "-" or ">" would open a nested block
+        lines += [""] + [f"- {markdown_block_safe(str(t).strip()) or '–'}" for t in changed]
     lines += ["", "| check | value | threshold | result |", "|---|---:|---|---|"]
     for c in v["checks"]:
         result = {True: "pass", False: "**FAIL**", None: "reported"}[c["passed"]]

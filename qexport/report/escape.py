@@ -61,10 +61,30 @@ _OTHER_BREAKS = re.compile(r"\r(?!\n)|[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _HTML_OPEN = re.compile(r"<(?=[A-Za-z/!?])")
 
 
+# What opens a block when it starts a line (or follows a list marker: the card writes "- TEXT"): a list item (`-`,
+# `+` before a space or the end, `1.` / `1)`), a heading (`#`), a quote (`>`), a thematic break or setext underline
+# (`---`, `===`). "-0.5" and "#3" stay as they are.
+_BLOCK_START = re.compile(r"^(\s*)(?:([-+])(?=\s|$|-)|(#)(?=\s|$|#)|(>)|(=)(?==*\s*$)|(\d{1,9})([.)])(?=\s|$))")
+
+
+def _escape_block_start(m: re.Match) -> str:
+    lead, dash, hash_, quote, equals, digits, dot = m.groups()
+    if digits is not None:
+        return f"{lead}{digits}\\{dot}"
+    return f"{lead}\\{dash or hash_ or quote or equals}"
+
+
 def markdown_safe(text: object) -> str:
-    """`text` as one line of Markdown that renders as itself and starts no markup (see above)."""
+    """`text` as one line of Markdown that renders as itself and starts no markup (see above) inside a line (a
+    table cell, a sentence); at the start of a line or list item use markdown_block_safe."""
     text = _MARKUP.sub(lambda m: _MARKUP_ESCAPES.get(m.group(0), "\\" + m.group(0)), str(text))
     return terminal_safe(text)
+
+
+def markdown_block_safe(text: object) -> str:
+    """markdown_safe for text that starts a line or a list item: a leading `-`, `+`, `#`, `>`, `===` or `1.` that
+    would open a block (a nested list, a heading, a quote) is escaped too."""
+    return _BLOCK_START.sub(_escape_block_start, markdown_safe(text), count=1)
 
 
 def quote_markdown(text: str) -> str:
